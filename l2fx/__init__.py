@@ -1,0 +1,22 @@
+"""l2fx: lossy + lossless post-training model size compression (the L2 method) as an fx compiler.
+
+    compiled = l2fx.compile(model, target_cr=12, calib=batches)
+    l2fx.save(compiled, "model.l2fx")
+    restored = l2fx.load("model.l2fx", model=MyArchitecture())
+    print(l2fx.inspect("model.l2fx").table())
+"""
+from __future__ import annotations
+
+from l2fx.api import CompiledModel, compile, inspect, load, save
+from l2fx.config import BackendConfig, CodingConfig, CompileConfig, Granularity, PlainDtype, SensitivityConfig
+from l2fx.errors import L2fxError
+from l2fx.pipeline import DumpIR, L2fxPass, PassContext, PassManager, PassResult, PeakMemory, Progress, Timing
+from l2fx.report import CompressionReport
+from l2fx.transform import TransformKind
+
+__version__ = "0.1.0"
+__all__ = [
+    "compile", "save", "load", "inspect", "CompiledModel", "CompressionReport", "L2fxError", "CompileConfig",
+    "SensitivityConfig", "CodingConfig", "BackendConfig", "Granularity", "PlainDtype", "TransformKind", "L2fxPass",
+    "PassResult", "PassContext", "PassManager", "Timing", "DumpIR", "PeakMemory", "Progress", "__version__",
+]

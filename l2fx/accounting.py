@@ -1,0 +1,105 @@
+"""Exact byte accounting of a compressed layer, shared by allocation, lowering and the artifact.
+
+A compressed weight writes, in the artifact (``docs/format.md``):
+
+* its range-coded payload (all chunks, 32-bit words),
+* its probability table: ``ntab`` uint16 frequencies,
+* its chunk index: per chunk a uint32 byte length and a uint32 CRC-32,
+* its T parameters: ``step_s`` and (except for the linear kind) ``threshold_e``, one per
+  channel (or one per tensor), as float16 when every value is a normal float16, else float32,
+* its entry in the JSON manifest (:func:`manifest_entry`), byte for byte.
+
+:func:`layer_nbytes` adds these up; the allocator predicts the payload, the lowering pass
+measures it, and the artifact writer writes exactly these bytes, so the CR the report states
+is the CR of the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import torch
+
+from l2fx import coding
+from l2fx.transform import TransformKind
+
+FP16_MIN_NORMAL = 6.103515625e-05
+FP16_MAX = 65504.0
+
+
+def param_dtype_for(*params: torch.Tensor) -> torch.dtype:
+    """float16 when every value is a normal float16 number, else float32."""
+    for p in params:
+        a = p.detach().abs()
+        if a.numel() and (float(a.min()) < FP16_MIN_NORMAL or float(a.max()) > FP16_MAX):
+            return torch.float32
+    return torch.float16
+
+
+def stored_params(kind: TransformKind, step_s: torch.Tensor, threshold_e: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The T parameters written to the artifact (LINEAR ignores ``e``, so it is not stored)."""
+    return (step_s,) if TransformKind(kind) is TransformKind.LINEAR else (step_s, threshold_e)
+
+
+def round_params(kind: TransformKind, step_s: torch.Tensor, threshold_e: torch.Tensor):
+    """Rounds (s, e) to their storage dtype; returns fp32 tensors holding the stored values."""
+    dtype = param_dtype_for(*stored_params(kind, step_s, threshold_e))
+    s = step_s.detach().to(dtype).float()
+    e = threshold_e.detach().to(dtype).float() if TransformKind(kind) is not TransformKind.LINEAR else 0.5 * s
+    return s, e, dtype
+
+
+def manifest_entry(param: str, kind: TransformKind, shape: tuple[int, ...], axis: int | None, qmin: int,
+                   ntab: int, nchunks: int, chunk_size: int, pdtype: torch.dtype) -> dict:
+    return {
+        "param": param, "kind": TransformKind(kind).value, "shape": list(shape), "axis": axis,
+        "qmin": int(qmin), "ntab": int(ntab), "nchunks": int(nchunks), "chunk": int(chunk_size),
+        "pdtype": "f16" if pdtype == torch.float16 else "f32",
+    }
+
+
+def entry_nbytes(entry: dict) -> int:
+    """Bytes of the entry in the compact JSON manifest, plus its separating comma."""
+    return len(json.dumps(entry, separators=(",", ":"))) + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerBytes:
+    payload: int
+    table: int
+    chunk_index: int
+    params: int
+    manifest: int
+
+    @property
+    def total(self) -> int:
+        return self.payload + self.table + self.chunk_index + self.params + self.manifest
+
+
+def layer_nbytes(param: str, kind: TransformKind, shape: tuple[int, ...], axis: int | None,
+                 table: coding.FrequencyTable, payload_nbytes: int, chunk_size: int,
+                 step_s: torch.Tensor, threshold_e: torch.Tensor) -> LayerBytes:
+    numel = math.prod(shape)
+    nchunks = max(1, -(-numel // chunk_size))
+    params = stored_params(kind, step_s, threshold_e)
+    pdtype = param_dtype_for(*params)
+    itemsize = 2 if pdtype == torch.float16 else 4
+    entry = manifest_entry(param, kind, shape, axis, table.qmin, table.freqs.size, nchunks, chunk_size, pdtype)
+    return LayerBytes(
+        payload=int(payload_nbytes),
+        table=int(table.nbytes()),
+        chunk_index=8 * nchunks,
+        params=itemsize * sum(p.numel() for p in params),
+        manifest=entry_nbytes(entry),
+    )
+
+
+def predict_layer_nbytes(param: str, kind: TransformKind, symbols: torch.Tensor, axis: int | None,
+                         chunk_size: int, step_s: torch.Tensor, threshold_e: torch.Tensor) -> LayerBytes:
+    """Bytes the layer would take with these symbols, without range coding them."""
+    flat = symbols.reshape(-1).numpy().astype(np.int16, copy=False)
+    table = coding.build_table(flat)
+    payload = coding.predict_payload_nbytes(flat, table, chunk_size)
+    return layer_nbytes(param, kind, tuple(symbols.shape), axis, table, payload, chunk_size, step_s, threshold_e)

@@ -1,0 +1,198 @@
+"""The user-facing entry points: compile, save, load, inspect."""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from l2fx import coding
+from l2fx.accounting import layer_nbytes
+from l2fx.artifact import ArtifactReader, check_fingerprint, coded_layers, serialize, write_atomic
+from l2fx.config import BackendConfig, CompileConfig
+from l2fx.data import normalize_calib
+from l2fx.errors import ArchitectureMismatchError, ArtifactError, L2fxError
+from l2fx.frontend import CaptureInfo, capture, graph_fingerprint, recapture
+from l2fx.ir import CodedInfo, WeightSite, replace_weight, set_meta
+from l2fx.modules import CodedWeight
+from l2fx.pipeline import Instrument, PassContext, PassManager, PeakMemory, Timing, peak_rss_mib
+from l2fx.report import CompressionReport, LayerReport, original_nbytes
+from l2fx.transform import TransformKind
+
+
+class CompiledModel(nn.Module):
+    """A compressed model: the rewritten GraphModule, its report, and what save() writes.
+
+    ``forward`` runs the graph (weights decoded from integer codes by the torch reference, or
+    by the fused kernel once lowered). ``state_dict()`` holds the codes, the stored T
+    parameters and the plain tensors: what runs, nothing else.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, report: CompressionReport, header: dict[str, Any]):
+        super().__init__()
+        self.graph_module = graph_module
+        self.report = report
+        self._header = header
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    def artifact_bytes(self) -> bytes:
+        return serialize(self.graph_module, self._header)
+
+
+def compile(
+    model: nn.Module,
+    target_cr: float,
+    calib: Any = None,
+    *,
+    config: CompileConfig | None = None,
+    backend: BackendConfig | None = None,
+    pipeline: PassManager | None = None,
+    instruments: Sequence[Instrument] = (),
+    verify: bool = False,
+    device: torch.device | str | None = None,
+) -> CompiledModel:
+    """Compresses ``model`` to ``target_cr`` and returns a :class:`CompiledModel`.
+
+    ``calib``: a batch (Tensor, tuple of Tensors, dict of Tensors) or an iterable of batches.
+    ``config``: a :class:`CompileConfig` (``target_cr`` given here overrides its field).
+    ``pipeline``: a :class:`PassManager`, by default ``l2fx.passes.default_pipeline()``.
+    ``instruments``: e.g. ``[Timing(), DumpIR("ir/")]``; Timing and PeakMemory are always added.
+    ``verify``: run the IR verifier after every pass. The caller's model is never modified.
+    """
+    from l2fx.passes import default_pipeline
+
+    if not isinstance(model, nn.Module):
+        raise L2fxError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config = (config or CompileConfig()).replace(target_cr=target_cr)
+    batches = normalize_calib(calib)
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    gm, info = capture(model, batches[0])
+    fingerprint = graph_fingerprint(gm)
+    gm.to(device)
+    pipeline = pipeline or default_pipeline(config.fold_batchnorm)
+    timing, memory = Timing(), PeakMemory()
+    ctx = PassContext(config=config, backend=backend or BackendConfig(), calib=batches,
+                      instruments=[timing, memory, *instruments], verify=verify, device=device)
+    with ctx:
+        gm = pipeline(gm).graph_module
+    header = {
+        "capture": info.to_dict(), "fingerprint": fingerprint, "config": config.to_dict(),
+        "passes": pipeline.names, "fold_batchnorm": config.fold_batchnorm,
+        "original_nbytes": original_nbytes(model), "torch": torch.__version__,
+    }
+    compiled = CompiledModel(gm, None, header)  # type: ignore[arg-type]
+    file_nbytes = len(compiled.artifact_bytes())
+    compiled.report = _report([info for _, info, _ in coded_layers(gm)], config.target_cr, file_nbytes,
+                              header["original_nbytes"], pass_seconds=dict(timing.seconds),
+                              peak_rss_mib=peak_rss_mib(), records=dict(ctx.records))
+    return compiled
+
+
+def save(compiled: CompiledModel, path: str | os.PathLike) -> int:
+    """Writes the artifact atomically; returns its size in bytes."""
+    if not isinstance(compiled, CompiledModel):
+        raise ArtifactError(f"l2fx.save expects a CompiledModel from l2fx.compile/l2fx.load, got {type(compiled).__name__}")
+    data = compiled.artifact_bytes()
+    write_atomic(path, data)
+    return len(data)
+
+
+def _decoded_layers(reader: ArtifactReader) -> list[tuple[CodedInfo, np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Per coded layer: its CodedInfo (real byte counts), symbols, and stored (s, e)."""
+    from l2fx.passes.range_code import bits_needed
+
+    out = []
+    for entry, stream, s, e in reader.streams():
+        symbols = coding.decode_symbols(stream)
+        s_t, e_t = torch.from_numpy(s), torch.from_numpy(e)
+        lb = layer_nbytes(entry["param"], TransformKind(entry["kind"]), tuple(entry["shape"]), entry["axis"],
+                          stream.table, stream.payload_nbytes, entry["chunk"], s_t, e_t)
+        q = torch.from_numpy(symbols.astype(np.int16))
+        info = CodedInfo(param=entry["param"], stream=stream, entry=entry, layer_bytes=lb,
+                         shannon_bits=coding.shannon_bits(symbols), bits=bits_needed(q),
+                         sparsity=float((q == 0).float().mean()) if q.numel() else 0.0)
+        out.append((info, symbols, s_t, e_t))
+    return out
+
+
+def _report(layers: Sequence[CodedInfo], target_cr: float, file_nbytes: int, original: int, **extra) -> CompressionReport:
+    reports = tuple(LayerReport(
+        param=info.param, shape=tuple(info.entry["shape"]), kind=info.entry["kind"], numel=info.stream.numel,
+        nbytes=info.nbytes, payload_nbytes=info.stream.payload_nbytes, shannon_nbytes=info.shannon_bits / 8,
+        bits=info.bits, sparsity=info.sparsity) for info in layers)
+    return CompressionReport(target_cr=target_cr, layers=reports, file_nbytes=file_nbytes, original_nbytes=original,
+                             **extra)
+
+
+def inspect(path: str | os.PathLike) -> CompressionReport:
+    """Reads an artifact (checking every checksum) and reports per-layer bytes and both CRs."""
+    reader = ArtifactReader(path)
+    layers = [info for info, *_ in _decoded_layers(reader)]
+    return _report(layers, reader.manifest["config"]["target_cr"], reader.file_nbytes, reader.manifest["original_nbytes"])
+
+
+def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | str = "cpu") -> CompiledModel:
+    """Rebuilds the compiled model from ``path`` on an instance ``model`` of the original architecture.
+
+    ``model``'s own weights are not used (nor modified): every tensor comes from the file.
+    """
+    from l2fx.passes import structural_pipeline
+
+    if not isinstance(model, nn.Module):
+        raise ArtifactError(f"l2fx.load needs an instance of the uncompressed architecture, got {type(model).__name__}")
+    reader = ArtifactReader(path)
+    m = reader.manifest
+    try:
+        info = CaptureInfo.from_dict(m["capture"])
+        config = CompileConfig.from_dict(m["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: manifest lacks capture/config information: {exc}") from exc
+    try:
+        gm = recapture(model, info)
+    except L2fxError as exc:
+        raise ArchitectureMismatchError(f"cannot capture the {type(model).__name__} passed to l2fx.load "
+                                        f"the way the artifact was made: {exc}") from exc
+    check_fingerprint(reader, graph_fingerprint(gm), type(model).__name__)
+    with PassContext(config=config):
+        gm = structural_pipeline(m.get("fold_batchnorm", True))(gm).graph_module
+    nodes = {str(n.target): n for n in gm.graph.nodes if n.op == "get_attr"}
+    layers = _decoded_layers(reader)
+    for info, symbols, s, e in layers:
+        entry = info.entry
+        node = nodes.get(entry["param"])
+        if node is None:
+            raise ArchitectureMismatchError(f"{path}: layer {entry['param']!r} has no counterpart in the model")
+        codes = torch.from_numpy(symbols.astype(np.int8)).reshape(entry["shape"])
+        axis = entry["axis"]
+        set_meta(node, WeightSite(entry["param"], "loaded", axis if axis is not None else 0, tuple(entry["shape"])))
+        new = replace_weight(gm, node, CodedWeight(codes, TransformKind(entry["kind"]), s, e, axis))
+        set_meta(new, info)
+    plain = reader.plain()
+    state = gm.state_dict(keep_vars=True)
+    coded_keys = {k for k in state if k.startswith("l2fx_weights.")}
+    missing = set(state) - coded_keys - set(plain)
+    extra = set(plain) - set(state)
+    if missing or extra:
+        raise ArchitectureMismatchError(f"{path}: tensors differ from the model's: missing {sorted(missing)[:5]}, "
+                                        f"unexpected {sorted(extra)[:5]}")
+    with torch.no_grad():
+        for name, value in plain.items():
+            target = state[name]
+            if target.shape != value.shape:
+                raise ArchitectureMismatchError(f"{path}: tensor {name!r} has shape {tuple(value.shape)}, the model "
+                                                f"expects {tuple(target.shape)}")
+            target.copy_(value.to(target.dtype))
+    gm.to(device)
+    header = {k: m[k] for k in ("capture", "fingerprint", "config", "passes", "fold_batchnorm", "original_nbytes", "torch")
+              if k in m}
+    compiled = CompiledModel(gm, None, header)  # type: ignore[arg-type]
+    compiled.report = _report([info for info, *_ in layers], m["config"]["target_cr"], reader.file_nbytes,
+                              m["original_nbytes"])
+    return compiled

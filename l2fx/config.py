@@ -1,0 +1,178 @@
+"""User intent and backend capability, as frozen dataclasses with validation and a JSON round trip.
+
+``CompileConfig`` says *what* the user wants (target CR, transform kind, how hard to look at
+calibration data); ``BackendConfig`` says what the runtime can execute (bit widths and
+layouts of the kernels). Both validate in ``__post_init__`` and raise :class:`ConfigError`
+naming the field, so a bad value fails at construction rather than deep inside a pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import typing
+from typing import Any, Mapping
+
+from l2fx.errors import ConfigError
+from l2fx.transform import TransformKind
+
+
+class Granularity(str, enum.Enum):
+    """How many (threshold_e, step_s) pairs a weight gets: one per output channel, or one."""
+
+    PER_CHANNEL = "per_channel"
+    PER_TENSOR = "per_tensor"
+
+
+class PlainDtype(str, enum.Enum):
+    """Storage dtype for tensors that are not range coded (biases, norms, buffers)."""
+
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    return value
+
+
+def _from_jsonable(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _from_jsonable(args[0], value)
+    if origin in (tuple,):
+        (inner, *_rest) = typing.get_args(tp)
+        return tuple(_from_jsonable(inner, v) for v in value)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(value)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return tp.from_dict(value)
+    return value
+
+
+class _JsonConfig:
+    """Mixin: ``to_dict``/``from_dict``/``to_json``/``from_json`` for a frozen dataclass."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+        return cls(**{k: _from_jsonable(hints[k], v) for k, v in data.items()})
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+
+def _require(cond: bool, cls_name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{cls_name}: {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityConfig(_JsonConfig):
+    """How the per-layer rate-distortion curves are measured (sensitivity analysis pass).
+
+    ``num_samples`` calibration inputs are run through the model once per (layer, candidate);
+    candidate steps are spaced ``step_ratio`` apart (2 ** 0.5 is half a bit per weight at high
+    rate) over ``num_steps`` candidates, each tried with every dead-zone ratio e/s in
+    ``deadzones`` (0.5 = no dead zone, i.e. linear quantisation).
+    """
+
+    num_samples: int = 16
+    num_steps: int = 14
+    step_ratio: float = 2 ** 0.5
+    deadzones: tuple[float, ...] = (0.5, 1.0)
+
+    def __post_init__(self) -> None:
+        n = type(self).__name__
+        _require(self.num_samples >= 1, n, f"num_samples must be >= 1, got {self.num_samples}")
+        _require(self.num_steps >= 2, n, f"num_steps must be >= 2, got {self.num_steps}")
+        _require(self.step_ratio > 1.0, n, f"step_ratio must be > 1, got {self.step_ratio}")
+        _require(len(self.deadzones) >= 1 and all(d >= 0.5 for d in self.deadzones), n,
+                 f"deadzones must be non-empty ratios e/s >= 0.5, got {self.deadzones}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CodingConfig(_JsonConfig):
+    """Range-code lowering: symbol alphabet and chunking."""
+
+    qmax: int = 127
+    chunk_size: int = 1 << 16
+
+    def __post_init__(self) -> None:
+        n = type(self).__name__
+        _require(1 <= self.qmax <= 127, n, f"qmax must be in [1, 127] (int8 symbols), got {self.qmax}")
+        _require(self.chunk_size >= 1024, n, f"chunk_size must be >= 1024, got {self.chunk_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileConfig(_JsonConfig):
+    """What the user asks of :func:`l2fx.compile`.
+
+    ``target_cr`` is the compression ratio of the compressed parameters: their fp32 bytes over
+    every byte written for them (payload, probability table, T parameters, header share).
+    """
+
+    target_cr: float = 10.0
+    transform: TransformKind = TransformKind.JOINT
+    granularity: Granularity = Granularity.PER_CHANNEL
+    plain_dtype: PlainDtype = PlainDtype.FLOAT16
+    fold_batchnorm: bool = True
+    compress_embeddings: bool = True
+    min_numel: int = 1024
+    cr_tolerance: float = 0.01
+    sensitivity: SensitivityConfig = SensitivityConfig()
+    coding: CodingConfig = CodingConfig()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        n = type(self).__name__
+        _require(isinstance(self.target_cr, (int, float)) and math.isfinite(self.target_cr), n,
+                 f"target_cr must be a finite number, got {self.target_cr!r}")
+        if self.target_cr <= 1.0:
+            from l2fx.errors import TargetCRError
+
+            raise TargetCRError(f"target_cr must be > 1 (fp32 is 1.0), got {self.target_cr}")
+        _require(isinstance(self.transform, TransformKind), n, f"transform must be a TransformKind, got {self.transform!r}")
+        _require(isinstance(self.granularity, Granularity), n, f"granularity must be a Granularity, got {self.granularity!r}")
+        _require(isinstance(self.plain_dtype, PlainDtype), n, f"plain_dtype must be a PlainDtype, got {self.plain_dtype!r}")
+        _require(self.min_numel >= 1, n, f"min_numel must be >= 1, got {self.min_numel}")
+        _require(0 < self.cr_tolerance < 0.5, n, f"cr_tolerance must be in (0, 0.5), got {self.cr_tolerance}")
+
+    def replace(self, **changes: Any) -> "CompileConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendConfig(_JsonConfig):
+    """What the runtime can execute; the lowering pass consults it, never the user intent.
+
+    ``use_triton``: "auto" lowers to the fused Triton kernel when the layer sits on a CUDA
+    device and Triton is importable; "never" keeps the torch reference dequantisation.
+    """
+
+    use_triton: str = "auto"
+    supported_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+
+    def __post_init__(self) -> None:
+        n = type(self).__name__
+        _require(self.use_triton in ("auto", "never", "always"), n,
+                 f"use_triton must be 'auto', 'never' or 'always', got {self.use_triton!r}")
+        _require(all(2 <= b <= 8 for b in self.supported_bits), n, "supported_bits must lie in 2..8")

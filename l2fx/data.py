@@ -1,0 +1,156 @@
+"""Calibration batches: validation, calling a model on one, and comparing outputs.
+
+A batch is a Tensor (one positional input), a tuple/list of Tensors (positional inputs), or a
+dict of Tensors (keyword inputs). ``calib`` given to :func:`l2fx.compile` is one batch or an
+iterable of batches.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.utils._pytree as pytree
+
+from l2fx.errors import CalibrationError
+
+Batch = Any  # torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"Tensor{tuple(batch.shape)}:{batch.dtype}"
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(_describe(v) for v in batch) + ")"
+    return type(batch).__name__
+
+
+def _check_batch(batch: Any, index: int) -> Batch:
+    expected = "a Tensor, a tuple of Tensors, or a dict of str -> Tensor"
+    if isinstance(batch, torch.Tensor):
+        leaves = [batch]
+    elif isinstance(batch, Mapping):
+        if not batch or not all(isinstance(k, str) for k in batch):
+            raise CalibrationError(f"calibration batch {index} is an empty dict or has non-str keys; expected {expected}")
+        leaves = list(batch.values())
+        batch = dict(batch)
+    elif isinstance(batch, (tuple, list)):
+        if not batch:
+            raise CalibrationError(f"calibration batch {index} is empty; expected {expected}")
+        leaves = list(batch)
+        batch = tuple(batch)
+    else:
+        raise CalibrationError(f"calibration batch {index} is a {type(batch).__name__}; expected {expected}")
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise CalibrationError(f"calibration batch {index} holds a {type(leaf).__name__}; expected {expected}")
+        if leaf.dim() == 0 or leaf.shape[0] == 0:
+            raise CalibrationError(
+                f"calibration batch {index} has a tensor of shape {tuple(leaf.shape)}: expected a leading batch "
+                "dimension of at least 1")
+        if leaf.is_floating_point() and not torch.isfinite(leaf).all():
+            raise CalibrationError(f"calibration batch {index} holds NaN or inf")
+    sizes = {leaf.shape[0] for leaf in leaves}
+    if len(sizes) != 1:
+        raise CalibrationError(f"calibration batch {index} mixes batch sizes {sorted(sizes)}: {_describe(batch)}")
+    return batch
+
+
+def normalize_calib(calib: Any) -> list[Batch]:
+    """Turns ``calib`` into a validated, non-empty list of batches (one structure throughout)."""
+    if calib is None:
+        raise CalibrationError(
+            "calibration data is required: pass calib=<Tensor batch> or an iterable of batches "
+            "(Tensors, tuples of Tensors, or dicts of Tensors)")
+    if isinstance(calib, (torch.Tensor, Mapping)) or (
+        isinstance(calib, tuple) and calib and all(isinstance(x, torch.Tensor) for x in calib)
+    ):
+        batches = [calib]
+    elif isinstance(calib, Iterable):
+        batches = list(calib)
+    else:
+        raise CalibrationError(f"calib must be a batch or an iterable of batches, got {type(calib).__name__}")
+    if not batches:
+        raise CalibrationError("calibration data is empty: expected at least one batch")
+    batches = [_check_batch(b, i) for i, b in enumerate(batches)]
+    first = pytree.tree_structure(batches[0])
+    for i, b in enumerate(batches[1:], 1):
+        if pytree.tree_structure(b) != first:
+            raise CalibrationError(
+                f"calibration batch {i} is structured {_describe(b)}, unlike batch 0 {_describe(batches[0])}")
+    return batches
+
+
+def batch_size(batch: Batch) -> int:
+    return pytree.tree_leaves(batch)[0].shape[0]
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    return pytree.tree_map(lambda t: t[start:stop], batch)
+
+
+def cat_batches(batches: list[Batch]) -> Batch:
+    leaves0, spec = pytree.tree_flatten(batches[0])
+    columns = list(zip(*[pytree.tree_flatten(b)[0] for b in batches]))
+    # Sequences of different lengths (token batches padded per batch) are right-padded with 0.
+    merged = []
+    for col in columns:
+        if all(c.shape[1:] == col[0].shape[1:] for c in col):
+            merged.append(torch.cat(col))
+        else:
+            width = max(c.shape[1] for c in col)
+            merged.append(torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in col]))
+    return pytree.tree_unflatten(merged, spec)
+
+
+def take_samples(batches: list[Batch], n: int) -> Batch:
+    """The first ``n`` samples of the calibration set as one batch."""
+    out, have = [], 0
+    for b in batches:
+        need = n - have
+        if need <= 0:
+            break
+        size = batch_size(b)
+        out.append(slice_batch(b, 0, min(size, need)))
+        have += min(size, need)
+    return cat_batches(out)
+
+
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    return pytree.tree_map(lambda t: t.to(device), batch)
+
+
+def call_model(model: torch.nn.Module, batch: Batch) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    return model(*batch)
+
+
+def output_vector(output: Any) -> torch.Tensor:
+    """All floating-point leaves of a model output, flattened per sample: [batch, features]."""
+    if hasattr(output, "to_tuple"):  # transformers ModelOutput
+        output = output.to_tuple()
+    leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves:
+        raise CalibrationError("the model's output holds no floating-point tensor to compare")
+    return torch.cat([t.reshape(t.shape[0], -1).float() for t in leaves], dim=1)
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """||out - ref||^2 / ||ref - mean(ref)||^2 over the batch: scale-free output distortion."""
+    ref_energy = (reference - reference.mean(dim=0, keepdim=True)).pow(2).sum().clamp_min(1e-30)
+    return float((output - reference).pow(2).sum() / ref_energy)
+
+
+def call_model_with(model: torch.nn.Module, overrides: Mapping[str, torch.Tensor], batch: Batch) -> Any:
+    """Calls ``model`` on ``batch`` with some parameters/buffers replaced (model untouched)."""
+    from torch.func import functional_call
+
+    if isinstance(batch, torch.Tensor):
+        return functional_call(model, dict(overrides), (batch,), strict=False)
+    if isinstance(batch, Mapping):
+        return functional_call(model, dict(overrides), (), dict(batch), strict=False)
+    return functional_call(model, dict(overrides), tuple(batch), strict=False)

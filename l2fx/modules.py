@@ -1,0 +1,73 @@
+"""Weight modules inserted into the graph in place of a compressed weight's ``get_attr``.
+
+Each is a zero-input module whose ``forward()`` returns the weight the consuming op uses, so
+the graph reads ``w = self.l2fx_w3(); y = linear(x, w, b)`` and ``state_dict()`` holds exactly
+what runs:
+
+* :class:`TransformedWeight` (after ``insert_transforms``): fp32 weight plus learnable T
+  parameters; returns T^-1(round_ste(T(w))) (Eq. 11), differentiable for reconstruction.
+* :class:`CodedWeight` (after ``range_code``): the integer symbols and the stored T
+  parameters; returns T^-1(q). No fp32 weight exists any more.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from l2fx.transform import TransformKind, channel_view, decode, encode, fake_quant
+
+
+class TransformedWeight(nn.Module):
+    """Fake-quantised weight: ``weight`` [shape], ``step_s`` and ``threshold_e`` [C] or []."""
+
+    def __init__(self, weight: torch.Tensor, kind: TransformKind, step_s: torch.Tensor,
+                 threshold_e: torch.Tensor, channel_axis: int | None, qmax: int):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone().float())
+        self.step_s = nn.Parameter(step_s.detach().clone().float())
+        self.threshold_e = nn.Parameter(threshold_e.detach().clone().float())
+        self.kind = TransformKind(kind)
+        self.channel_axis = channel_axis
+        self.qmax = int(qmax)
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s = channel_view(self.step_s, self.weight, self.channel_axis)
+        e = channel_view(self.threshold_e, self.weight, self.channel_axis)
+        return s, e
+
+    def forward(self) -> torch.Tensor:
+        s, e = self.params()
+        return fake_quant(self.weight, self.kind, s, e, self.qmax)
+
+    @torch.no_grad()
+    def symbols(self) -> torch.Tensor:
+        s, e = self.params()
+        return encode(self.weight, self.kind, s, e, self.qmax)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind.value}, shape={tuple(self.weight.shape)}, axis={self.channel_axis}, qmax={self.qmax}"
+
+
+class CodedWeight(nn.Module):
+    """Decoded-on-the-fly weight: ``codes`` int8 [shape]; ``step_s``/``threshold_e`` fp32 [C] or [].
+
+    The T parameters hold exactly the values stored in the artifact (fp16-representable when
+    stored as fp16), so a loaded model computes bit-identical weights.
+    """
+
+    def __init__(self, codes: torch.Tensor, kind: TransformKind, step_s: torch.Tensor,
+                 threshold_e: torch.Tensor, channel_axis: int | None):
+        super().__init__()
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("step_s", step_s.detach().float().contiguous())
+        self.register_buffer("threshold_e", threshold_e.detach().float().contiguous())
+        self.kind = TransformKind(kind)
+        self.channel_axis = channel_axis
+
+    def forward(self) -> torch.Tensor:
+        s = channel_view(self.step_s, self.codes, self.channel_axis)
+        e = channel_view(self.threshold_e, self.codes, self.channel_axis)
+        return decode(self.codes, self.kind, s, e)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind.value}, shape={tuple(self.codes.shape)}, axis={self.channel_axis}"

@@ -1,0 +1,85 @@
+"""``entropy_allocation``: one T setting per weight so that the total bytes meet the budget.
+
+Budget (Eq. 10's target): ``sum(32 * numel) / 8 / target_cr`` bytes for all compressed
+weights. Lagrangian equal-slope allocation over the sensitivity curves: for a multiplier
+lambda every layer takes the candidate minimising ``distortion + lambda * bytes``; lambda is
+bisected (in log space) to the smallest value whose total fits the budget. The discrete grid
+leaves the total a little under budget; ``rate_fit`` closes the gap on the real symbols.
+
+Pre: every site has an ``l2fx.sensitivity`` curve. Post: every site has an
+``l2fx.allocation``; the predicted total is within the budget. A target outside what the
+curves can reach raises TargetCRError stating the reachable range.
+"""
+from __future__ import annotations
+
+import math
+
+import torch.fx as fx
+
+from l2fx.errors import TargetCRError
+from l2fx.ir import Allocation, Candidate, SensitivityCurve, get_meta, set_meta, weight_sites
+from l2fx.pipeline import L2fxPass, PassContext, PassResult
+
+
+def budget_nbytes(gm: fx.GraphModule, target_cr: float) -> float:
+    return sum(4 * site.numel for _, site in weight_sites(gm)) / target_cr
+
+
+def lagrangian_pick(curves: list[tuple[Candidate, ...]], lam: float) -> list[Candidate]:
+    return [min(c, key=lambda x: (x.distortion + lam * x.nbytes, x.nbytes)) for c in curves]
+
+
+def allocate(curves: list[tuple[Candidate, ...]], budget: float) -> list[Candidate]:
+    """Equal-slope allocation: the least-distortion picks whose total bytes fit ``budget``."""
+    total = lambda picks: sum(c.nbytes for c in picks)  # noqa: E731
+    best = lagrangian_pick(curves, 0.0)
+    if total(best) <= budget:
+        return best
+    lo, hi = -30.0, 10.0  # log10 lambda, per byte of relative output error
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if total(lagrangian_pick(curves, 10.0 ** mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return lagrangian_pick(curves, 10.0 ** hi)
+
+
+class EntropyAllocation(L2fxPass):
+    name = "entropy_allocation"
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        for node, _ in weight_sites(gm):
+            if get_meta(node, SensitivityCurve) is None:
+                self.fail("weight has no rate-distortion curve: run sensitivity_analysis first", node)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        ctx = PassContext.current()
+        target = ctx.config.target_cr
+        sites = list(weight_sites(gm))
+        curves = [get_meta(node, SensitivityCurve).candidates for node, _ in sites]
+        fp32 = sum(4 * site.numel for _, site in sites)
+        budget = fp32 / target
+        smallest = sum(min(c.nbytes for c in curve) for curve in curves)
+        largest = sum(max(c.nbytes for c in curve) for curve in curves)
+        lo_cr, hi_cr = fp32 / largest, fp32 / smallest
+        # rate_fit can move every step by a common factor, which widens the range a little;
+        # the grid's ends are what the curves vouch for.
+        if not (lo_cr * (1 - ctx.config.cr_tolerance) <= target <= hi_cr * (1 + ctx.config.cr_tolerance)):
+            raise TargetCRError(
+                f"target_cr={target} is out of reach for this model: the reachable range of the "
+                f"compressed-parameter CR is {lo_cr:.2f} .. {hi_cr:.2f} (symbols limited to +-{ctx.config.coding.qmax})")
+        picks = allocate(curves, budget)
+        for (node, _), pick in zip(sites, picks):
+            set_meta(node, Allocation(pick.kind, pick.step_s, pick.threshold_e, pick.nbytes))
+        ctx.records[self.name] = {
+            "budget_nbytes": budget,
+            "predicted_nbytes": sum(p.nbytes for p in picks),
+            "predicted_distortion": sum(p.distortion for p in picks if math.isfinite(p.distortion)),
+        }
+        return PassResult(gm, True)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        for node, _ in weight_sites(gm):
+            if get_meta(node, Allocation) is None:
+                self.fail("weight was given no allocation", node)

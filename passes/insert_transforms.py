@@ -1,0 +1,56 @@
+"""``insert_transforms`` (joint T-insertion): each compressed weight becomes T^-1(round(T(w))).
+
+Before::
+
+    w = get_attr[features.0.weight]; y = conv2d(x, w, b, ...)
+
+After::
+
+    w = call_module[l2fx_weights.features__0__weight]()   # TransformedWeight (Eq. 11-13)
+    y = conv2d(x, w, b, ...)
+
+The module holds a copy of the fp32 weight and learnable per-channel (or per-tensor)
+``step_s``/``threshold_e`` initialised from the allocation; the fp32 tensor leaves the
+model's state. Pre: every site has an ``l2fx.allocation``. Post: every site is produced by a
+``TransformedWeight``; no site is a get_attr. Idempotent (a site already transformed is left).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from l2fx.config import Granularity
+from l2fx.ir import Allocation, fetch_attr, get_meta, replace_weight, require_meta, weight_sites
+from l2fx.modules import TransformedWeight
+from l2fx.pipeline import L2fxPass, PassContext, PassResult
+from l2fx.transform import TransformKind
+
+
+class InsertTransforms(L2fxPass):
+    name = "insert_transforms"
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        for node, _ in weight_sites(gm):
+            require_meta(node, Allocation, self.name)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        cfg = PassContext.current().config
+        modified = False
+        for node, site in list(weight_sites(gm)):
+            if node.op != "get_attr":
+                continue
+            alloc = get_meta(node, Allocation)
+            w = fetch_attr(gm, str(node.target)).detach()
+            per_channel = cfg.granularity is Granularity.PER_CHANNEL
+            n = site.channels if per_channel else 1
+            module = TransformedWeight(
+                w, TransformKind(alloc.kind), torch.full((n,), alloc.step_s), torch.full((n,), alloc.threshold_e),
+                site.channel_axis if per_channel else None, cfg.coding.qmax).to(w.device)
+            replace_weight(gm, node, module)
+            modified = True
+        return PassResult(gm, modified)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        for node, _ in weight_sites(gm):
+            if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), TransformedWeight):
+                self.fail("compressed weight is not produced by a TransformedWeight", node)

@@ -1,0 +1,64 @@
+"""``mark_weights``: find the weights l2fx compresses and attach a :class:`WeightSite` to each.
+
+A weight is compressed when it is a floating-point ``get_attr`` read as the weight of an op
+in :data:`l2fx.ir.WEIGHTED_OPS` (Linear, Conv1d/2d, Embedding), only as weights, with at
+least ``config.min_numel`` elements (smaller tensors cost more in tables than they save;
+they are stored plainly). Embedding tables are skipped when ``compress_embeddings`` is off.
+
+Pre: ``normalize`` ran. Post: at least one node carries ``l2fx.site``; no two get_attr nodes
+read the same tensor; every parameter is finite (else NonFiniteWeightError naming it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from l2fx.errors import NoCompressibleLayersError, NonFiniteWeightError
+from l2fx.ir import WeightSite, fetch_attr, set_meta, weight_consumers, weight_sites
+from l2fx.pipeline import L2fxPass, PassContext, PassResult
+
+
+class MarkWeights(L2fxPass):
+    name = "mark_weights"
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        for name, t in gm.state_dict().items():
+            if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
+                raise NonFiniteWeightError(f"parameter {name!r} holds NaN or inf values")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        cfg = PassContext.current().config
+        # One get_attr per tensor, so that a tied weight is one site.
+        first: dict[str, fx.Node] = {}
+        for node in list(gm.graph.nodes):
+            if node.op != "get_attr":
+                continue
+            target = str(node.target)
+            if target in first:
+                node.replace_all_uses_with(first[target])
+                gm.graph.erase_node(node)
+            else:
+                first[target] = node
+        for target, node in first.items():
+            tensor = fetch_attr(gm, target)
+            consumers = weight_consumers(node)
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or not consumers:
+                continue
+            if len(consumers) != len(node.users):
+                continue  # also read as something other than a weight: keep it exact
+            families = {op.family for _, op in consumers}
+            axes = {op.channel_axis for _, op in consumers}
+            if len(families) != 1 or len(axes) != 1 or tensor.numel() < cfg.min_numel:
+                continue
+            family = families.pop()
+            if family == "embedding" and not cfg.compress_embeddings:
+                continue
+            set_meta(node, WeightSite(param=target, family=family, channel_axis=axes.pop(), shape=tuple(tensor.shape)))
+        gm.recompile()
+        return PassResult(gm, True)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        if not any(True for _ in weight_sites(gm)):
+            raise NoCompressibleLayersError(
+                "the model has no Conv/Linear/Embedding weight l2fx can compress "
+                f"(floating point, >= min_numel elements, read only as a weight)")

@@ -1,0 +1,95 @@
+"""``normalize``: one spelling for weighted ops, whatever the front-end.
+
+Before (symbolic_trace)::
+
+    conv = call_module[features.0](x)
+    bn   = call_module[features.1](conv)
+
+After::
+
+    w    = get_attr[features.0.weight]
+    conv = call_function[F.conv2d](x, w, None, stride, padding, dilation, groups)
+    rm   = get_attr[features.1.running_mean] ...
+    bn   = call_function[F.batch_norm](conv, rm, rv, g, b, False, momentum, eps)
+
+Pre: a GraphModule. Post: no call_module node targets an ``nn.Linear``/``nn.Conv1d``/
+``nn.Conv2d`` (zero padding)/``nn.Embedding``/eval-mode ``nn.BatchNorm2d``; the owning
+modules stay, so parameter names (state_dict keys) are unchanged. Graphs from torch.export
+are already in this form (aten ops on get_attr weights). Idempotent.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from l2fx.pipeline import L2fxPass, PassResult
+
+
+def _linear(gm, node, mod: nn.Linear, attr):
+    return F.linear, (node.args[0], attr("weight"), attr("bias") if mod.bias is not None else None)
+
+
+def _conv(gm, node, mod, attr):
+    fn = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
+    padding: Any = mod.padding
+    return fn, (node.args[0], attr("weight"), attr("bias") if mod.bias is not None else None,
+                mod.stride, padding, mod.dilation, mod.groups)
+
+
+def _embedding(gm, node, mod: nn.Embedding, attr):
+    return F.embedding, (node.args[0], attr("weight"), mod.padding_idx, mod.max_norm, mod.norm_type,
+                         mod.scale_grad_by_freq, mod.sparse)
+
+
+def _batch_norm(gm, node, mod: nn.BatchNorm2d, attr):
+    return F.batch_norm, (node.args[0], attr("running_mean"), attr("running_var"),
+                          attr("weight") if mod.affine else None, attr("bias") if mod.affine else None,
+                          False, 0.0, mod.eps)
+
+
+def _eligible(mod: nn.Module) -> Callable | None:
+    if type(mod) is nn.Linear:
+        return _linear
+    if type(mod) in (nn.Conv1d, nn.Conv2d) and mod.padding_mode == "zeros":
+        return _conv
+    if type(mod) is nn.Embedding:
+        return _embedding
+    if type(mod) in (nn.BatchNorm1d, nn.BatchNorm2d) and not mod.training and mod.track_running_stats:
+        return _batch_norm
+    return None
+
+
+class Normalize(L2fxPass):
+    name = "normalize"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+                continue
+            mod = gm.get_submodule(str(node.target))
+            rewrite = _eligible(mod)
+            if rewrite is None:
+                continue
+            with gm.graph.inserting_before(node):
+                def attr(name: str, _t=str(node.target)) -> fx.Node:
+                    return gm.graph.get_attr(f"{_t}.{name}")
+
+                fn, args = rewrite(gm, node, mod, attr)
+                new = gm.graph.call_function(fn, args)
+            new.meta.update({k: v for k, v in node.meta.items()})
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            modified = True
+        if modified:
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+                if _eligible(gm.get_submodule(str(node.target))) is not None:
+                    self.fail("weighted module left as call_module", node)

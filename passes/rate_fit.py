@@ -1,0 +1,88 @@
+"""``rate_fit``: scale every layer's T grid by one common factor so the real bytes hit the target.
+
+The allocation picks points on a discrete grid, and block reconstruction (when it runs)
+moves weights and T parameters; either leaves the total off the budget. This pass measures
+every layer's bytes on its actual symbols (with T parameters rounded to their storage dtype,
+exactly as the artifact will hold them) and bisects a common factor 2^t applied to every
+``step_s`` and ``threshold_e`` (only ``threshold_e`` for the PRUNE kind, whose step is fixed)
+so that the total lands in ``[budget * (1 - tol/2), budget]``. A common factor keeps the
+equal-slope condition of the allocation (distortion ~ s^2 at high rate for every layer).
+
+Pre: every site is a ``TransformedWeight``. Post: predicted compressed-parameter CR within
+``cr_tolerance / 2`` of the target (or the closest the grid allows, recorded).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from l2fx.accounting import predict_layer_nbytes, round_params
+from l2fx.ir import weight_sites
+from l2fx.modules import TransformedWeight
+from l2fx.pipeline import L2fxPass, PassContext, PassResult
+from l2fx.transform import TransformKind, channel_view, encode
+
+
+def scaled(module: TransformedWeight, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    s, e = module.step_s.detach(), module.threshold_e.detach()
+    if module.kind is TransformKind.PRUNE:
+        return s, torch.maximum(e * factor, 0.5 * s)
+    return s * factor, e * factor
+
+
+@torch.no_grad()
+def layer_bytes_at(module: TransformedWeight, param: str, factor: float, chunk_size: int) -> int:
+    s, e = scaled(module, factor)
+    s, e, _ = round_params(module.kind, s, e)
+    w = module.weight.detach()
+    q = encode(w, module.kind, channel_view(s, w, module.channel_axis), channel_view(e, w, module.channel_axis),
+               module.qmax)
+    return predict_layer_nbytes(param, module.kind, q.cpu(), module.channel_axis, chunk_size, s, e).total
+
+
+class RateFit(L2fxPass):
+    name = "rate_fit"
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        for node, _ in weight_sites(gm):
+            if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), TransformedWeight):
+                self.fail("expects TransformedWeight modules: run insert_transforms first", node)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        ctx = PassContext.current()
+        cfg = ctx.config
+        layers = [(gm.get_submodule(str(node.target)), site) for node, site in weight_sites(gm)]
+        fp32 = sum(4 * site.numel for _, site in layers)
+        budget = fp32 / cfg.target_cr
+        low_ok = budget * (1 - cfg.cr_tolerance / 2)
+
+        def total(log2_factor: float) -> int:
+            return sum(layer_bytes_at(m, site.param, 2.0 ** log2_factor, cfg.coding.chunk_size) for m, site in layers)
+
+        lo, hi = -4.0, 4.0  # larger factor = coarser steps = fewer bytes
+        best_t, best_bytes = 0.0, total(0.0)
+        if not (low_ok <= best_bytes <= budget):
+            for _ in range(24):
+                mid = 0.5 * (lo + hi)
+                b = total(mid)
+                ctx.log(self.name, f"factor 2^{mid:+.3f}: CR {fp32 / b:.3f}")
+                if b > budget:
+                    lo = mid
+                else:
+                    hi = mid
+                    best_t, best_bytes = mid, b
+                    if b >= low_ok:
+                        break
+            if best_bytes > budget:  # even the coarsest factor tried overshoots
+                best_t, best_bytes = hi, total(hi)
+        factor = 2.0 ** best_t
+        with torch.no_grad():
+            for m, _ in layers:
+                s, e = scaled(m, factor)
+                m.step_s.copy_(s)
+                m.threshold_e.copy_(e)
+        ctx.records[self.name] = {"factor": factor, "predicted_nbytes": best_bytes, "budget_nbytes": budget,
+                                  "predicted_cr": fp32 / best_bytes if best_bytes else math.inf}
+        return PassResult(gm, True)
