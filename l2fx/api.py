@@ -14,7 +14,7 @@ from l2fx import coding
 from l2fx.accounting import layer_nbytes
 from l2fx.artifact import ArtifactReader, check_fingerprint, coded_layers, serialize, write_atomic
 from l2fx.config import BackendConfig, CompileConfig
-from l2fx.data import normalize_calib
+from l2fx.data import check_runs, normalize_calib
 from l2fx.errors import ArchitectureMismatchError, ArtifactError, L2fxError
 from l2fx.frontend import CaptureInfo, capture, graph_fingerprint, recapture
 from l2fx.ir import CodedInfo, WeightSite, replace_weight, set_meta
@@ -74,6 +74,7 @@ def compile(
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     gm, info = capture(model, batches[0])
+    check_runs(gm, batches[0])
     fingerprint = graph_fingerprint(gm)
     gm.to(device)
     pipeline = pipeline or default_pipeline(config.fold_batchnorm)

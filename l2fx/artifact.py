@@ -108,7 +108,36 @@ def serialize(gm: fx.GraphModule, header: dict[str, Any]) -> bytes:
     manifest = {"format": FORMAT, "version": VERSION, **header, "layers": entries, "plain": plain_dtypes,
                 "crc32": crcs}
     arrays[MANIFEST] = np.frombuffer(json.dumps(manifest, separators=(",", ":")).encode(), dtype=np.uint8)
-    return safetensors.numpy.save(arrays, metadata={"format": FORMAT, "version": str(VERSION)})
+    return safetensors_bytes(arrays, {"format": FORMAT, "version": str(VERSION)})
+
+
+_ST_DTYPES = {np.dtype(k): v for k, v in {
+    "float16": "F16", "float32": "F32", "float64": "F64", "uint8": "U8", "int8": "I8", "uint16": "U16",
+    "int16": "I16", "uint32": "U32", "int32": "I32", "uint64": "U64", "int64": "I64", "bool": "BOOL"}.items()}
+
+
+def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """Serialises ``arrays`` in the safetensors format, deterministically.
+
+    ``safetensors.numpy.save`` orders the metadata through a hash map, so two saves of the
+    same model could differ byte for byte; this writer fixes every order (tensors by item
+    size, largest first, which keeps each one aligned, then by name) and the library still
+    reads the result (the tests check it).
+    """
+    names = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in names:
+        a = arrays[name]
+        if a.dtype not in _ST_DTYPES:
+            raise ArtifactError(f"tensor {name!r} has dtype {a.dtype}, which safetensors cannot store")
+        header[name] = {"dtype": _ST_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    parts = [len(text).to_bytes(8, "little"), text]
+    parts.extend(np.ascontiguousarray(arrays[name]).tobytes() for name in names)
+    return b"".join(parts)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:

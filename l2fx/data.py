@@ -75,11 +75,27 @@ def normalize_calib(calib: Any) -> list[Batch]:
         raise CalibrationError("calibration data is empty: expected at least one batch")
     batches = [_check_batch(b, i) for i, b in enumerate(batches)]
     first = pytree.tree_structure(batches[0])
+    first_leaves = pytree.tree_leaves(batches[0])
     for i, b in enumerate(batches[1:], 1):
-        if pytree.tree_structure(b) != first:
+        leaves = pytree.tree_leaves(b)
+        if pytree.tree_structure(b) != first or any(
+                a.dim() != c.dim() or a.dtype != c.dtype or (a.dim() > 2 and a.shape[1:] != c.shape[1:])
+                for a, c in zip(first_leaves, leaves)):
             raise CalibrationError(
-                f"calibration batch {i} is structured {_describe(b)}, unlike batch 0 {_describe(batches[0])}")
+                f"calibration batch {i} is {_describe(b)}, unlike batch 0 {_describe(batches[0])}: batches may differ "
+                "only in batch size (and sequence length for 2-d token tensors)")
     return batches
+
+
+def check_runs(model: torch.nn.Module, batch: Batch) -> None:
+    """Runs ``model`` on ``batch`` once; a failure becomes a CalibrationError saying what was fed."""
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    except Exception as exc:
+        raise CalibrationError(f"the model fails on calibration batch 0 ({_describe(batch)}): "
+                               f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                               ) from exc
 
 
 def batch_size(batch: Batch) -> int:

@@ -1,0 +1,126 @@
+"""Command line: ``l2fx compress`` and ``l2fx inspect``.
+
+    l2fx compress efficientnet-lite0 --target-cr 12 -o lite0.l2fx
+    l2fx compress mypkg.models:build --calib mypkg.data:calib --target-cr 10 -o m.l2fx
+    l2fx inspect lite0.l2fx
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from l2fx.errors import L2fxError
+
+
+class CLIError(L2fxError):
+    """A command-line argument names something that does not exist or cannot be used."""
+
+
+def _import_callable(spec: str) -> Callable[..., Any]:
+    if ":" not in spec:
+        raise CLIError(f"{spec!r} is neither a registered model nor a 'module:function' reference")
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CLIError(f"cannot import module {module_name!r}: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise CLIError(f"{module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def _resolve(model_spec: str, calib_spec: str | None, num_calib: int, batch_size: int, seed: int):
+    """(model, calib batches, zoo entry or None) for a registry name or a module:function."""
+    from l2fx import zoo
+
+    if model_spec in zoo.names():
+        entry = zoo.get(model_spec)
+        model = entry.build()
+        calib = _import_callable(calib_spec)() if calib_spec else entry.calib(num_calib, batch_size, seed)
+        return model, calib, entry
+    model = _import_callable(model_spec)()
+    if calib_spec is None:
+        raise CLIError("a model given as module:function needs --calib module:function returning calibration batches")
+    return model, _import_callable(calib_spec)(), None
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import l2fx
+    from l2fx.pipeline import Progress
+
+    t0 = time.perf_counter()
+    model, calib, entry = _resolve(args.model, args.calib, args.num_calib, args.batch_size, args.seed)
+    config = l2fx.CompileConfig(target_cr=args.target_cr, transform=l2fx.TransformKind(args.transform), seed=args.seed)
+    compiled = l2fx.compile(model, target_cr=args.target_cr, calib=calib, config=config,
+                            instruments=[] if args.quiet else [Progress()], verify=args.verify)
+    out = Path(args.output or f"{args.model.replace(':', '_').replace('.', '_')}-cr{args.target_cr:g}.l2fx")
+    nbytes = l2fx.save(compiled, out)
+    print(compiled.report.table())
+    print(f"wrote {out} ({nbytes:,} bytes) in {time.perf_counter() - t0:.1f} s")
+    if entry is not None and not args.no_eval:
+        metrics = entry.evaluate(compiled, reference=model)
+        print("evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if args.report_json:
+        Path(args.report_json).write_text(compiled.report.to_json())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import l2fx
+
+    report = l2fx.inspect(args.artifact)
+    print(json.dumps(report.to_dict(), indent=1, default=str) if args.json else report.table())
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from l2fx import zoo
+
+    for name in zoo.names():
+        print(f"{name:<20} {zoo.get(name).description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="l2fx", description="Post-training model size compression (L2) as an fx compiler")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compress", help="compress a model to a target compression ratio")
+    c.add_argument("model", help="a registered model (see `l2fx models`) or module:function returning an nn.Module")
+    c.add_argument("--target-cr", type=float, default=12.0, help="target CR of the compressed weights (default 12)")
+    c.add_argument("--calib", help="module:function returning calibration batches (default: the model's own)")
+    c.add_argument("--num-calib", type=int, default=256, help="calibration samples for registered models")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--transform", default="joint", choices=["joint", "linear", "log", "exp", "prune"])
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("-o", "--output", help="artifact path (default <model>-cr<target>.l2fx)")
+    c.add_argument("--report-json", help="also write the report as JSON here")
+    c.add_argument("--no-eval", action="store_true", help="skip evaluating the compressed model")
+    c.add_argument("--verify", action="store_true", help="run the IR verifier after every pass")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_compress)
+    i = sub.add_parser("inspect", help="per-layer report of an artifact")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+    m = sub.add_parser("models", help="list the registered real models")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except L2fxError as exc:
+        print(f"l2fx: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
