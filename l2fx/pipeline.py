@@ -256,15 +256,15 @@ VERIFIER_RULES: list[tuple[str, Callable[[fx.GraphModule, fx.Node], str | None]]
 
 def verify(gm: fx.GraphModule, after: str = "?") -> None:
     """Checks the graph's structural lint and every rule; names the pass and the node."""
-    try:
-        gm.graph.lint()
-    except Exception as exc:  # fx raises RuntimeError with its own wording
-        raise VerifierError(f"after pass {after!r}: graph lint failed: {exc}") from exc
     for node in gm.graph.nodes:
         for rule_name, rule in VERIFIER_RULES:
             message = rule(gm, node)
             if message:
                 raise VerifierError(f"after pass {after!r}, node {node.name!r}: {message} (rule: {rule_name})")
+    try:
+        gm.graph.lint()
+    except Exception as exc:  # fx raises RuntimeError with its own wording, naming the node
+        raise VerifierError(f"after pass {after!r}: graph lint failed: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs everything l2fx, its tests and its benchmarks need on a fresh Debian machine (CPU).
+# Idempotent: re-running it only checks what is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+[ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
+[ -d /usr/share/doc/python3.11/html/_sources ] || need_apt+=(python3.11-doc)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: please install with apt-get: ${need_apt[*]} (real data for the tests and benchmarks)" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+# torch 2.14.1 / torchvision 0.29.1 are on this machine's disk; the project itself accepts torch>=2.4.
+"$PY" -c "import torch, torchvision" 2>/dev/null || "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
+"$PY" -m pip install -q -e ".[models,bench,test,triton]"

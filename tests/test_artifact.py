@@ -1,0 +1,122 @@
+"""The artifact: corruption, truncation, version and architecture errors; safetensors compatibility."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+
+import l2fx
+from l2fx.artifact import MANIFEST, safetensors_bytes
+from l2fx.errors import ArchitectureMismatchError, ArtifactError, ArtifactVersionError, CorruptArtifactError
+
+from conftest import make_tiny_convnet
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from l2fx.config import CompileConfig, SensitivityConfig
+
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    config = CompileConfig(sensitivity=SensitivityConfig(num_samples=8, num_steps=10))
+    compiled = l2fx.compile(make_tiny_convnet(), target_cr=8, calib=x, config=config)
+    path = tmp_path_factory.mktemp("art") / "m.l2fx"
+    l2fx.save(compiled, path)
+    return path, compiled
+
+
+def test_safetensors_library_reads_our_bytes():
+    arrays = {"a": np.arange(5, dtype=np.float32), "b": np.arange(3, dtype=np.uint8), "c": np.ones((2, 2), np.float16)}
+    data = safetensors_bytes(arrays, {"k": "v"})
+    back = safetensors.numpy.load(data)
+    assert all(np.array_equal(back[k], v) for k, v in arrays.items())
+    assert safetensors_bytes(arrays, {"k": "v"}) == data  # deterministic
+
+
+def test_every_payload_byte_flip_is_detected(artifact, tmp_path):
+    path, _ = artifact
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    rng = np.random.default_rng(0)
+    for i, pos in enumerate(rng.integers(8 + header_len, len(data), size=25)):
+        bad = bytearray(data)
+        bad[pos] ^= 0x5A
+        p = tmp_path / f"bad{i}.l2fx"
+        p.write_bytes(bytes(bad))
+        with pytest.raises(CorruptArtifactError):
+            l2fx.load(p, model=make_tiny_convnet())
+
+
+@pytest.mark.parametrize("keep", [0, 5, 100, 0.5, 0.999])
+def test_truncated_file(artifact, tmp_path, keep):
+    path, _ = artifact
+    data = path.read_bytes()
+    n = int(len(data) * keep) if isinstance(keep, float) else keep
+    p = tmp_path / "t.l2fx"
+    p.write_bytes(data[:n])
+    with pytest.raises(CorruptArtifactError):
+        l2fx.load(p, model=make_tiny_convnet())
+    with pytest.raises(CorruptArtifactError):
+        l2fx.inspect(p)
+
+
+def _rewrite_manifest(path, out, change):
+    arrays = safetensors.numpy.load(path.read_bytes())
+    manifest = json.loads(arrays[MANIFEST].tobytes())
+    change(manifest)
+    arrays[MANIFEST] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
+    out.write_bytes(safetensors_bytes(arrays, {"format": "l2fx", "version": "1"}))
+
+
+def test_wrong_version(artifact, tmp_path):
+    path, _ = artifact
+    out = tmp_path / "v.l2fx"
+    _rewrite_manifest(path, out, lambda m: m.update(version=99))
+    with pytest.raises(ArtifactVersionError, match="version 99"):
+        l2fx.load(out, model=make_tiny_convnet())
+
+
+def test_wrong_architecture(artifact):
+    path, _ = artifact
+    with pytest.raises(ArchitectureMismatchError):
+        l2fx.load(path, model=torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+    class Wider(type(make_tiny_convnet())):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(32 * 7 * 7, 65)
+            self.out = torch.nn.Linear(65, 10)
+
+    with pytest.raises(ArchitectureMismatchError):
+        l2fx.load(path, model=Wider().eval())
+
+
+def test_not_an_artifact(tmp_path):
+    p = tmp_path / "x.l2fx"
+    p.write_bytes(b"hello world, not safetensors")
+    with pytest.raises(CorruptArtifactError):
+        l2fx.load(p, model=make_tiny_convnet())
+    with pytest.raises(ArtifactError):
+        l2fx.load(tmp_path / "missing.l2fx", model=make_tiny_convnet())
+
+
+def test_save_is_atomic_and_never_clobbers_on_error(artifact, tmp_path):
+    path, compiled = artifact
+    target = tmp_path / "keep.l2fx"
+    target.write_bytes(b"user data")
+    with pytest.raises(ArtifactError):
+        l2fx.save(object(), target)
+    assert target.read_bytes() == b"user data"
+    with pytest.raises(ArtifactError):
+        l2fx.save(compiled, tmp_path)  # a directory
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_load_does_not_modify_the_given_instance(artifact):
+    path, _ = artifact
+    model = make_tiny_convnet(seed=7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    l2fx.load(path, model=model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
