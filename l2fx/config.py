@@ -89,22 +89,26 @@ def _require(cond: bool, cls_name: str, msg: str) -> None:
 class SensitivityConfig(_JsonConfig):
     """How the per-layer rate-distortion curves are measured (sensitivity analysis pass).
 
-    ``num_samples`` calibration inputs are run through the model once per (layer, candidate);
-    candidate steps are spaced ``step_ratio`` apart (2 ** 0.5 is half a bit per weight at high
+    Candidate steps are spaced ``step_ratio`` apart (2 ** 0.5 is half a bit per weight at high
     rate) over ``num_steps`` candidates, each tried with every dead-zone ratio e/s in
-    ``deadzones`` (0.5 = no dead zone, i.e. linear quantisation).
+    ``deadzones`` (0.5 = no dead zone, i.e. linear quantisation). Every candidate's bytes are
+    exact; its model-output error is measured on ``num_samples`` calibration inputs for
+    ``measured_points`` candidates per dead-zone family and, for the others, scaled from the
+    weight error by the measured output-error/weight-error ratio (interpolated in log space).
     """
 
     num_samples: int = 16
     num_steps: int = 14
     step_ratio: float = 2 ** 0.5
     deadzones: tuple[float, ...] = (0.5, 1.0)
+    measured_points: int = 3
 
     def __post_init__(self) -> None:
         n = type(self).__name__
         _require(self.num_samples >= 1, n, f"num_samples must be >= 1, got {self.num_samples}")
         _require(self.num_steps >= 2, n, f"num_steps must be >= 2, got {self.num_steps}")
         _require(self.step_ratio > 1.0, n, f"step_ratio must be > 1, got {self.step_ratio}")
+        _require(self.measured_points >= 1, n, f"measured_points must be >= 1, got {self.measured_points}")
         _require(len(self.deadzones) >= 1 and all(d >= 0.5 for d in self.deadzones), n,
                  f"deadzones must be non-empty ratios e/s >= 0.5, got {self.deadzones}")
 
@@ -136,7 +140,7 @@ class CompileConfig(_JsonConfig):
     plain_dtype: PlainDtype = PlainDtype.FLOAT16
     fold_batchnorm: bool = True
     compress_embeddings: bool = True
-    min_numel: int = 1024
+    min_numel: int = 256
     cr_tolerance: float = 0.01
     sensitivity: SensitivityConfig = SensitivityConfig()
     coding: CodingConfig = CodingConfig()
