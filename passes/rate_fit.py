@@ -42,6 +42,43 @@ def layer_bytes_at(module: TransformedWeight, param: str, factor: float, chunk_s
     return predict_layer_nbytes(param, module.kind, q.cpu(), module.channel_axis, chunk_size, s, e).total
 
 
+def fit_log2_factor(total, budget: float, low_ok: float, log=lambda t, b: None,
+                    max_evals: int = 30) -> tuple[float, int]:
+    """The log2 step factor t whose byte total lies in [low_ok, budget] (else the closest under).
+
+    Bytes fall roughly linearly in t (about numel/8 bytes per halving of the step), so a
+    secant step on log(bytes) finds the window in a few evaluations; a bracket kept alongside
+    falls back to bisection when the secant leaves it. Larger t = coarser steps = fewer bytes.
+    """
+    goal = math.log(0.5 * (budget + low_ok))
+    evals: dict[float, int] = {}
+
+    def f(t: float) -> int:
+        if t not in evals:
+            evals[t] = total(t)
+            log(t, evals[t])
+        return evals[t]
+
+    lo, hi = -6.0, 6.0  # bracket: bytes(lo) > budget >= bytes(hi) once established
+    t_prev, t = 0.0, 0.25
+    for _ in range(max_evals):
+        for x in (t_prev, t):
+            b = f(x)
+            if low_ok <= b <= budget:
+                return x, b
+            if b > budget:
+                lo = max(lo, x)
+            else:
+                hi = min(hi, x)
+        y0, y1 = math.log(f(t_prev)) - goal, math.log(f(t)) - goal
+        nxt = t - y1 * (t - t_prev) / (y1 - y0) if y1 != y0 else 0.5 * (lo + hi)
+        if not lo < nxt < hi:
+            nxt = 0.5 * (lo + hi)
+        t_prev, t = t, nxt
+    under = [(x, b) for x, b in evals.items() if b <= budget]
+    return max(under, key=lambda xb: xb[1]) if under else max(evals.items(), key=lambda xb: xb[0])
+
+
 class RateFit(L2fxPass):
     name = "rate_fit"
 
@@ -61,22 +98,8 @@ class RateFit(L2fxPass):
         def total(log2_factor: float) -> int:
             return sum(layer_bytes_at(m, site.param, 2.0 ** log2_factor, cfg.coding.chunk_size) for m, site in layers)
 
-        lo, hi = -4.0, 4.0  # larger factor = coarser steps = fewer bytes
-        best_t, best_bytes = 0.0, total(0.0)
-        if not (low_ok <= best_bytes <= budget):
-            for _ in range(24):
-                mid = 0.5 * (lo + hi)
-                b = total(mid)
-                ctx.log(self.name, f"factor 2^{mid:+.3f}: CR {fp32 / b:.3f}")
-                if b > budget:
-                    lo = mid
-                else:
-                    hi = mid
-                    best_t, best_bytes = mid, b
-                    if b >= low_ok:
-                        break
-            if best_bytes > budget:  # even the coarsest factor tried overshoots
-                best_t, best_bytes = hi, total(hi)
+        best_t, best_bytes = fit_log2_factor(total, budget, low_ok, lambda t, b: ctx.log(
+            self.name, f"factor 2^{t:+.3f}: CR {fp32 / b:.3f}"))
         factor = 2.0 ** best_t
         with torch.no_grad():
             for m, _ in layers:

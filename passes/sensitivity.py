@@ -28,8 +28,9 @@ import torch.fx as fx
 
 from l2fx.accounting import predict_layer_nbytes
 from l2fx.config import CompileConfig, Granularity
-from l2fx.data import call_model_with, output_vector, relative_error, take_samples, to_device
+from l2fx.data import output_vector, relative_error, take_samples, to_device
 from l2fx.errors import CalibrationError
+from l2fx.evaluate import DownstreamRunner
 from l2fx.ir import Candidate, SensitivityCurve, WeightSite, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 from l2fx.transform import TransformKind, decode, encode
@@ -120,7 +121,8 @@ class SensitivityAnalysis(L2fxPass):
         cfg = ctx.config
         kind = cfg.transform
         batch = to_device(take_samples(list(ctx.calib), cfg.sensitivity.num_samples), ctx.device)
-        reference = output_vector(call_model_with(gm, {}, batch))
+        runner = DownstreamRunner(gm, batch)
+        reference = output_vector(runner.output)
         sites = list(weight_sites(gm))
         measured = 0
         for i, (node, site) in enumerate(sites):
@@ -128,7 +130,7 @@ class SensitivityAnalysis(L2fxPass):
             w = fetch_attr(gm, site.param).detach().float()
 
             def output_error(w_hat: torch.Tensor) -> float:
-                d = relative_error(output_vector(call_model_with(gm, {site.param: w_hat}, batch)), reference)
+                d = relative_error(output_vector(runner.run_with(node, w_hat)), reference)
                 return d if math.isfinite(d) else math.inf
 
             points = []  # (s, e, nbytes, weight mse, w_hat)
