@@ -64,12 +64,17 @@ def _plain_array(t: torch.Tensor) -> np.ndarray:
 
 
 def coded_layers(gm: fx.GraphModule) -> list[tuple[str, CodedInfo, CodedWeight]]:
+    """(module path, CodedInfo, module) per coded weight, ordered by parameter name.
+
+    The order does not follow the graph: lowering moves weight nodes, and the same model must
+    give the same bytes however its graph is arranged.
+    """
     out = []
     for node, _ in weight_sites(gm):
         info = get_meta(node, CodedInfo)
         if info is not None:
             out.append((str(node.target), info, gm.get_submodule(str(node.target))))
-    return out
+    return sorted(out, key=lambda item: item[1].param)
 
 
 def serialize(gm: fx.GraphModule, header: dict[str, Any]) -> bytes:
@@ -225,6 +230,8 @@ class ArtifactReader:
                     raise CorruptArtifactError(f"layer {entry['param']!r}: T parameters are truncated")
                 s = params[:channels]
                 e = params[channels:] if nparams > channels else 0.5 * s
+                if not (np.isfinite(params).all() and (params > 0).all()):
+                    raise CorruptArtifactError(f"layer {entry['param']!r}: T parameters are not finite and > 0")
             except CorruptArtifactError:
                 raise
             except (KeyError, TypeError, ValueError, IndexError) as exc:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from l2fx.transform import TransformKind, channel_view, decode, encode, fake_quant
+from l2fx.errors import ConfigError
+from l2fx.transform import TransformKind, channel_view, encode, fake_quant, inverse_t
 
 
 class TransformedWeight(nn.Module):
@@ -58,6 +59,9 @@ class CodedWeight(nn.Module):
     def __init__(self, codes: torch.Tensor, kind: TransformKind, step_s: torch.Tensor,
                  threshold_e: torch.Tensor, channel_axis: int | None):
         super().__init__()
+        if not (torch.isfinite(step_s).all() and torch.isfinite(threshold_e).all()
+                and (step_s > 0).all() and (threshold_e > 0).all()):
+            raise ConfigError("CodedWeight: step_s and threshold_e must be finite and > 0")
         self.register_buffer("codes", codes.to(torch.int8).contiguous())
         self.register_buffer("step_s", step_s.detach().float().contiguous())
         self.register_buffer("threshold_e", threshold_e.detach().float().contiguous())
@@ -67,7 +71,9 @@ class CodedWeight(nn.Module):
     def forward(self) -> torch.Tensor:
         s = channel_view(self.step_s, self.codes, self.channel_axis)
         e = channel_view(self.threshold_e, self.codes, self.channel_axis)
-        return decode(self.codes, self.kind, s, e)
+        # inverse_t, not decode: decode's positivity check reads tensor values (a graph break
+        # under torch.compile). s, e > 0 is checked once, where they are created or loaded.
+        return inverse_t(self.codes.to(torch.float32), self.kind, s, e)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.value}, shape={tuple(self.codes.shape)}, axis={self.channel_axis}"
