@@ -77,7 +77,7 @@ def compile(
     check_runs(gm, batches[0])
     fingerprint = graph_fingerprint(gm)
     gm.to(device)
-    pipeline = pipeline or default_pipeline(config.fold_batchnorm)
+    pipeline = pipeline or default_pipeline(config)
     timing, memory = Timing(), PeakMemory()
     ctx = PassContext(config=config, backend=backend or BackendConfig(), calib=batches,
                       instruments=[timing, memory, *instruments], verify=verify, device=device)
@@ -139,10 +139,13 @@ def inspect(path: str | os.PathLike) -> CompressionReport:
     return _report(layers, reader.manifest["config"]["target_cr"], reader.file_nbytes, reader.manifest["original_nbytes"])
 
 
-def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | str = "cpu") -> CompiledModel:
+def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | str = "cpu",
+         backend: BackendConfig | None = None) -> CompiledModel:
     """Rebuilds the compiled model from ``path`` on an instance ``model`` of the original architecture.
 
-    ``model``'s own weights are not used (nor modified): every tensor comes from the file.
+    ``model``'s own weights are not used (nor modified): every tensor comes from the file. The
+    result is lowered to the fused kernel where ``backend`` (default: "auto") and ``device``
+    allow it, as :func:`l2fx.compile` does.
     """
     from l2fx.passes import structural_pipeline
 
@@ -196,4 +199,17 @@ def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | st
     compiled = CompiledModel(gm, None, header)  # type: ignore[arg-type]
     compiled.report = _report([info for info, *_ in layers], m["config"]["target_cr"], reader.file_nbytes,
                               m["original_nbytes"])
-    return compiled
+    backend = backend or BackendConfig()
+    return lower(compiled, backend) if backend.use_triton != "never" and torch.device(device).type == "cuda" \
+        else compiled
+
+
+def lower(compiled: CompiledModel, backend: BackendConfig | None = None) -> CompiledModel:
+    """A copy of ``compiled`` whose supported layers run the fused dequant-matmul kernel.
+
+    ``backend.use_triton``: "auto" (default) lowers layers that sit on a CUDA device when Triton
+    imports; "always" lowers regardless (on CPU the op runs its torch reference); "never" copies.
+    """
+    from l2fx.passes.lower_kernels import lower as _lower
+
+    return _lower(compiled, backend)

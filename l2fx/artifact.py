@@ -113,7 +113,8 @@ def serialize(gm: fx.GraphModule, header: dict[str, Any]) -> bytes:
     manifest = {"format": FORMAT, "version": VERSION, **header, "layers": entries, "plain": plain_dtypes,
                 "crc32": crcs}
     arrays[MANIFEST] = np.frombuffer(json.dumps(manifest, separators=(",", ":")).encode(), dtype=np.uint8)
-    return safetensors_bytes(arrays, {"format": FORMAT, "version": str(VERSION)})
+    return safetensors_bytes(arrays, {"format": FORMAT, "version": str(VERSION),
+                                      "manifest_crc32": str(_crc(arrays[MANIFEST]))})
 
 
 _ST_DTYPES = {np.dtype(k): v for k, v in {
@@ -175,12 +176,19 @@ class ArtifactReader:
             raise ArtifactError(f"no artifact at {self.path}")
         self.file_nbytes = self.path.stat().st_size
         try:
-            self.arrays = safetensors.numpy.load(self.path.read_bytes())
+            with safetensors.safe_open(str(self.path), framework="numpy") as f:
+                metadata = f.metadata() or {}
+                self.arrays = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # safetensors raises SafetensorError / ValueError on bad bytes
             raise CorruptArtifactError(f"{self.path} is not a readable safetensors file (truncated or "
                                        f"corrupted?): {exc}") from exc
-        if MANIFEST not in self.arrays:
+        if MANIFEST not in self.arrays or metadata.get("format") != FORMAT:
             raise CorruptArtifactError(f"{self.path} has no {MANIFEST}: not an l2fx artifact")
+        if metadata.get("version") != str(VERSION):
+            raise ArtifactVersionError(f"{self.path} has format version {metadata.get('version')!r}; "
+                                       f"this l2fx reads version {VERSION}")
+        if metadata.get("manifest_crc32") != str(_crc(self.arrays[MANIFEST])):
+            raise CorruptArtifactError(f"{self.path}: checksum mismatch in the manifest")
         try:
             self.manifest = json.loads(self.arrays[MANIFEST].tobytes().decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

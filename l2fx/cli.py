@@ -56,7 +56,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     model, calib, entry = _resolve(args.model, args.calib, args.num_calib, args.batch_size, args.seed)
-    config = l2fx.CompileConfig(target_cr=args.target_cr, transform=l2fx.TransformKind(args.transform), seed=args.seed)
+    from l2fx.config import ReconstructionConfig
+
+    config = l2fx.CompileConfig(target_cr=args.target_cr, transform=l2fx.TransformKind(args.transform), seed=args.seed,
+                                reconstruction=ReconstructionConfig(enabled=not args.no_reconstruction))
     compiled = l2fx.compile(model, target_cr=args.target_cr, calib=calib, config=config,
                             instruments=[] if args.quiet else [Progress()], verify=args.verify)
     out = Path(args.output or f"{args.model.replace(':', '_').replace('.', '_')}-cr{args.target_cr:g}.l2fx")
@@ -101,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="artifact path (default <model>-cr<target>.l2fx)")
     c.add_argument("--report-json", help="also write the report as JSON here")
     c.add_argument("--no-eval", action="store_true", help="skip evaluating the compressed model")
+    c.add_argument("--no-reconstruction", action="store_true",
+                   help="skip block reconstruction (faster; allocation and rounding only)")
     c.add_argument("--verify", action="store_true", help="run the IR verifier after every pass")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_compress)

@@ -6,9 +6,13 @@ is what :func:`l2fx.compile` runs; users insert their own passes with
 """
 from __future__ import annotations
 
+from l2fx.config import CompileConfig
 from l2fx.passes.allocation import EntropyAllocation
+from l2fx.passes.block_partition import BlockPartition
+from l2fx.passes.block_reconstruction import BlockReconstruction
 from l2fx.passes.fold_batchnorm import FoldBatchNorm
 from l2fx.passes.insert_transforms import InsertTransforms
+from l2fx.passes.lower_kernels import LowerKernels
 from l2fx.passes.mark_weights import MarkWeights
 from l2fx.passes.normalize import Normalize
 from l2fx.passes.plain_storage import PlainStorage
@@ -20,7 +24,8 @@ from l2fx.pipeline import PassManager
 
 __all__ = [
     "Normalize", "FoldBatchNorm", "PruneUnusedState", "MarkWeights", "PlainStorage", "SensitivityAnalysis",
-    "EntropyAllocation", "InsertTransforms", "RateFit", "RangeCode", "structural_pipeline", "default_pipeline",
+    "EntropyAllocation", "InsertTransforms", "BlockPartition", "BlockReconstruction", "RateFit", "RangeCode",
+    "LowerKernels", "structural_pipeline", "default_pipeline",
 ]
 
 
@@ -30,15 +35,19 @@ def structural_pipeline(fold_batchnorm: bool = True) -> PassManager:
     return PassManager(passes)
 
 
-def default_pipeline(fold_batchnorm: bool = True) -> PassManager:
-    """The compression pipeline.
+def default_pipeline(config: CompileConfig | None = None) -> PassManager:
+    """The compression pipeline for ``config`` (default: ``CompileConfig()``).
 
-    Block reconstruction (learning T and fine-tuning weights, paper Sec. 4-5) belongs between
-    ``insert_transforms`` and ``rate_fit``; until its pass exists the pipeline compresses from
-    the sensitivity-driven allocation alone.
+    With ``config.reconstruction.enabled``, block reconstruction (learning T, then fine-tuning
+    weights, block by block; paper Sec. 4-5) runs between ``insert_transforms`` and ``rate_fit``.
     """
-    pm = structural_pipeline(fold_batchnorm)
-    for p in (MarkWeights(), PlainStorage(), SensitivityAnalysis(), EntropyAllocation(), InsertTransforms(),
-              RateFit(), RangeCode()):
+    config = config or CompileConfig()
+    pm = structural_pipeline(config.fold_batchnorm)
+    passes = [MarkWeights(), PlainStorage(), SensitivityAnalysis(), EntropyAllocation(), InsertTransforms()]
+    if config.reconstruction.enabled:
+        passes += [BlockPartition(), BlockReconstruction()]
+    # LowerKernels is last: it swaps supported layers for the fused kernel when the backend
+    # config and the device allow it (on CPU with use_triton="auto" it changes nothing).
+    for p in passes + [RateFit(), RangeCode(), LowerKernels()]:
         pm.append(p)
     return pm

@@ -76,6 +76,9 @@ def tiny_calib():
 
 @pytest.fixture
 def fast_config():
-    from l2fx.config import CompileConfig, SensitivityConfig
+    from l2fx.config import CompileConfig, ReconstructionConfig, SensitivityConfig
 
-    return CompileConfig(sensitivity=SensitivityConfig(num_samples=8, num_steps=12))
+    # Reconstruction has its own tests (tests/passes/test_block_reconstruction.py); here it is
+    # on with few iterations so the whole default pipeline runs, quickly.
+    return CompileConfig(sensitivity=SensitivityConfig(num_samples=8, num_steps=12),
+                         reconstruction=ReconstructionConfig(transform_iters=5, weight_iters=5))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -62,20 +63,34 @@ def test_truncated_file(artifact, tmp_path, keep):
         l2fx.inspect(p)
 
 
-def _rewrite_manifest(path, out, change):
+def _rewrite_manifest(path, out, change, version="1"):
     arrays = safetensors.numpy.load(path.read_bytes())
     manifest = json.loads(arrays[MANIFEST].tobytes())
     change(manifest)
     arrays[MANIFEST] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
-    out.write_bytes(safetensors_bytes(arrays, {"format": "l2fx", "version": "1"}))
+    crc = zlib.crc32(arrays[MANIFEST].tobytes())
+    out.write_bytes(safetensors_bytes(arrays, {"format": "l2fx", "version": version, "manifest_crc32": str(crc)}))
 
 
-def test_wrong_version(artifact, tmp_path):
+@pytest.mark.parametrize("version", ["1", "99"])
+def test_wrong_version(artifact, tmp_path, version):
     path, _ = artifact
     out = tmp_path / "v.l2fx"
-    _rewrite_manifest(path, out, lambda m: m.update(version=99))
-    with pytest.raises(ArtifactVersionError, match="version 99"):
+    _rewrite_manifest(path, out, lambda m: m.update(version=99), version=version)
+    with pytest.raises(ArtifactVersionError, match="version '?99"):
         l2fx.load(out, model=make_tiny_convnet())
+
+
+def test_manifest_edit_without_checksum_is_corruption(artifact, tmp_path):
+    path, _ = artifact
+    arrays = safetensors.numpy.load(path.read_bytes())
+    manifest = json.loads(arrays[MANIFEST].tobytes())
+    manifest["original_nbytes"] += 1
+    arrays[MANIFEST] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
+    out = tmp_path / "m.l2fx"
+    out.write_bytes(safetensors_bytes(arrays, {"format": "l2fx", "version": "1", "manifest_crc32": "0"}))
+    with pytest.raises(CorruptArtifactError, match="manifest"):
+        l2fx.inspect(out)
 
 
 def test_wrong_architecture(artifact):
