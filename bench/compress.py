@@ -78,10 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", nargs="*", type=float, help="target CRs for --models")
     p.add_argument("--num-calib", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-reconstruction", action="store_true", help="allocation + rounding only")
     p.add_argument("--out", default="bench/results/compress")
     args = p.parse_args(argv)
     jobs = [(m, t) for m in args.models for t in (args.targets or [12])] if args.models else DEFAULT
-    config = l2fx.CompileConfig()
+    config = l2fx.CompileConfig(reconstruction=l2fx.ReconstructionConfig(enabled=not args.no_reconstruction))
     rows = []
     for name, target in jobs:
         print(f"== {name} @ {target:g}", flush=True)

@@ -477,6 +477,8 @@ class BlockReconstruction(L2fxPass):
                 out = functional_call(prog.quant, rate.overrides(), tuple(args), strict=False)
                 penalty, _ = rate.loss()
                 loss = _relative_mse(out, tgt, energy) + cfg.entropy_lambda * penalty
+                if not loss.requires_grad:  # the block's output does not depend on its T parameters
+                    break
                 loss.backward()
                 opt.step()
             rate.write_back()
@@ -502,6 +504,8 @@ class BlockReconstruction(L2fxPass):
                 for _ in range(cfg.weight_iters):
                     args, tgt = sampler.draw()
                     loss = _relative_mse(prog.quant(*args), tgt, energy)
+                    if not loss.requires_grad:  # the block's output does not depend on its weights
+                        break
                     loss.backward()
                     opt.step()
                     if cfg.weight_radius > 0:

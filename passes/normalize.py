@@ -12,7 +12,9 @@ After::
     rm   = get_attr[features.1.running_mean] ...
     bn   = call_function[F.batch_norm](conv, rm, rv, g, b, False, momentum, eps)
 
-Pre: a GraphModule. Post: no call_module node targets an ``nn.Linear``/``nn.Conv1d``/
+Dead code (nodes the output does not depend on) is removed.
+
+Pre: a GraphModule. Post: no dead node; no call_module node targets an ``nn.Linear``/``nn.Conv1d``/
 ``nn.Conv2d`` (zero padding)/``nn.Embedding``/eval-mode ``nn.BatchNorm2d``; the owning
 modules stay, so parameter names (state_dict keys) are unchanged. Graphs from torch.export
 are already in this form (aten ops on get_attr weights). Idempotent.
@@ -84,6 +86,11 @@ class Normalize(L2fxPass):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             modified = True
+        # Drop what the output does not depend on (e.g. BERT's pooler under a mean-pooling
+        # wrapper): its weights would otherwise be stored, and reconstructed against nothing.
+        before = len(gm.graph.nodes)
+        gm.graph.eliminate_dead_code()
+        modified |= len(gm.graph.nodes) != before
         if modified:
             gm.recompile()
         return PassResult(gm, modified)
