@@ -153,6 +153,9 @@ class Candidate:
     threshold_e: float
     nbytes: int
     distortion: float
+    # True: per channel c the parameters are step_s * r_c, threshold_e * r_c with
+    # r_c = max|w_c| / max|w| (every channel keeps the same relative precision).
+    channel_scaled: bool = False
 
 
 @meta_entry
@@ -174,6 +177,7 @@ class Allocation:
     step_s: float
     threshold_e: float
     predicted_nbytes: int
+    channel_scaled: bool = False
 
 
 @meta_entry

@@ -71,7 +71,7 @@ class EntropyAllocation(L2fxPass):
                 f"compressed-parameter CR is {lo_cr:.2f} .. {hi_cr:.2f} (symbols limited to +-{ctx.config.coding.qmax})")
         picks = allocate(curves, budget)
         for (node, _), pick in zip(sites, picks):
-            set_meta(node, Allocation(pick.kind, pick.step_s, pick.threshold_e, pick.nbytes))
+            set_meta(node, Allocation(pick.kind, pick.step_s, pick.threshold_e, pick.nbytes, pick.channel_scaled))
         ctx.records[self.name] = {
             "budget_nbytes": budget,
             "predicted_nbytes": sum(p.nbytes for p in picks),

@@ -16,12 +16,14 @@ model's state. Pre: every site has an ``l2fx.allocation``. Post: every site is p
 """
 from __future__ import annotations
 
-import torch
+
 import torch.fx as fx
 
 from l2fx.config import Granularity
 from l2fx.ir import Allocation, fetch_attr, get_meta, replace_weight, require_meta, weight_sites
 from l2fx.modules import TransformedWeight
+from l2fx.passes.sensitivity import channel_ratio
+from l2fx.passes.sensitivity import per_channel as stored_vector
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 from l2fx.transform import TransformKind
 
@@ -42,9 +44,10 @@ class InsertTransforms(L2fxPass):
             alloc = get_meta(node, Allocation)
             w = fetch_attr(gm, str(node.target)).detach()
             per_channel = cfg.granularity is Granularity.PER_CHANNEL
-            n = site.channels if per_channel else 1
+            ratio = channel_ratio(w, site) if per_channel and alloc.channel_scaled else None
             module = TransformedWeight(
-                w, TransformKind(alloc.kind), torch.full((n,), alloc.step_s), torch.full((n,), alloc.threshold_e),
+                w, TransformKind(alloc.kind), stored_vector(alloc.step_s, site, cfg, ratio),
+                stored_vector(alloc.threshold_e, site, cfg, ratio),
                 site.channel_axis if per_channel else None, cfg.coding.qmax).to(w.device)
             replace_weight(gm, node, module)
             modified = True

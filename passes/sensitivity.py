@@ -33,7 +33,7 @@ from l2fx.errors import CalibrationError
 from l2fx.evaluate import DownstreamRunner
 from l2fx.ir import Candidate, SensitivityCurve, WeightSite, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
-from l2fx.transform import TransformKind, decode, encode
+from l2fx.transform import TransformKind, channel_view, decode, encode
 
 def candidate_params(w: torch.Tensor, kind: TransformKind, cfg: CompileConfig) -> list[tuple[float, float]]:
     """(step_s, threshold_e) pairs from coarse (about 3 levels) to the finest the alphabet holds."""
@@ -71,9 +71,9 @@ def estimate_distortions(points, measured_points: int, output_error) -> list[tup
     (quantisation noise is near white, so output error grows in proportion to weight MSE;
     alpha captures how much this layer's noise reaches the output).
     """
-    families: dict[float, list[int]] = {}
+    families: dict[tuple, list[int]] = {}
     for idx, (s, e, *_rest) in enumerate(points):
-        families.setdefault(round(e / s, 6), []).append(idx)
+        families.setdefault((round(e / s, 6), points[idx][5] if len(points[idx]) > 5 else False), []).append(idx)
     result: list[tuple[float, bool]] = [(math.inf, False)] * len(points)
     for members in families.values():
         members.sort(key=lambda i: points[i][0])
@@ -101,7 +101,18 @@ def estimate_distortions(points, measured_points: int, output_error) -> list[tup
     return result
 
 
-def per_channel(value: float, site: WeightSite, cfg: CompileConfig) -> torch.Tensor:
+def channel_ratio(w: torch.Tensor, site: WeightSite) -> torch.Tensor:
+    """r_c = max|w_c| / max|w| per channel (1 for an all-zero channel), shape [C]."""
+    dims = [d for d in range(w.dim()) if d != site.channel_axis % w.dim()]
+    amax_c = w.detach().abs().amax(dim=dims) if dims else w.detach().abs()
+    amax = amax_c.max().clamp_min(1e-30)
+    return torch.where(amax_c > 0, (amax_c / amax).clamp_min(1e-4), torch.ones_like(amax_c)).float()
+
+
+def per_channel(value: float, site: WeightSite, cfg: CompileConfig, ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """The stored parameter vector: one value per channel ([C]) or per tensor ([1])."""
+    if ratio is not None:
+        return float(value) * ratio
     n = site.channels if cfg.granularity is Granularity.PER_CHANNEL else 1
     return torch.full((n,), float(value))
 
@@ -133,18 +144,27 @@ class SensitivityAnalysis(L2fxPass):
                 d = relative_error(output_vector(runner.run_with(node, w_hat)), reference)
                 return d if math.isfinite(d) else math.inf
 
-            points = []  # (s, e, nbytes, weight mse, w_hat)
-            for s, e in candidate_params(w, kind, cfg):
-                st, et = torch.tensor(s), torch.tensor(e)
-                q = encode(w, kind, st, et, cfg.coding.qmax)
-                nbytes = predict_layer_nbytes(site.param, kind, q.cpu(), site.channel_axis, cfg.coding.chunk_size,
-                                              per_channel(s, site, cfg), per_channel(e, site, cfg)).total
-                w_hat = decode(q, kind, st, et).to(w.dtype)
-                points.append((s, e, nbytes, float((w_hat - w).pow(2).mean()), w_hat))
+            points = []  # (s, e, nbytes, weight mse, w_hat, channel_scaled)
+            # Two step families: one step for the whole tensor (MSE-optimal under entropy
+            # coding), and steps proportional to each channel's range (no channel is rounded
+            # away: BN folding leaves depthwise convs with channels 100x apart).
+            ratios = [None]
+            if cfg.granularity is Granularity.PER_CHANNEL and site.channels > 1:
+                ratios.append(channel_ratio(w, site))
+            for ratio in ratios:
+                for s, e in candidate_params(w, kind, cfg):
+                    sv, ev = per_channel(s, site, cfg, ratio), per_channel(e, site, cfg, ratio)
+                    st = channel_view(sv, w, site.channel_axis) if ratio is not None else torch.tensor(s)
+                    et = channel_view(ev, w, site.channel_axis) if ratio is not None else torch.tensor(e)
+                    q = encode(w, kind, st, et, cfg.coding.qmax)
+                    nbytes = predict_layer_nbytes(site.param, kind, q.cpu(), site.channel_axis,
+                                                  cfg.coding.chunk_size, sv, ev).total
+                    w_hat = decode(q, kind, st, et).to(w.dtype)
+                    points.append((s, e, nbytes, float((w_hat - w).pow(2).mean()), w_hat, ratio is not None))
             distortions = estimate_distortions(points, cfg.sensitivity.measured_points, output_error)
             measured += sum(1 for _, exact in distortions if exact)
-            candidates = sorted((Candidate(kind.value, s, e, nbytes, d) for (s, e, nbytes, _, _), (d, _) in
-                                 zip(points, distortions)), key=lambda c: (c.nbytes, c.distortion))
+            candidates = sorted((Candidate(kind.value, s, e, nbytes, d, scaled) for (s, e, nbytes, _, _, scaled), (d, _)
+                                 in zip(points, distortions)), key=lambda c: (c.nbytes, c.distortion))
             set_meta(node, SensitivityCurve(tuple(candidates)))
         ctx.records[self.name] = {"model_evaluations": measured, "candidates": sum(
             len(get_meta(n, SensitivityCurve).candidates) for n, _ in sites)}

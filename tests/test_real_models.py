@@ -31,6 +31,7 @@ def test_lite0_compile_save_load(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(calib[0]), compiled(calib[0]))
     metrics = entry.evaluate(loaded, reference=model)
-    # Measured 2026-11: top-1 agreement with fp32 on the 100 held-out crops ~0.9 at CR 8
-    # without reconstruction; 0.75 leaves room for the small sensitivity settings used here.
+    # Measured with these settings (2026-11-26, CPU): top-1 agreement 0.92, KL 0.135 on the 100
+    # held-out crops; before channel-scaled step candidates existed it was 0.0 (a uniform step
+    # rounded whole depthwise channels away), which this bound catches.
     assert metrics["top1_agreement"] >= 0.75, metrics
