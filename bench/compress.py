@@ -83,19 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     jobs = [(m, t) for m in args.models for t in (args.targets or [12])] if args.models else DEFAULT
     config = l2fx.CompileConfig(reconstruction=l2fx.ReconstructionConfig(enabled=not args.no_reconstruction))
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, target in jobs:
         print(f"== {name} @ {target:g}", flush=True)
-        row = run_one(name, target, args.num_calib, args.batch_size, config)
-        rows.append(row)
-        print(markdown([row], "").splitlines()[-1], flush=True)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    table = markdown(rows, command)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1, default=str))
+        rows.append(run_one(name, target, args.num_calib, args.batch_size, config))
+        print(markdown(rows[-1:], "").splitlines()[-1], flush=True)
+        # Written after every row: a long run that is stopped keeps what it measured.
+        out.with_suffix(".md").write_text(markdown(rows, command))
+        out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1, default=str))
+    print(markdown(rows, command))
     return 0
 
 
