@@ -41,6 +41,12 @@ class CompiledModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)
 
+    def train(self, mode: bool = True) -> "CompiledModel":
+        """Records the mode only: the graph was captured in eval mode (BatchNorm folded,
+        dropout off) and graphs from torch.export refuse ``train()``/``eval()`` outright."""
+        self.training = mode
+        return self
+
     def artifact_bytes(self) -> bytes:
         return serialize(self.graph_module, self._header)
 
