@@ -37,8 +37,14 @@ class CompiledModel(nn.Module):
         self.graph_module = graph_module
         self.report = report
         self._header = header
+        # A model captured from keyword inputs (torch.export keeps that calling convention)
+        # also accepts them positionally, in capture order, as the original model did.
+        self._keyword_inputs = [key for kind, key, *_ in header.get("capture", {}).get("inputs", []) if kind == "kwarg"]
 
     def forward(self, *args, **kwargs):
+        if args and self._keyword_inputs:
+            kwargs = {**dict(zip(self._keyword_inputs, args)), **kwargs}
+            args = args[len(self._keyword_inputs):]
         return self.graph_module(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "CompiledModel":

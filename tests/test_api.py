@@ -59,6 +59,7 @@ def test_export_frontend_with_dict_inputs(tmp_path, fast_config):
     restored = l2fx.load(path, model=DictInputNet())
     other = {"input_ids": torch.randint(0, 200, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
     assert torch.equal(restored(**other), compiled(**other))
+    assert torch.equal(restored(other["input_ids"], other["attention_mask"]), compiled(**other))
     # Evaluation code calls .eval(); torch.export's modules raise on it, ours must not.
     assert restored.eval() is restored and not restored.training
 
