@@ -89,7 +89,7 @@ def layer_nbytes(param: str, kind: TransformKind, shape: tuple[int, ...], axis: 
     entry = manifest_entry(param, kind, shape, axis, table.qmin, table.freqs.size, nchunks, chunk_size, pdtype)
     return LayerBytes(
         payload=int(payload_nbytes),
-        table=int(table.nbytes()),
+        table=2 * int(table.freqs.size),  # uint16 each; qmin lives in the manifest entry
         chunk_index=8 * nchunks,
         params=itemsize * sum(p.numel() for p in params),
         manifest=entry_nbytes(entry),

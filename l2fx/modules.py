@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from l2fx.errors import ConfigError
-from l2fx.transform import TransformKind, channel_view, encode, fake_quant, inverse_t
+from l2fx.transform import TransformKind, channel_view, fake_quant, inverse_t
 
 
 class TransformedWeight(nn.Module):
@@ -39,11 +39,6 @@ class TransformedWeight(nn.Module):
     def forward(self) -> torch.Tensor:
         s, e = self.params()
         return fake_quant(self.weight, self.kind, s, e, self.qmax)
-
-    @torch.no_grad()
-    def symbols(self) -> torch.Tensor:
-        s, e = self.params()
-        return encode(self.weight, self.kind, s, e, self.qmax)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.value}, shape={tuple(self.weight.shape)}, axis={self.channel_axis}, qmax={self.qmax}"

@@ -73,7 +73,7 @@ def estimate_distortions(points, measured_points: int, output_error) -> list[tup
     """
     families: dict[tuple, list[int]] = {}
     for idx, (s, e, *_rest) in enumerate(points):
-        families.setdefault((round(e / s, 6), points[idx][5] if len(points[idx]) > 5 else False), []).append(idx)
+        families.setdefault((round(e / s, 6), points[idx][5]), []).append(idx)
     result: list[tuple[float, bool]] = [(math.inf, False)] * len(points)
     for members in families.values():
         members.sort(key=lambda i: points[i][0])
