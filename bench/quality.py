@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-calib", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-reconstruction", action="store_true")
+    p.add_argument("--tag", default="", help="suffix for the result files (quality_<model>_<tag>.*)")
     args = p.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -134,30 +135,33 @@ def main(argv: list[str] | None = None) -> int:
         calib = entry.calib(args.num_calib, args.batch_size, 0)
         fp32 = entry.evaluate(model)
         print(f"== {name}: fp32 " + ", ".join(f"{k} {v:.4f}" for k, v in fp32.items()), flush=True)
-        rows = []
-        for target in args.targets:
-            rows.append(compile_row(entry, model, calib, f"L2 @ {target:g}", target, base))
-        for bits in args.baselines:
-            rows.append(compile_row(entry, model, calib, f"RTN {bits}b", 4.0, pipeline=rtn_pipeline(bits)))
+        out = RESULTS / (f"quality_{name}_{args.tag}" if args.tag else f"quality_{name}")
+        rows: list[dict] = []
+
+        def add(row: dict) -> None:  # results are written after every row: a stopped run keeps its rows
+            rows.append(row)
+            plot(name, fp32, [r for r in rows if r["method"].startswith(("L2", "RTN", "prune"))],
+                 entry.primary_metric, out)
+            out.with_suffix(".md").write_text(markdown(name, fp32, rows, command))
+            out.with_suffix(".json").write_text(json.dumps({"command": command, "fp32": fp32, "rows": rows}, indent=1))
+
+        for bits in args.baselines:  # fast: baselines first, so that every L2 row has its comparison
+            add(compile_row(entry, model, calib, f"RTN {bits}b", 4.0, pipeline=rtn_pipeline(bits)))
             if args.prune_baseline > 0:
-                rows.append(compile_row(entry, model, calib, f"prune{args.prune_baseline:.0%}+RTN {bits}b", 4.0,
-                                        pipeline=rtn_pipeline(bits, args.prune_baseline)))
+                add(compile_row(entry, model, calib, f"prune{args.prune_baseline:.0%}+RTN {bits}b", 4.0,
+                                pipeline=rtn_pipeline(bits, args.prune_baseline)))
+        for target in args.targets:
+            add(compile_row(entry, model, calib, f"L2 @ {target:g}", target, base))
         target = args.targets[len(args.targets) // 2]
         for ablation in args.ablations:
             if ablation == "calib":  # paper Table 5
                 for n in (64, 128, 256, args.num_calib):
-                    rows.append(compile_row(entry, model, entry.calib(n, args.batch_size, 0),
-                                            f"calib {n} @ {target:g}", target, base))
+                    add(compile_row(entry, model, entry.calib(n, args.batch_size, 0),
+                                    f"calib {n} @ {target:g}", target, base))
             else:
                 for label, config in ablation_configs(ablation, base):
-                    rows.append(compile_row(entry, model, calib, f"{label} @ {target:g}", target, config))
-        out = RESULTS / f"quality_{name}"
-        metric = entry.primary_metric
-        plot(name, fp32, [r for r in rows if r["method"].startswith(("L2", "RTN", "prune"))], metric, out)
-        text = markdown(name, fp32, rows, command)
-        print(text)
-        out.with_suffix(".md").write_text(text)
-        out.with_suffix(".json").write_text(json.dumps({"command": command, "fp32": fp32, "rows": rows}, indent=1))
+                    add(compile_row(entry, model, calib, f"{label} @ {target:g}", target, config))
+        print(markdown(name, fp32, rows, command))
     return 0
 
 

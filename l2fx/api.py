@@ -1,6 +1,7 @@
 """The user-facing entry points: compile, save, load, inspect."""
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import os
 from typing import Any, Sequence
@@ -10,7 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from l2fx import coding
+from l2fx import coding, rangedec
 from l2fx.accounting import layer_nbytes
 from l2fx.artifact import ArtifactReader, check_fingerprint, coded_layers, serialize, write_atomic
 from l2fx.config import BackendConfig, CompileConfig
@@ -117,20 +118,30 @@ def save(compiled: CompiledModel, path: str | os.PathLike) -> int:
     return len(data)
 
 
-def _decoded_layers(reader: ArtifactReader) -> list[tuple[CodedInfo, np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Per coded layer: its CodedInfo (real byte counts), symbols, and stored (s, e)."""
-    from l2fx.passes.range_code import bits_needed
+def _decoded_layers(reader: ArtifactReader, threads: int | None = None
+                    ) -> list[tuple[CodedInfo, np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Per coded layer: its CodedInfo (real byte counts), symbols, and stored (s, e).
 
+    All layers' chunks are decoded in one parallel sweep (:func:`l2fx.coding.decode_streams`);
+    a layer's statistics come from one histogram of its symbols.
+    """
+    from l2fx.passes.range_code import bits_for_magnitude
+
+    layers = reader.streams()
+    streams = [stream for _, stream, _, _ in layers]
+    decoded = coding.decode_streams(streams, threads=threads, names=[f"layer {entry['param']!r}"
+                                                                      for entry, *_ in layers])
     out = []
-    for entry, stream, s, e in reader.streams():
-        symbols = coding.decode_symbols(stream)
+    for (entry, stream, s, e), symbols in zip(layers, decoded):
         s_t, e_t = torch.from_numpy(s), torch.from_numpy(e)
         lb = layer_nbytes(entry["param"], TransformKind(entry["kind"]), tuple(entry["shape"]), entry["axis"],
                           stream.table, stream.payload_nbytes, entry["chunk"], s_t, e_t)
-        q = torch.from_numpy(symbols.astype(np.int16))
+        hist = coding.histogram(symbols)
+        amax = max(abs(hist.qmin), abs(hist.qmin + hist.counts.size - 1)) if hist.numel else 0
+        zeros = int(hist.counts[-hist.qmin]) if hist.qmin <= 0 < hist.qmin + hist.counts.size else 0
         info = CodedInfo(param=entry["param"], stream=stream, entry=entry, layer_bytes=lb,
-                         shannon_bits=coding.shannon_bits(symbols), bits=bits_needed(q),
-                         sparsity=float((q == 0).float().mean()) if q.numel() else 0.0)
+                         shannon_bits=coding.shannon_bits(hist), bits=bits_for_magnitude(amax),
+                         sparsity=zeros / hist.numel if hist.numel else 0.0)
         out.append((info, symbols, s_t, e_t))
     return out
 
@@ -152,12 +163,12 @@ def inspect(path: str | os.PathLike) -> CompressionReport:
 
 
 def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | str = "cpu",
-         backend: BackendConfig | None = None) -> CompiledModel:
+         backend: BackendConfig | None = None, threads: int | None = None) -> CompiledModel:
     """Rebuilds the compiled model from ``path`` on an instance ``model`` of the original architecture.
 
     ``model``'s own weights are not used (nor modified): every tensor comes from the file. The
     result is lowered to the fused kernel where ``backend`` (default: "auto") and ``device``
-    allow it, as :func:`l2fx.compile` does.
+    allow it, as :func:`l2fx.compile` does. ``threads``: decoder threads (default: all cores).
     """
     from l2fx.passes import structural_pipeline
 
@@ -170,16 +181,21 @@ def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | st
         config = CompileConfig.from_dict(m["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{path}: manifest lacks capture/config information: {exc}") from exc
-    try:
-        gm = recapture(model, info)
-    except L2fxError as exc:
-        raise ArchitectureMismatchError(f"cannot capture the {type(model).__name__} passed to l2fx.load "
-                                        f"the way the artifact was made: {exc}") from exc
-    check_fingerprint(reader, graph_fingerprint(gm), type(model).__name__)
-    with PassContext(config=config):
-        gm = structural_pipeline(m.get("fold_batchnorm", True))(gm).graph_module
+    # The weights decode in worker threads (the numba decoder releases the GIL) while this
+    # thread re-captures the architecture, which takes seconds for a transformer.
+    rangedec.warm_up()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="l2fx-decode") as pool:
+        decoding = pool.submit(_decoded_layers, reader, threads)
+        try:
+            gm = recapture(model, info)
+        except L2fxError as exc:
+            raise ArchitectureMismatchError(f"cannot capture the {type(model).__name__} passed to l2fx.load "
+                                            f"the way the artifact was made: {exc}") from exc
+        check_fingerprint(reader, graph_fingerprint(gm), type(model).__name__)
+        with PassContext(config=config):
+            gm = structural_pipeline(m.get("fold_batchnorm", True))(gm).graph_module
+        layers = decoding.result()
     nodes = {str(n.target): n for n in gm.graph.nodes if n.op == "get_attr"}
-    layers = _decoded_layers(reader)
     for info, symbols, s, e in layers:
         entry = info.entry
         node = nodes.get(entry["param"])
@@ -188,8 +204,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | st
         codes = torch.from_numpy(symbols.astype(np.int8)).reshape(entry["shape"])
         axis = entry["axis"]
         set_meta(node, WeightSite(entry["param"], "loaded", axis if axis is not None else 0, tuple(entry["shape"])))
-        new = replace_weight(gm, node, CodedWeight(codes, TransformKind(entry["kind"]), s, e, axis))
+        new = replace_weight(gm, node, CodedWeight(codes, TransformKind(entry["kind"]), s, e, axis), recompile=False)
         set_meta(new, info)
+    gm.recompile()
     plain = reader.plain()
     state = gm.state_dict(keep_vars=True)
     coded_keys = {k for k in state if k.startswith("l2fx_weights.")}

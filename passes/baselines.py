@@ -51,7 +51,8 @@ class RoundToNearest(L2fxPass):
             step = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
             module = TransformedWeight(w, TransformKind.LINEAR, step, 0.5 * step, site.channel_axis,
                                        min(qmax, PassContext.current().config.coding.qmax))
-            replace_weight(gm, node, module)
+            replace_weight(gm, node, module, recompile=False)
+        gm.recompile()
         return PassResult(gm, True)
 
 

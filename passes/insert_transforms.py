@@ -49,8 +49,10 @@ class InsertTransforms(L2fxPass):
                 w, TransformKind(alloc.kind), stored_vector(alloc.step_s, site, cfg, ratio),
                 stored_vector(alloc.threshold_e, site, cfg, ratio),
                 site.channel_axis if per_channel else None, cfg.coding.qmax).to(w.device)
-            replace_weight(gm, node, module)
+            replace_weight(gm, node, module, recompile=False)
             modified = True
+        if modified:
+            gm.recompile()
         return PassResult(gm, modified)
 
     def ensures(self, gm: fx.GraphModule) -> None:

@@ -36,7 +36,11 @@ from l2fx.transform import channel_view, encode
 
 def bits_needed(q: torch.Tensor) -> int:
     """Smallest b in 2..8 with every symbol in [-(2^(b-1) - 1), 2^(b-1) - 1]."""
-    amax = int(q.abs().max()) if q.numel() else 0
+    return bits_for_magnitude(int(q.abs().max()) if q.numel() else 0)
+
+
+def bits_for_magnitude(amax: int) -> int:
+    """Smallest b >= 2 with ``amax <= 2^(b-1) - 1``."""
     return max(2, int(math.ceil(math.log2(amax + 1))) + 1)
 
 

@@ -18,4 +18,4 @@ fi
 PY=${PYTHON:-python3}
 # torch 2.14.1 / torchvision 0.29.1 are on this machine's disk; the project itself accepts torch>=2.4.
 "$PY" -c "import torch, torchvision" 2>/dev/null || "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
-"$PY" -m pip install -q -e ".[models,bench,test,triton]"
+"$PY" -m pip install -q -e ".[models,bench,test,triton,fast]"
