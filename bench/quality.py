@@ -2,7 +2,8 @@
 
     python bench/quality.py --models fmnist-resnet --targets 8 10 12 15 20
     python bench/quality.py --models efficientnet-lite0 --targets 10 --num-calib 256
-    python bench/quality.py --models fmnist-cnn --targets 15 --ablations transform counter finetune calib
+    python bench/quality.py --models fmnist-resnet --targets 15 --baselines --prune-baseline 0 \
+        --ablations transform counter finetune calib seed --tag ablations
 
 For each model: fp32 metrics; L2 at every target CR; the baselines (per-channel RTN at 8..3
 bits, and magnitude pruning 50% then RTN, all range coded in the same accounting) with their
@@ -54,10 +55,14 @@ def ablation_configs(kind: str, base: CompileConfig) -> list[tuple[str, CompileC
         return [(f"counter {k.value}/{res}", dataclasses.replace(base, reconstruction=dataclasses.replace(
             rec, counter=dataclasses.replace(rec.counter, kernel=k, resolution=res))))
             for k in CounterKernel for res in (16, 64)]
-    if kind == "finetune":  # paper Table 6
+    if kind == "finetune":  # paper Table 6, and the network-level distillation of Sec. 5.1
         return [("no weight fine-tuning", dataclasses.replace(base, reconstruction=dataclasses.replace(
             rec, weight_iters=0))), ("no reconstruction", dataclasses.replace(
-                base, reconstruction=dataclasses.replace(rec, enabled=False)))]
+                base, reconstruction=dataclasses.replace(rec, enabled=False))),
+            ("+ network distillation 200 it", dataclasses.replace(base, reconstruction=dataclasses.replace(
+                rec, distill_iters=200)))]
+    if kind == "seed":  # run-to-run spread: the same compile with other seeds
+        return [(f"seed {k}", dataclasses.replace(base, seed=k)) for k in (1, 2)]
     raise ValueError(kind)
 
 
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", nargs="+", type=float, default=[8, 10, 12, 15, 20])
     p.add_argument("--baselines", nargs="*", type=int, default=[8, 6, 5, 4, 3], help="RTN bit widths")
     p.add_argument("--prune-baseline", type=float, default=0.5, help="magnitude pruning fraction before RTN (0: skip)")
-    p.add_argument("--ablations", nargs="*", default=[], choices=["transform", "counter", "finetune", "calib"])
+    p.add_argument("--ablations", nargs="*", default=[], choices=["transform", "counter", "finetune", "calib", "seed"])
     p.add_argument("--num-calib", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-reconstruction", action="store_true")

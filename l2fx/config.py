@@ -164,13 +164,19 @@ class ReconstructionConfig(_JsonConfig):
     entropy_lambda: float = 1.0
     qdrop_prob: float = 0.0
     max_samples: int = 0
+    # Network-level distillation after the blocks (paper Sec. 5.1, A.1): ``distill_iters``
+    # steps fine-tuning every weight at once (T frozen) against the MSE of the network output
+    # (weight ``distill_output_weight``) plus the MSE of every block's output, each relative
+    # to its fp32 mean square, fp32 targets computed on the fly. 0 = off.
+    distill_iters: int = 0
+    distill_output_weight: float = 1.0
     # 2**14 weights per layer per step, as in the paper's A.2.
     counter: CounterConfig = CounterConfig(max_samples=1 << 14)
 
     def __post_init__(self) -> None:
         n = type(self).__name__
         _require(isinstance(self.enabled, bool), n, f"enabled must be a bool, got {self.enabled!r}")
-        for name in ("transform_iters", "weight_iters", "max_samples"):
+        for name in ("transform_iters", "weight_iters", "max_samples", "distill_iters"):
             v = getattr(self, name)
             _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, n,
                      f"{name} must be an int >= 0, got {v!r}")
@@ -187,6 +193,9 @@ class ReconstructionConfig(_JsonConfig):
         _require(isinstance(self.qdrop_prob, (int, float)) and 0.0 <= self.qdrop_prob <= 1.0, n,
                  f"qdrop_prob must be in [0, 1], got {self.qdrop_prob!r}")
         _require(isinstance(self.counter, CounterConfig), n, f"counter must be a CounterConfig, got {self.counter!r}")
+        _require(isinstance(self.distill_output_weight, (int, float)) and math.isfinite(self.distill_output_weight)
+                 and self.distill_output_weight >= 0, n,
+                 f"distill_output_weight must be >= 0, got {self.distill_output_weight!r}")
 
 
 @dataclasses.dataclass(frozen=True)

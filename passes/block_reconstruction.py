@@ -28,6 +28,14 @@ The fp32 block runs the raw ``TransformedWeight.weight`` tensors (a copy of the 
 with each weight module replaced by a ``get_attr`` of its ``.weight``); it runs before the
 block's weights are fine-tuned, so the targets are those of the original model.
 
+Optional network-level distillation (``ReconstructionConfig.distill_iters``, paper Sec. 5.1
+and A.1: "both the complete network output and specific intermediate layer outputs contribute
+to the MSE loss"): after the last block, every weight is fine-tuned at once (T frozen, within
+``weight_radius`` steps of its original value) against the network output's relative MSE
+(weighted ``distill_output_weight``) plus the mean of the block outputs' relative MSEs; the
+fp32 targets come from the whole graph run on a snapshot of the original weights, per step,
+so nothing is cached beyond one mini-batch.
+
 Pre: ``block_partition`` ran (every compressed weight carries ``l2fx.block``); every weight
 has an ``l2fx.allocation``. Post: the same graph; T parameters and weights of every block
 updated in place; every parameter finite; per-block records in
@@ -391,6 +399,8 @@ class BlockReconstruction(L2fxPass):
         if saved is not None:
             ctx.records[RateFit.name] = saved
         programs = build_programs(gm)
+        originals = ({str(n.target): m.weight.detach().clone() for p in programs for n, m, _ in p.weights}
+                     if cfg.distill_iters else {})
 
         batches = list(ctx.calib)
         if cfg.max_samples:
@@ -423,10 +433,11 @@ class BlockReconstruction(L2fxPass):
                 records.append(rec)
                 ctx.log(self.name, f"block {prog.block.index} {prog.block.name}: "
                                    f"{rec['loss_before']:.4g} -> {rec['loss_after']:.4g}")
+            distill = self._distill(gm, programs, originals, ph_vals, cfg, gen) if cfg.distill_iters else None
         finally:
             for p in gm.parameters():
                 p.requires_grad_(saved_flags.get(id(p), True))
-        ctx.records[self.name] = {"blocks": records,
+        ctx.records[self.name] = {"blocks": records, "distill": distill,
                                   "max_cache_nbytes": max((r["cache_nbytes"] for r in records), default=0)}
         return PassResult(gm, True)
 
@@ -539,3 +550,84 @@ class BlockReconstruction(L2fxPass):
             "peak_rss_mib": peak_rss_mib(), "peak_device_mib": peak_dev,
             "_out_q": out_qt, "_out_f": out_f,
         }
+
+    def _distill(self, gm: fx.GraphModule, programs: list[BlockProgram], originals: dict[str, torch.Tensor],
+                 ph_vals: list[dict], cfg: ReconstructionConfig, gen: torch.Generator) -> dict:
+        """Network-level distillation (Sec. 5.1, A.1): every weight at once, T frozen, against
+        the network output and every block output of the fp32 model (on the fly, per step)."""
+        t0 = time.perf_counter()
+        quant, fp32, n_final = build_network_programs(gm, programs)
+        weights = [(str(n.target), m) for p in programs for n, m, _ in p.weights]
+        overrides = {f"{path}.weight": originals[path] for path, _ in weights}
+        phs = [list(pv.values()) for pv in ph_vals]
+        sampler = _Sampler(phs, [[] for _ in phs], [[] for _ in phs], [() for _ in phs], cfg.batch_size, 0.0, gen)
+
+        with torch.no_grad():
+            probe = phs[0]
+            probe_target = functional_call(fp32, overrides, tuple(probe), strict=False)
+            usable = [isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0 for t in probe_target]
+            energies = [max(float(t.float().pow(2).mean()), 1e-12) if ok else 1.0
+                        for t, ok in zip(probe_target, usable)]
+        n_inner = sum(usable[n_final:])
+        scale = [0.0 if not usable[j] else cfg.distill_output_weight if j < n_final else 1.0 / n_inner
+                 for j in range(len(energies))]
+
+        def loss_of(out: tuple, target: tuple) -> torch.Tensor:
+            terms = [k * _relative_mse(o, t, e) for o, t, e, k in zip(out, target, energies, scale) if k > 0]
+            return torch.stack(terms).sum()
+
+        def output_error() -> float:  # the network output alone, on the first calibration batch
+            with torch.no_grad():
+                out = quant(*probe)
+                return float(sum(_relative_mse(o, t, e) for o, t, e, ok in zip(out, probe_target, energies, usable[:n_final])
+                                 if ok))
+
+        before = output_error()
+        ws = [m.weight for _, m in weights]
+        with torch.no_grad():
+            radius = [cfg.weight_radius * m.params()[0].expand_as(m.weight) for _, m in weights]
+            lo = [overrides[f"{path}.weight"] - r for (path, _), r in zip(weights, radius)]
+            hi = [overrides[f"{path}.weight"] + r for (path, _), r in zip(weights, radius)]
+        for w in ws:
+            w.requires_grad_(True)
+        opt = _Adam(ws, cfg.lr_weight, cfg.distill_iters, cfg.lr_schedule)
+        try:
+            for _ in range(cfg.distill_iters):
+                args, _ = sampler.draw()
+                with torch.no_grad():
+                    target = functional_call(fp32, overrides, tuple(args), strict=False)
+                loss = loss_of(quant(*args), target)
+                if not loss.requires_grad:
+                    break
+                loss.backward()
+                opt.step()
+                if cfg.weight_radius > 0:
+                    with torch.no_grad():
+                        for w, a, b in zip(ws, lo, hi):
+                            w.copy_(torch.minimum(torch.maximum(w, a), b))
+        finally:
+            for w in ws:
+                w.requires_grad_(False)
+                w.grad = None
+        for path, m in weights:
+            if not torch.isfinite(m.weight).all():
+                self.fail(f"distillation: the weight of {path} became non-finite")
+        after = output_error()
+        PassContext.current().log(self.name, f"distillation: network output error {before:.4g} -> {after:.4g}")
+        return {"iters": cfg.distill_iters, "outputs": len(energies), "network_outputs": n_final,
+                "output_error_before": before, "output_error_after": after, "seconds": time.perf_counter() - t0}
+
+
+def build_network_programs(gm: fx.GraphModule, programs: list[BlockProgram]
+                           ) -> tuple[fx.GraphModule, fx.GraphModule, int]:
+    """The whole graph as two GraphModules (compressed weights / raw ``.weight``), both taking
+    the model's placeholders and returning the network's tensor outputs followed by every
+    block output; also returns how many leading outputs are the network's."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    body = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    final = list(dict.fromkeys(a for a in pytree.tree_leaves(out_node.args[0]) if isinstance(a, fx.Node)))
+    inner = [n for n in dict.fromkeys(o for p in programs for o in p.outputs) if n not in final]
+    outputs = final + inner
+    return (_extract(gm, body, phs, [], outputs, fp32=False), _extract(gm, body, phs, [], outputs, fp32=True),
+            len(final))
