@@ -367,6 +367,36 @@ class _Sampler:
         return phs + xq, tgt
 
 
+def _finetune_weights(modules: list[TransformedWeight], centres: list[torch.Tensor], loss_fn, cfg: ReconstructionConfig,
+                      iters: int) -> None:
+    """``iters`` Adam steps on the modules' weights (through the STE, T frozen) minimising
+    ``loss_fn()``; each weight stays within ``weight_radius`` steps ``s`` of its centre
+    (AdaRound-like: "slightly tune the weights", Sec. 4.1, without fitting the calibration set)."""
+    ws = [m.weight for m in modules]
+    with torch.no_grad():
+        radius = [cfg.weight_radius * m.params()[0].expand_as(m.weight) for m in modules]
+        lo = [c - r for c, r in zip(centres, radius)]
+        hi = [c + r for c, r in zip(centres, radius)]
+    for w in ws:
+        w.requires_grad_(True)
+    opt = _Adam(ws, cfg.lr_weight, iters, cfg.lr_schedule)
+    try:
+        for _ in range(iters):
+            loss = loss_fn()
+            if not loss.requires_grad:  # the output does not depend on these weights
+                break
+            loss.backward()
+            opt.step()
+            if cfg.weight_radius > 0:
+                with torch.no_grad():
+                    for w, a, b in zip(ws, lo, hi):
+                        w.copy_(torch.minimum(torch.maximum(w, a), b))
+    finally:
+        for w in ws:
+            w.requires_grad_(False)
+            w.grad = None
+
+
 def _nbytes(values: Any) -> int:
     return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(values) if isinstance(t, torch.Tensor))
 
@@ -502,31 +532,12 @@ class BlockReconstruction(L2fxPass):
         # Stage (b): weights through the STE, T frozen.
         ws = [m.weight for _, m, _ in prog.weights]
         if cfg.weight_iters and ws:
-            # Each weight stays within weight_radius steps of its fp32 value (AdaRound-like):
-            # "slightly tune the weights" (Sec. 4.1) without fitting the calibration set.
-            with torch.no_grad():
-                radius = [cfg.weight_radius * m.params()[0].expand_as(m.weight) for _, m, _ in prog.weights]
-                lo = [w.detach() - r for w, r in zip(ws, radius)]
-                hi = [w.detach() + r for w, r in zip(ws, radius)]
-            for w in ws:
-                w.requires_grad_(True)
-            opt = _Adam(ws, cfg.lr_weight, cfg.weight_iters, cfg.lr_schedule)
-            try:
-                for _ in range(cfg.weight_iters):
-                    args, tgt = sampler.draw()
-                    loss = _relative_mse(prog.quant(*args), tgt, energy)
-                    if not loss.requires_grad:  # the block's output does not depend on its weights
-                        break
-                    loss.backward()
-                    opt.step()
-                    if cfg.weight_radius > 0:
-                        with torch.no_grad():
-                            for w, a, b in zip(ws, lo, hi):
-                                w.copy_(torch.minimum(torch.maximum(w, a), b))
-            finally:
-                for w in ws:
-                    w.requires_grad_(False)
-                    w.grad = None
+            def block_loss() -> torch.Tensor:
+                args, tgt = sampler.draw()
+                return _relative_mse(prog.quant(*args), tgt, energy)
+
+            _finetune_weights([m for _, m, _ in prog.weights], [w.detach() for w in ws], block_loss,
+                              cfg, cfg.weight_iters)
 
         with torch.no_grad():
             out_q = [tuple(prog.quant(*phs[i], *xq[i])) for i in range(nb)]
@@ -583,32 +594,14 @@ class BlockReconstruction(L2fxPass):
                                  if ok))
 
         before = output_error()
-        ws = [m.weight for _, m in weights]
-        with torch.no_grad():
-            radius = [cfg.weight_radius * m.params()[0].expand_as(m.weight) for _, m in weights]
-            lo = [overrides[f"{path}.weight"] - r for (path, _), r in zip(weights, radius)]
-            hi = [overrides[f"{path}.weight"] + r for (path, _), r in zip(weights, radius)]
-        for w in ws:
-            w.requires_grad_(True)
-        opt = _Adam(ws, cfg.lr_weight, cfg.distill_iters, cfg.lr_schedule)
-        try:
-            for _ in range(cfg.distill_iters):
-                args, _ = sampler.draw()
-                with torch.no_grad():
-                    target = functional_call(fp32, overrides, tuple(args), strict=False)
-                loss = loss_of(quant(*args), target)
-                if not loss.requires_grad:
-                    break
-                loss.backward()
-                opt.step()
-                if cfg.weight_radius > 0:
-                    with torch.no_grad():
-                        for w, a, b in zip(ws, lo, hi):
-                            w.copy_(torch.minimum(torch.maximum(w, a), b))
-        finally:
-            for w in ws:
-                w.requires_grad_(False)
-                w.grad = None
+        def network_loss() -> torch.Tensor:
+            args, _ = sampler.draw()
+            with torch.no_grad():
+                target = functional_call(fp32, overrides, tuple(args), strict=False)
+            return loss_of(quant(*args), target)
+
+        _finetune_weights([m for _, m in weights], [overrides[f"{path}.weight"] for path, _ in weights],
+                          network_loss, cfg, cfg.distill_iters)
         for path, m in weights:
             if not torch.isfinite(m.weight).all():
                 self.fail(f"distillation: the weight of {path} became non-finite")
