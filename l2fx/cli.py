@@ -2,6 +2,7 @@
 
     l2fx compress efficientnet-lite0 --target-cr 12 -o lite0.l2fx
     l2fx compress mypkg.models:build --calib mypkg.data:calib --target-cr 10 -o m.l2fx
+    l2fx compress fmnist-resnet --target-cr 15 --set reconstruction.distill_iters=200 --set seed=3
     l2fx inspect lite0.l2fx
 """
 from __future__ import annotations
@@ -50,6 +51,38 @@ def _resolve(model_spec: str, calib_spec: str | None, num_calib: int, batch_size
     return model, _import_callable(calib_spec)(), None
 
 
+def apply_settings(config: Any, settings: list[str]) -> Any:
+    """``config`` with ``KEY=VALUE`` settings applied: KEY a dotted path of config fields
+    (``reconstruction.weight_iters``), VALUE JSON (``200``, ``true``, ``[0.5, 1.0]``) or a bare
+    string (``joint``). Unknown keys and invalid values raise :class:`CLIError`."""
+    from l2fx.errors import ConfigError
+
+    data = config.to_dict()
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node, parts = data, key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                where = ".".join(parts[:i]) or type(config).__name__
+                known = sorted(node) if isinstance(node, dict) else []
+                raise CLIError(f"--set {key}: {where} has no field {part!r} (fields: {', '.join(known)})")
+            if i < len(parts) - 1:
+                node = node[part]
+        node[parts[-1]] = value
+    try:
+        return type(config).from_dict(data)
+    except ConfigError as exc:
+        raise CLIError(f"--set: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--set: invalid value: {exc}") from exc
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     import l2fx
     from l2fx.pipeline import Progress
@@ -60,9 +93,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     config = l2fx.CompileConfig(target_cr=args.target_cr, transform=l2fx.TransformKind(args.transform), seed=args.seed,
                                 reconstruction=ReconstructionConfig(enabled=not args.no_reconstruction))
-    compiled = l2fx.compile(model, target_cr=args.target_cr, calib=calib, config=config,
+    config = apply_settings(config, args.set)
+    compiled = l2fx.compile(model, target_cr=config.target_cr, calib=calib, config=config,
                             instruments=[] if args.quiet else [Progress()], verify=args.verify)
-    out = Path(args.output or f"{args.model.replace(':', '_').replace('.', '_')}-cr{args.target_cr:g}.l2fx")
+    out = Path(args.output or f"{args.model.replace(':', '_').replace('.', '_')}-cr{config.target_cr:g}.l2fx")
     nbytes = l2fx.save(compiled, out)
     print(compiled.report.table())
     print(f"wrote {out} ({nbytes:,} bytes) in {time.perf_counter() - t0:.1f} s")
@@ -107,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-reconstruction", action="store_true",
                    help="skip block reconstruction (faster; allocation and rounding only)")
     c.add_argument("--verify", action="store_true", help="run the IR verifier after every pass")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any CompileConfig field, e.g. reconstruction.distill_iters=200 (repeatable)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_compress)
     i = sub.add_parser("inspect", help="per-layer report of an artifact")

@@ -37,3 +37,22 @@ def test_errors_are_one_line(tmp_path, capsys):
     bad.write_bytes(b"nope")
     assert main(["inspect", str(bad)]) == 2
     assert "l2fx: error:" in capsys.readouterr().err
+
+
+def test_set_overrides_any_config_field_and_rejects_unknown_ones():
+    import pytest
+
+    from l2fx import CompileConfig
+    from l2fx.cli import CLIError, apply_settings
+
+    base = CompileConfig(target_cr=8)
+    cfg = apply_settings(base, ["reconstruction.distill_iters=200", "transform=linear", "seed=3",
+                                "sensitivity.deadzones=[0.5, 0.75]"])
+    assert cfg.reconstruction.distill_iters == 200 and cfg.transform.value == "linear" and cfg.seed == 3
+    assert cfg.sensitivity.deadzones == (0.5, 0.75) and cfg.target_cr == 8
+    assert base.reconstruction.distill_iters == 0  # frozen: the base is untouched
+    for bad, match in (("reconstruction.nope=1", "no field 'nope'"), ("seed", "KEY=VALUE"),
+                       ("reconstruction.batch_size=0", "batch_size"), ("transform=cubic", "invalid value"),
+                       ("seed.x=1", "no field 'x'")):
+        with pytest.raises(CLIError, match=match):
+            apply_settings(base, [bad])
