@@ -50,6 +50,19 @@ def test_every_payload_byte_flip_is_detected(artifact, tmp_path):
             l2fx.load(p, model=make_tiny_convnet())
 
 
+def test_corrupt_payload_error_names_the_layer_and_chunk(artifact, tmp_path):
+    path, _ = artifact
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start, _ = json.loads(data[8:8 + header_len])["l2fx.payload"]["data_offsets"]
+    data[8 + header_len + start] ^= 0x01  # the first byte of the first layer's first chunk
+    p = tmp_path / "payload.l2fx"
+    p.write_bytes(bytes(data))
+    for action in (lambda: l2fx.load(p, model=make_tiny_convnet()), lambda: l2fx.inspect(p)):
+        with pytest.raises(CorruptArtifactError, match=r"layer '[\w.]+': chunk 0: CRC32 mismatch"):
+            action()
+
+
 @pytest.mark.parametrize("keep", [0, 5, 100, 0.5, 0.999])
 def test_truncated_file(artifact, tmp_path, keep):
     path, _ = artifact
