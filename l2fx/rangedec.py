@@ -132,9 +132,21 @@ if numba is not None:
         return _finish(pos, w1, point, lower, rng)
 
     @numba.njit(nogil=True, cache=True, error_model="numpy")
-    def _decode_quad(words, offs, out, oofs, counts, c, left, lut, shift, present, qmin, status):  # pragma: no cover
-        """Chunks c .. c + 3 in lock step: four independent dependency chains per iteration,
-        which the core overlaps (one chain is latency bound: float divide, multiplies, loads)."""
+    def _decode_quad(words, offs, out, oofs, counts, c, tables, left_all, left_at, lut_all, lut_at, shifts,
+                     present_all, present_at, qmins, status):  # pragma: no cover - jitted
+        """Chunks c .. c + 3 (of any layers, each with its own table) in lock step: four
+        independent dependency chains per iteration, which the core overlaps (one chain alone
+        is latency bound: float divide, multiplies, table loads)."""
+        t0, t1, t2, t3 = tables[c], tables[c + 1], tables[c + 2], tables[c + 3]
+        f0, f1, f2, f3 = left_all[left_at[t0]:left_at[t0 + 1]], left_all[left_at[t1]:left_at[t1 + 1]], \
+            left_all[left_at[t2]:left_at[t2 + 1]], left_all[left_at[t3]:left_at[t3 + 1]]
+        u0, u1, u2, u3 = lut_all[lut_at[t0]:lut_at[t0 + 1]], lut_all[lut_at[t1]:lut_at[t1 + 1]], \
+            lut_all[lut_at[t2]:lut_at[t2 + 1]], lut_all[lut_at[t3]:lut_at[t3 + 1]]
+        v0, v1, v2, v3 = present_all[present_at[t0]:present_at[t0 + 1]], \
+            present_all[present_at[t1]:present_at[t1 + 1]], present_all[present_at[t2]:present_at[t2 + 1]], \
+            present_all[present_at[t3]:present_at[t3 + 1]]
+        h0, h1, h2, h3 = shifts[t0], shifts[t1], shifts[t2], shifts[t3]
+        q0, q1, q2, q3 = qmins[t0], qmins[t1], qmins[t2], qmins[t3]
         e0, e1, e2, e3 = offs[c + 1], offs[c + 2], offs[c + 3], offs[c + 4]
         p0, i0 = _start(words, offs[c], e0)
         p1, i1 = _start(words, e0, e1)
@@ -146,44 +158,46 @@ if numba is not None:
         o0, o1, o2, o3 = oofs[c], oofs[c + 1], oofs[c + 2], oofs[c + 3]
         n = min(min(counts[c], counts[c + 1]), min(counts[c + 2], counts[c + 3]))
         for i in range(n):
-            s0, p0, l0, r0, i0, y0 = _step(words, e0, i0, p0, l0, r0, left, lut, shift, present)
-            s1, p1, l1, r1, i1, y1 = _step(words, e1, i1, p1, l1, r1, left, lut, shift, present)
-            s2, p2, l2, r2, i2, y2 = _step(words, e2, i2, p2, l2, r2, left, lut, shift, present)
-            s3, p3, l3, r3, i3, y3 = _step(words, e3, i3, p3, l3, r3, left, lut, shift, present)
-            out[o0 + i] = qmin + s0
-            out[o1 + i] = qmin + s1
-            out[o2 + i] = qmin + s2
-            out[o3 + i] = qmin + s3
+            s0, p0, l0, r0, i0, y0 = _step(words, e0, i0, p0, l0, r0, f0, u0, h0, v0)
+            s1, p1, l1, r1, i1, y1 = _step(words, e1, i1, p1, l1, r1, f1, u1, h1, v1)
+            s2, p2, l2, r2, i2, y2 = _step(words, e2, i2, p2, l2, r2, f2, u2, h2, v2)
+            s3, p3, l3, r3, i3, y3 = _step(words, e3, i3, p3, l3, r3, f3, u3, h3, v3)
+            out[o0 + i] = q0 + s0
+            out[o1 + i] = q1 + s1
+            out[o2 + i] = q2 + s2
+            out[o3 + i] = q3 + s3
             x0 |= y0
             x1 |= y1
             x2 |= y2
             x3 |= y3
-        status[c] = _tail(words, e0, i0, p0, l0, r0, out, o0, n, counts[c], x0, left, lut, shift, present, qmin)
-        status[c + 1] = _tail(words, e1, i1, p1, l1, r1, out, o1, n, counts[c + 1], x1, left, lut, shift, present, qmin)
-        status[c + 2] = _tail(words, e2, i2, p2, l2, r2, out, o2, n, counts[c + 2], x2, left, lut, shift, present, qmin)
-        status[c + 3] = _tail(words, e3, i3, p3, l3, r3, out, o3, n, counts[c + 3], x3, left, lut, shift, present, qmin)
+        status[c] = _tail(words, e0, i0, p0, l0, r0, out, o0, n, counts[c], x0, f0, u0, h0, v0, q0)
+        status[c + 1] = _tail(words, e1, i1, p1, l1, r1, out, o1, n, counts[c + 1], x1, f1, u1, h1, v1, q1)
+        status[c + 2] = _tail(words, e2, i2, p2, l2, r2, out, o2, n, counts[c + 2], x2, f2, u2, h2, v2, q2)
+        status[c + 3] = _tail(words, e3, i3, p3, l3, r3, out, o3, n, counts[c + 3], x3, f3, u3, h3, v3, q3)
 
     @numba.njit(nogil=True, cache=True, inline="always", error_model="numpy")
     def _first_error(flags):  # pragma: no cover - jitted
         return INVALID if flags & INVALID else IMPOSSIBLE
 
     @numba.njit(nogil=True, parallel=True, cache=True)
-    def _decode_all(words, offs, counts, oofs, groups, left_all, left_at, lut_all, lut_at, shifts, present_all,
+    def _decode_all(words, offs, counts, oofs, tables, left_all, left_at, lut_all, lut_at, shifts, present_all,
                     present_at, qmins, out, status):  # pragma: no cover - jitted
-        """Work item g = ``groups[g] = (first chunk, number of chunks (1..4), table)``."""
-        for g in prange(groups.shape[0]):
-            c, n, t = groups[g, 0], groups[g, 1], groups[g, 2]
-            left = left_all[left_at[t]:left_at[t + 1]]
-            lut = lut_all[lut_at[t]:lut_at[t + 1]]
-            present = present_all[present_at[t]:present_at[t + 1]]
-            shift, qmin = shifts[t], qmins[t]
-            if n == 4:
-                _decode_quad(words, offs, out, oofs, counts, c, left, lut, shift, present, qmin, status)
+        """Chunks 4g .. 4g + 3 are work item g (the caller orders chunks by length, so the
+        four of a group are about equally long); chunk c uses table ``tables[c]``."""
+        n = counts.shape[0]
+        for g in prange((n + 3) // 4):
+            c = 4 * g
+            if c + 3 < n:
+                _decode_quad(words, offs, out, oofs, counts, c, tables, left_all, left_at, lut_all, lut_at, shifts,
+                             present_all, present_at, qmins, status)
             else:
-                for j in range(c, c + n):
+                for j in range(c, n):
+                    t = tables[j]
                     point, pos = _start(words, offs[j], offs[j + 1])
                     status[j] = _tail(words, offs[j + 1], pos, point, np.uint64(0), _FULL, out, oofs[j], 0, counts[j],
-                                      np.uint8(0), left, lut, shift, present, qmin)
+                                      np.uint8(0), left_all[left_at[t]:left_at[t + 1]],
+                                      lut_all[lut_at[t]:lut_at[t + 1]], shifts[t],
+                                      present_all[present_at[t]:present_at[t + 1]], qmins[t])
 
 
 @contextlib.contextmanager
@@ -267,9 +281,10 @@ def warm_up() -> None:
 def decode_jobs(jobs: list[Job], threads: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Decodes every chunk of every job in one parallel sweep.
 
-    Work is split into groups of up to four chunks of one tensor (decoded in lock step),
-    spread over ``threads`` workers (default: numba's, i.e. all cores), so a model's many
-    small tensors and few large ones keep every core busy alike.
+    All chunks of all jobs, longest first, are split into groups of four (decoded in lock
+    step, each chunk with its own layer's table) spread over ``threads`` workers (default:
+    numba's, i.e. all cores), so a model's many small layers and few large ones keep every
+    core busy alike.
 
     Returns:
         ``(symbols, status)`` per job: int16 symbols of all its chunks in order, and one
@@ -282,33 +297,43 @@ def decode_jobs(jobs: list[Job], threads: int | None = None) -> tuple[list[np.nd
         return [], []
     word_base = _offsets([job.words.size for job in jobs])
     words = np.zeros(int(word_base[-1]) + 1, dtype=np.uint32)  # + 1: the decoder may read a word past the end
-    offs, counts, groups, luts, shifts = [], [], [], [], []
-    chunk_base = 0
+    starts, ends, counts, tables, luts, shifts = [], [], [], [], [], []
     for t, job in enumerate(jobs):
         words[word_base[t]:word_base[t + 1]] = job.words
-        n = job.counts.size
-        offs.append(np.asarray(job.word_offsets[:-1], dtype=np.int64) + word_base[t])
+        offsets = np.asarray(job.word_offsets, dtype=np.int64) + word_base[t]
+        starts.append(offsets[:-1])
+        ends.append(offsets[1:])
         counts.append(np.asarray(job.counts, dtype=np.int64))
-        for c in range(0, n, 4):
-            groups.append((chunk_base + c, min(4, n - c), t))
-        chunk_base += n
+        tables.append(np.full(job.counts.size, t, dtype=np.int64))
         lut, shift = _lut(job.left, int(np.sum(job.counts)))
         luts.append(lut)
         shifts.append(shift)
-    offs.append(np.array([word_base[-1]], dtype=np.int64))
-    offs_all = np.concatenate(offs)
     counts_all = np.concatenate(counts)
-    out_offsets = _offsets(counts_all)
+    out_offsets = _offsets(counts_all)  # outputs stay in job order, whatever order chunks decode in
+    # Decode order: longest chunks first, so the four chunks of a lock-step group match in length.
+    order = np.argsort(-counts_all, kind="stable")
+    starts_o, ends_o = np.concatenate(starts)[order], np.concatenate(ends)[order]
+    if np.any(starts_o[1:] != ends_o[:-1]):  # chunk c's words are offs[c]..offs[c + 1]: lay them out anew
+        lengths = ends_o - starts_o
+        packed = np.zeros(int(lengths.sum()) + 1, dtype=np.uint32)
+        offs = _offsets(lengths)
+        for i in range(order.size):
+            packed[offs[i]:offs[i + 1]] = words[starts_o[i]:ends_o[i]]
+        words = packed
+    else:
+        offs = np.append(starts_o, ends_o[-1:]) if order.size else np.zeros(1, np.int64)
+    status_o = np.zeros(counts_all.size, dtype=np.int8)
     out = np.empty(int(out_offsets[-1]), dtype=np.int16)
-    status = np.zeros(counts_all.size, dtype=np.int8)
     lefts = [np.ascontiguousarray(job.left, dtype=np.uint64) for job in jobs]
     presents = [np.ascontiguousarray(job.present, dtype=np.bool_) for job in jobs]
     with _launch, _numba_threads(threads):
-        _decode_all(words, offs_all, counts_all, out_offsets[:-1], np.array(groups, dtype=np.int64).reshape(-1, 3),
+        _decode_all(words, offs, counts_all[order], out_offsets[:-1][order], np.concatenate(tables)[order],
                     np.concatenate(lefts), _offsets([x.size for x in lefts]), np.concatenate(luts),
                     _offsets([x.size for x in luts]), np.array(shifts, dtype=np.uint64), np.concatenate(presents),
                     _offsets([x.size for x in presents]), np.array([job.qmin for job in jobs], dtype=np.int16),
-                    out, status)
+                    out, status_o)
+    status = np.empty_like(status_o)
+    status[order] = status_o
     symbol_base = _offsets([int(np.sum(job.counts)) for job in jobs])
     chunk_at = _offsets([job.counts.size for job in jobs])
     return ([out[symbol_base[t]:symbol_base[t + 1]] for t in range(len(jobs))],
