@@ -84,7 +84,7 @@ if numba is not None:
     def _step(words, w1, pos, point, lower, rng, left, lut, shift, present):  # pragma: no cover - jitted
         """Decodes one symbol: (index, point, lower, range, pos, error flags).
 
-        Branch-free but for the symbol search, so that the two chunks decoded in lock step
+        Branch-free but for the symbol search, so that the four chunks decoded in lock step
         overlap in the out-of-order core instead of flushing it on every renormalisation.
         ``words`` must hold one readable word past the last chunk (a padding word).
         """
@@ -132,7 +132,7 @@ if numba is not None:
         return _finish(pos, w1, point, lower, rng)
 
     @numba.njit(nogil=True, cache=True, error_model="numpy")
-    def _decode_quad(words, offs, out, oofs, counts, c, tables, left_all, left_at, lut_all, lut_at, shifts,
+    def _decode_quad(words, starts, ends, out, oofs, counts, c, tables, left_all, left_at, lut_all, lut_at, shifts,
                      present_all, present_at, qmins, status):  # pragma: no cover - jitted
         """Chunks c .. c + 3 (of any layers, each with its own table) in lock step: four
         independent dependency chains per iteration, which the core overlaps (one chain alone
@@ -147,11 +147,11 @@ if numba is not None:
             present_all[present_at[t3]:present_at[t3 + 1]]
         h0, h1, h2, h3 = shifts[t0], shifts[t1], shifts[t2], shifts[t3]
         q0, q1, q2, q3 = qmins[t0], qmins[t1], qmins[t2], qmins[t3]
-        e0, e1, e2, e3 = offs[c + 1], offs[c + 2], offs[c + 3], offs[c + 4]
-        p0, i0 = _start(words, offs[c], e0)
-        p1, i1 = _start(words, e0, e1)
-        p2, i2 = _start(words, e1, e2)
-        p3, i3 = _start(words, e2, e3)
+        e0, e1, e2, e3 = ends[c], ends[c + 1], ends[c + 2], ends[c + 3]
+        p0, i0 = _start(words, starts[c], e0)
+        p1, i1 = _start(words, starts[c + 1], e1)
+        p2, i2 = _start(words, starts[c + 2], e2)
+        p3, i3 = _start(words, starts[c + 3], e3)
         l0 = l1 = l2 = l3 = np.uint64(0)
         r0 = r1 = r2 = r3 = _FULL
         x0 = x1 = x2 = x3 = np.uint8(0)
@@ -180,21 +180,22 @@ if numba is not None:
         return INVALID if flags & INVALID else IMPOSSIBLE
 
     @numba.njit(nogil=True, parallel=True, cache=True)
-    def _decode_all(words, offs, counts, oofs, tables, left_all, left_at, lut_all, lut_at, shifts, present_all,
+    def _decode_all(words, starts, ends, counts, oofs, tables, left_all, left_at, lut_all, lut_at, shifts, present_all,
                     present_at, qmins, out, status):  # pragma: no cover - jitted
         """Chunks 4g .. 4g + 3 are work item g (the caller orders chunks by length, so the
-        four of a group are about equally long); chunk c uses table ``tables[c]``."""
+        four of a group are about equally long); chunk c is ``words[starts[c]:ends[c]]`` and
+        uses table ``tables[c]``."""
         n = counts.shape[0]
         for g in prange((n + 3) // 4):
             c = 4 * g
             if c + 3 < n:
-                _decode_quad(words, offs, out, oofs, counts, c, tables, left_all, left_at, lut_all, lut_at, shifts,
+                _decode_quad(words, starts, ends, out, oofs, counts, c, tables, left_all, left_at, lut_all, lut_at, shifts,
                              present_all, present_at, qmins, status)
             else:
                 for j in range(c, n):
                     t = tables[j]
-                    point, pos = _start(words, offs[j], offs[j + 1])
-                    status[j] = _tail(words, offs[j + 1], pos, point, np.uint64(0), _FULL, out, oofs[j], 0, counts[j],
+                    point, pos = _start(words, starts[j], ends[j])
+                    status[j] = _tail(words, ends[j], pos, point, np.uint64(0), _FULL, out, oofs[j], 0, counts[j],
                                       np.uint8(0), left_all[left_at[t]:left_at[t + 1]],
                                       lut_all[lut_at[t]:lut_at[t + 1]], shifts[t],
                                       present_all[present_at[t]:present_at[t + 1]], qmins[t])
@@ -330,28 +331,19 @@ def decode_jobs(jobs: list[Job], threads: int | None = None) -> tuple[list[np.nd
     # Decode order: longest chunks first, so the four chunks of a lock-step group match in length.
     order = np.argsort(-counts_all, kind="stable")
     starts_o, ends_o = np.concatenate(starts)[order], np.concatenate(ends)[order]
-    if np.any(starts_o[1:] != ends_o[:-1]):  # chunk c's words are offs[c]..offs[c + 1]: lay them out anew
-        lengths = ends_o - starts_o
-        packed = np.zeros(int(lengths.sum()) + 1, dtype=np.uint32)
-        offs = _offsets(lengths)
-        for i in range(order.size):
-            packed[offs[i]:offs[i + 1]] = words[starts_o[i]:ends_o[i]]
-        words = packed
-    else:
-        offs = np.append(starts_o, ends_o[-1:]) if order.size else np.zeros(1, np.int64)
     status_o = np.zeros(counts_all.size, dtype=np.int8)
     out = np.empty(int(out_offsets[-1]), dtype=np.int16)
     lefts = [np.ascontiguousarray(job.left, dtype=np.uint64) for job in jobs]
     presents = [np.ascontiguousarray(job.present, dtype=np.bool_) for job in jobs]
     with _launch, _numba_threads(threads), _one_item_at_a_time():
-        _decode_all(words, offs, counts_all[order], out_offsets[:-1][order], np.concatenate(tables)[order],
+        _decode_all(words, starts_o, ends_o, counts_all[order], out_offsets[:-1][order], np.concatenate(tables)[order],
                     np.concatenate(lefts), _offsets([x.size for x in lefts]), np.concatenate(luts),
                     _offsets([x.size for x in luts]), np.array(shifts, dtype=np.uint64), np.concatenate(presents),
                     _offsets([x.size for x in presents]), np.array([job.qmin for job in jobs], dtype=np.int16),
                     out, status_o)
     status = np.empty_like(status_o)
     status[order] = status_o
-    symbol_base = _offsets([int(np.sum(job.counts)) for job in jobs])
     chunk_at = _offsets([job.counts.size for job in jobs])
-    return ([out[symbol_base[t]:symbol_base[t + 1]] for t in range(len(jobs))],
+    symbol_at = out_offsets[chunk_at]
+    return ([out[symbol_at[t]:symbol_at[t + 1]] for t in range(len(jobs))],
             [status[chunk_at[t]:chunk_at[t + 1]] for t in range(len(jobs))])
