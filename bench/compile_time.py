@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import shlex
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,7 +25,7 @@ import l2fx
 from l2fx import zoo
 from l2fx.config import CompileConfig
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _results import RESULTS, command_line, write_results
 
 
 def build(name: str) -> torch.nn.Module:
@@ -72,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
            "pass_seconds": r.pass_seconds, "peak_rss_mib": r.peak_rss_mib,
            "peak_cuda_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
            "weights": sum(layer.numel for layer in r.layers)}
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     lines = [f"Command: `{command}`", "",
              f"{args.model} ({row['weights']:,} compressed weights) on {row['device']}, {args.num_calib} calibration "
              f"inputs at 224 px, target CR {args.target_cr:g} (reached {r.compressed_cr:.3f}): **{seconds:.1f} s**, "
@@ -82,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {name} | {s:.1f} |" for name, s in r.pass_seconds.items()]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, **row}, indent=1))
+    write_results(args.out, text, {"command": command, **row})
     return 0
 
 

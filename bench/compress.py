@@ -13,8 +13,6 @@ Writes ``bench/results/compress.md`` and ``compress.json`` (with the command tha
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import tempfile
 import time
@@ -25,6 +23,8 @@ import torch
 import l2fx
 from l2fx import zoo
 from l2fx.data import call_model, output_vector
+
+from _results import command_line, write_results
 
 DEFAULT = [("fmnist-cnn", 8), ("fmnist-cnn", 12), ("fmnist-cnn", 16), ("efficientnet-lite0", 8),
            ("efficientnet-lite0", 12), ("minilm", 8)]
@@ -83,17 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     jobs = [(m, t) for m in args.models for t in (args.targets or [12])] if args.models else DEFAULT
     config = l2fx.CompileConfig(reconstruction=l2fx.ReconstructionConfig(enabled=not args.no_reconstruction))
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, target in jobs:
         print(f"== {name} @ {target:g}", flush=True)
         rows.append(run_one(name, target, args.num_calib, args.batch_size, config))
         print(markdown(rows[-1:], "").splitlines()[-1], flush=True)
         # Written after every row: a long run that is stopped keeps what it measured.
-        out.with_suffix(".md").write_text(markdown(rows, command))
-        out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1, default=str))
+        write_results(out, markdown(rows, command), {"command": command, "rows": rows})
     print(markdown(rows, command))
     return 0
 

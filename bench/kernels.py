@@ -15,12 +15,11 @@ exists so the script's code paths are exercised where no GPU is available.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
 import time
-from pathlib import Path
+
+from _results import RESULTS, command_line, write_results
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096),
           # EfficientNet-Lite0 (1x1 convs as GEMM: N = out, K = in) and MiniLM linears.
@@ -33,7 +32,7 @@ L2_BYTES = 50 * 2 ** 20
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes (checks the script)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernels"))
+    p.add_argument("--out", default=str(RESULTS / "kernels"))
     args = p.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -92,17 +91,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(f"N={n:<6} K={k:<6} M={m:<5} b={bits}: fused {fused:8.3f} ms  cuBLAS {cublas:8.3f}  "
                       f"deq+mm {deqmm:8.3f}  -> x{row['speedup_vs_cublas']:.2f} vs cuBLAS", flush=True)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     device_name = "CPU (interpreter smoke run: timings meaningless)" if args.smoke else torch.cuda.get_device_name()
     lines = [f"Command: `{command}` on {device_name}", "",
              "| N | K | M | bits | fused ms | cuBLAS bf16 ms | deq+mm ms | vs cuBLAS | vs deq+mm |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['n']} | {r['k']} | {r['m']} | {r['bits']} | {r['fused_ms']:.4f} | {r['cublas_ms']:.4f} | "
               f"{r['deq_mm_ms']:.4f} | {r['speedup_vs_cublas']:.2f} | {r['speedup_vs_deq_mm']:.2f} |" for r in rows]
-    out = Path(args.out + ("_smoke" if args.smoke else ""))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "device": device_name, "rows": rows}, indent=1))
+    write_results(args.out + ("_smoke" if args.smoke else ""), "\n".join(lines) + "\n",
+                  {"command": command, "device": device_name, "rows": rows})
     print("\n".join(lines))
     return 0
 

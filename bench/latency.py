@@ -21,9 +21,6 @@ warm-up, median of ``--repeats`` (CPU: wall clock). Writes ``bench/results/laten
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
 import statistics
 import sys
 import time
@@ -36,7 +33,7 @@ from l2fx import zoo
 from l2fx.config import CompileConfig, ReconstructionConfig
 from l2fx.data import call_model, output_vector, relative_error, to_device
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _results import RESULTS, command_line, write_results
 
 
 def cast_inputs(batch, dtype: torch.dtype):
@@ -133,16 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda" and not args.smoke:
         p.error("no CUDA device: this benchmark measures GPU latency (use --smoke to check the script on CPU)")
     Path(args.artifacts).mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     rows: list[dict] = []
     for name in args.models:
         rows += run_model(name, args, device, getattr(torch, args.dtype))
     text = markdown(rows, command)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    write_results(args.out, text, {"command": command, "rows": rows})
     return 0
 
 

@@ -21,9 +21,7 @@ Writes ``bench/results/load.{md,json}`` with the command that made them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -35,7 +33,7 @@ from l2fx.artifact import ArtifactReader
 from l2fx.frontend import CaptureInfo, recapture
 from l2fx.passes.baselines import rtn_pipeline
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _results import RESULTS, command_line, write_results
 
 
 def best_of(fn, repeats: int) -> float:
@@ -107,16 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(RESULTS / "load"))
     args = p.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     rows: list[dict] = []
     for name in args.models:
         rows += run_model(name, args.bits, args.repeats)
     text = markdown(rows, command)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    write_results(args.out, text, {"command": command, "rows": rows})
     return 0
 
 

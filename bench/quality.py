@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,11 +22,11 @@ from pathlib import Path
 import l2fx
 from l2fx import zoo
 from l2fx.config import CompileConfig, ReconstructionConfig
-from l2fx.counter import CounterConfig, CounterKernel
+from l2fx.counter import CounterKernel
 from l2fx.passes.baselines import rtn_pipeline
 from l2fx.transform import TransformKind
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _results import RESULTS, command_line, write_results
 
 
 def compile_row(entry, model, calib, label: str, target: float, config: CompileConfig | None = None,
@@ -131,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-reconstruction", action="store_true")
     p.add_argument("--tag", default="", help="suffix for the result files (quality_<model>_<tag>.*)")
     args = p.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = command_line()
     base = CompileConfig(reconstruction=ReconstructionConfig(enabled=not args.no_reconstruction))
     for name in args.models:
         entry = zoo.get(name)
@@ -147,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             plot(name, fp32, [r for r in rows if r["method"].startswith(("L2", "RTN", "prune"))],
                  entry.primary_metric, out)
-            out.with_suffix(".md").write_text(markdown(name, fp32, rows, command))
-            out.with_suffix(".json").write_text(json.dumps({"command": command, "fp32": fp32, "rows": rows}, indent=1))
+            write_results(out, markdown(name, fp32, rows, command), {"command": command, "fp32": fp32, "rows": rows})
 
         for bits in args.baselines:  # fast: baselines first, so that every L2 row has its comparison
             add(compile_row(entry, model, calib, f"RTN {bits}b", 4.0, pipeline=rtn_pipeline(bits)))

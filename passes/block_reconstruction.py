@@ -54,7 +54,6 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.func import functional_call
 
-from l2fx.accounting import predict_layer_nbytes
 from l2fx.config import LRSchedule, ReconstructionConfig
 from l2fx.counter import estimate_bits
 from l2fx.data import Batch, batch_size, to_device
@@ -590,16 +589,16 @@ class BlockReconstruction(L2fxPass):
         def output_error() -> float:  # the network output alone, on the first calibration batch
             with torch.no_grad():
                 out = quant(*probe)
-                return float(sum(_relative_mse(o, t, e) for o, t, e, ok in zip(out, probe_target, energies, usable[:n_final])
-                                 if ok))
+                return float(sum(_relative_mse(o, t, e)
+                                 for o, t, e, ok in zip(out, probe_target, energies, usable[:n_final]) if ok))
 
-        before = output_error()
         def network_loss() -> torch.Tensor:
             args, _ = sampler.draw()
             with torch.no_grad():
                 target = functional_call(fp32, overrides, tuple(args), strict=False)
             return loss_of(quant(*args), target)
 
+        before = output_error()
         _finetune_weights([m for _, m in weights], [overrides[f"{path}.weight"] for path, _ in weights],
                           network_loss, cfg, cfg.distill_iters)
         for path, m in weights:

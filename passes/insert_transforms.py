@@ -16,7 +16,6 @@ model's state. Pre: every site has an ``l2fx.allocation``. Post: every site is p
 """
 from __future__ import annotations
 
-
 import torch.fx as fx
 
 from l2fx.config import Granularity

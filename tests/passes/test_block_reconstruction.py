@@ -85,16 +85,20 @@ def test_block_programs_compose_to_the_model_on_an_exported_graph():
             torch.testing.assert_close(env[programs[-1].outputs[0]], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_reconstruction_runs_on_exported_graph_with_side_inputs():
+def _reconstruct_encoder(**options) -> dict:
+    """block_reconstruction's records on a 2-layer exported encoder (a mask as side input)."""
     torch.manual_seed(0)
     model = TinyEncoder(n=2).eval()
     calib = [encoder_batch(n=8, seed=s) for s in range(2)]
-    cfg = CompileConfig(reconstruction=ReconstructionConfig(transform_iters=3, weight_iters=3, batch_size=4,
-                                                            qdrop_prob=0.5))
+    cfg = CompileConfig(reconstruction=ReconstructionConfig(batch_size=4, **options))
     gm = transformed(model, calib[0], cfg)
     with PassContext(config=cfg, calib=calib, verify=True) as ctx:
         PassManager([BlockPartition(), BlockReconstruction()])(gm)
-    blocks = ctx.records["block_reconstruction"]["blocks"]
+    return ctx.records["block_reconstruction"]
+
+
+def test_reconstruction_runs_on_exported_graph_with_side_inputs():
+    blocks = _reconstruct_encoder(transform_iters=3, weight_iters=3, qdrop_prob=0.5)["blocks"]
     assert [b["name"] for b in blocks] == ["emb", "layers.0", "layers.1", "head"]
     assert all(b["cached"] == b["inputs"] for b in blocks)
 
@@ -154,15 +158,7 @@ def test_network_distillation_lowers_the_calibration_output_error():
 
 
 def test_distillation_runs_on_exported_graph_with_side_inputs():
-    torch.manual_seed(0)
-    model = TinyEncoder(n=2).eval()
-    calib = [encoder_batch(n=8, seed=s) for s in range(2)]
-    cfg = CompileConfig(reconstruction=ReconstructionConfig(transform_iters=2, weight_iters=2, batch_size=4,
-                                                            distill_iters=3))
-    gm = transformed(model, calib[0], cfg)
-    with PassContext(config=cfg, calib=calib, verify=True) as ctx:
-        PassManager([BlockPartition(), BlockReconstruction()])(gm)
-    assert ctx.records["block_reconstruction"]["distill"]["iters"] == 3
+    assert _reconstruct_encoder(transform_iters=2, weight_iters=2, distill_iters=3)["distill"]["iters"] == 3
 
 
 def test_distillation_config_is_validated():

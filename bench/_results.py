@@ -1,0 +1,24 @@
+"""What every benchmark script does with its results: name the command that made them, and
+write them as ``<out>.md`` (the table a reader sees) and ``<out>.json`` (the rows)."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def command_line() -> str:
+    """The command that is running, as a reader would retype it."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def write_results(out: str | Path, markdown: str, payload: dict) -> None:
+    """Writes ``out.md`` and ``out.json`` (creating the folder); values JSON cannot hold are
+    written as their ``str``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(markdown)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
