@@ -63,16 +63,21 @@ def test_records_and_streaming(compiled_pair):
     assert second["cache_nbytes"] == 2 * 48 * 32 * 14 * 14 * 4
 
 
-def test_block_programs_compose_to_the_model_on_an_exported_graph():
-    """Chaining every block's program (side inputs recomputed from the model inputs) gives the
-    model's output: the fp32 programs the original model's, the quant programs the graph's."""
+def _partitioned_encoder():
+    """A 3-layer exported encoder after T-insertion and block_partition, its batch and programs."""
     torch.manual_seed(0)
     model = TinyEncoder().eval()
     batch = encoder_batch(n=6)
     gm = transformed(model, batch)
     with PassContext(config=CompileConfig(), calib=[batch]):
         gm = BlockPartition()(gm).graph_module
-    programs = build_programs(gm)
+    return model, batch, gm, build_programs(gm)
+
+
+def test_block_programs_compose_to_the_model_on_an_exported_graph():
+    """Chaining every block's program (side inputs recomputed from the model inputs) gives the
+    model's output: the fp32 programs the original model's, the quant programs the graph's."""
+    model, batch, gm, programs = _partitioned_encoder()
     assert [p.block.name for p in programs] == ["emb", "layers.0", "layers.1", "layers.2", "head"]
     assert all(len(p.inputs) <= 1 for p in programs)  # the hidden state; the mask bias is recomputed
     phs = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], placeholder_values(gm, batch)))
@@ -127,13 +132,7 @@ def test_network_programs_reproduce_the_model_and_its_block_outputs():
     fp32 program's is the original model's, and the block outputs follow."""
     from l2fx.passes.block_reconstruction import build_network_programs
 
-    torch.manual_seed(0)
-    model = TinyEncoder().eval()
-    batch = encoder_batch(n=6)
-    gm = transformed(model, batch)
-    with PassContext(config=CompileConfig(), calib=[batch]):
-        gm = BlockPartition()(gm).graph_module
-    programs = build_programs(gm)
+    model, batch, gm, programs = _partitioned_encoder()
     quant, fp32, n_final = build_network_programs(gm, programs)
     phs = placeholder_values(gm, batch)
     with torch.no_grad():
