@@ -58,7 +58,9 @@ def ablation_configs(kind: str, base: CompileConfig) -> list[tuple[str, CompileC
             rec, weight_iters=0))), ("no reconstruction", dataclasses.replace(
                 base, reconstruction=dataclasses.replace(rec, enabled=False))),
             ("+ network distillation 200 it", dataclasses.replace(base, reconstruction=dataclasses.replace(
-                rec, distill_iters=200)))]
+                rec, distill_iters=200))),
+            ("no bias/norm tuning", dataclasses.replace(base, reconstruction=dataclasses.replace(
+                rec, tune_plain=False)))]
     if kind == "seed":  # run-to-run spread: the same compile with other seeds
         return [(f"seed {k}", dataclasses.replace(base, seed=k)) for k in (1, 2)]
     raise ValueError(kind)

@@ -40,6 +40,19 @@ class TransformedWeight(nn.Module):
         s, e = self.params()
         return fake_quant(self.weight, self.kind, s, e, self.qmax)
 
+    @torch.no_grad()
+    def snap(self) -> None:
+        """Move ``weight`` to the reconstruction point of its current symbol, T^-1(round(T(w))).
+
+        The symbols (and so the forward output) are unchanged, but T(w) now sits on an integer,
+        half a step from either rounding boundary. Fine-tuning through the STE leaves weights
+        oscillating right at a boundary (the gradient flips sign as they cross it); without
+        this, the rescale of ``rate_fit`` or rounding T to its storage dtype later re-rounds
+        them at random (Fashion-MNIST ResNet, CR 20, 400 fine-tuning steps: calibration KL
+        0.022 unsnapped).
+        """
+        self.weight.copy_(self.forward())
+
     def extra_repr(self) -> str:
         return f"kind={self.kind.value}, shape={tuple(self.weight.shape)}, axis={self.channel_axis}, qmax={self.qmax}"
 

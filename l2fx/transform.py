@@ -52,8 +52,11 @@ __all__ = [
     "init_threshold_for_linear",
 ]
 
-# float32 exp overflows above ~88.7; 80 leaves headroom for the multiplication by e/s.
-_EXP_ARG_MAX = 80.0
+# float32 exp overflows above ~88.7. 40 (exp = 2.4e17) leaves headroom for the gradients too,
+# which multiply exp(x) by x, by the symbol and sum over a channel: with 80 the LOG kind's
+# gradient in e overflowed to inf (hypothesis: seed 76, qmax 7). A weight 1e17 times its
+# threshold e is no weight a layer holds, so no stored symbol changes meaning.
+_EXP_ARG_MAX = 40.0
 # Symbols are stored as int16.
 _INT16_MAX = 32767
 

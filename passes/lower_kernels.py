@@ -48,7 +48,7 @@ from torch import nn
 
 from l2fx.config import BackendConfig
 from l2fx.errors import PassError
-from l2fx.ir import WeightSite, WeightedOp, arg_of, weight_consumers, weight_sites
+from l2fx.ir import arg_of, weight_consumers, weight_sites
 from l2fx.modules import CodedWeight
 from l2fx.pipeline import L2fxPass, PassContext, PassManager, PassResult
 from l2fx.transform import TransformKind

@@ -61,4 +61,4 @@ class MarkWeights(L2fxPass):
         if not any(True for _ in weight_sites(gm)):
             raise NoCompressibleLayersError(
                 "the model has no Conv/Linear/Embedding weight l2fx can compress "
-                f"(floating point, >= min_numel elements, read only as a weight)")
+                "(floating point, >= min_numel elements, read only as a weight)")

@@ -40,7 +40,6 @@ Design (GEMV vs GEMM).  One kernel serves both regimes; the launcher picks the r
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
