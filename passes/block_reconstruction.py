@@ -63,8 +63,9 @@ from l2fx.data import Batch, batch_size, to_device
 from l2fx.ir import Allocation, WeightSite, require_meta, weight_sites
 from l2fx.modules import TransformedWeight
 from l2fx.passes.block_partition import Block, is_weight_node, side_nodes
-from l2fx.passes.plain_storage import fits_fp16
-from l2fx.passes.rate_fit import RateFit, layer_bytes_at, scaled
+from l2fx.passes.allocation import budget_nbytes as global_budget
+from l2fx.passes.plain_storage import round_to_fp16
+from l2fx.passes.rate_fit import RateFit, layer_bytes_at, scaled, within_tolerance
 from l2fx.pipeline import L2fxPass, PassContext, PassResult, peak_rss_mib
 from l2fx.transform import TransformKind, channel_view, forward_t
 
@@ -535,15 +536,13 @@ class BlockReconstruction(L2fxPass):
         stay where fine-tuning left them: rate_fit's common rescale then re-rounds the
         weights sitting at boundaries instead of scaling every weight by the factor."""
         cfg = PassContext.current().config
-        layers = [(m, site.param) for p in programs for _, m, site in p.weights]
-        budget = sum(4 * site.numel for _, site in weight_sites(gm)) / cfg.target_cr
-        others = sum(layer_bytes_at(gm.get_submodule(str(n.target)), site.param, 1.0, chunk)
-                     for n, site in weight_sites(gm) if not any(site.param == p for _, p in layers))
-        total = block_nbytes(layers, 1.0, chunk) + others
-        if not budget / (1 + cfg.cr_tolerance) <= total <= budget / (1 - cfg.cr_tolerance / 2):
+        total = sum(layer_bytes_at(gm.get_submodule(str(n.target)), site.param, 1.0, chunk)
+                    for n, site in weight_sites(gm))
+        if not within_tolerance(total, global_budget(gm, cfg.target_cr), cfg.cr_tolerance):
             return False
-        for m, _ in layers:
-            m.snap()
+        for p in programs:
+            for _, m, _ in p.weights:
+                m.snap()
         return True
 
     def _run_block(self, prog: BlockProgram, ph_vals: list[dict], cache_q: dict, cache_f: dict,
@@ -628,10 +627,9 @@ class BlockReconstruction(L2fxPass):
 
             _finetune_weights([m for _, m, _ in prog.weights], [w.detach() for w in ws], block_loss,
                               cfg, cfg.weight_iters, plain, keep_on_budget)
-            with torch.no_grad():  # back to what the artifact stores (plain_storage's postcondition)
-                for t in plain:
-                    if ctx.config.plain_dtype is PlainDtype.FLOAT16 and fits_fp16(t):
-                        t.copy_(t.to(torch.float16).to(t.dtype))
+            if ctx.config.plain_dtype is PlainDtype.FLOAT16:  # back to what the artifact stores
+                for t in plain:                                # (plain_storage's postcondition)
+                    round_to_fp16(t)
 
         with torch.no_grad():
             out_q = [tuple(prog.quant(*phs[i], *xq[i])) for i in range(nb)]

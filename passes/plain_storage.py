@@ -23,6 +23,16 @@ def fits_fp16(t: torch.Tensor) -> bool:
     return bool(t.numel() == 0 or float(t.detach().abs().max()) <= FP16_MAX)
 
 
+@torch.no_grad()
+def round_to_fp16(t: torch.Tensor) -> bool:
+    """Rounds ``t`` in place to float16-representable values when they fit float16's range;
+    returns whether it did (otherwise the tensor is stored as float32, unchanged)."""
+    if not fits_fp16(t):
+        return False
+    t.copy_(t.to(torch.float16).to(t.dtype))
+    return True
+
+
 class PlainStorage(L2fxPass):
     name = "plain_storage"
 
@@ -36,9 +46,7 @@ class PlainStorage(L2fxPass):
         for name, t in gm.state_dict(keep_vars=True).items():
             if name in sites or not t.is_floating_point() or t.dtype == torch.float16:
                 continue
-            if fits_fp16(t):
-                t.copy_(t.to(torch.float16).to(t.dtype))
-            else:
+            if not round_to_fp16(t):
                 kept.append(name)
         ctx.records[self.name] = {"kept_float32": kept}
         return PassResult(gm, True)
