@@ -580,8 +580,6 @@ class BlockReconstruction(L2fxPass):
             rate.budget_bits = max(float(rate.bits()), 1.0)  # the estimate at the budget's bytes
         bits_before = rate.budget_bits
         train_t = [t for t in rate.log_s + rate.log_e if t.requires_grad]
-        with torch.no_grad():  # T as the allocation left it, for the guard after stage (a)
-            initial_t = [(m.step_s.clone(), m.threshold_e.clone()) for _, m, _ in prog.weights]
         if cfg.transform_iters and train_t and prog.weights:
             opt = _Adam(train_t, cfg.lr_transform, cfg.transform_iters, cfg.lr_schedule)
             for _ in range(cfg.transform_iters):
@@ -599,29 +597,6 @@ class BlockReconstruction(L2fxPass):
         factor, nbytes_after_t = fit_block_nbytes(layers, target, ctx.config.cr_tolerance / 2, chunk)
         with torch.no_grad():
             loss_after_t = eval_loss() if cfg.transform_iters else loss_before
-        # Guard: stage (a) must not leave the block worse than the allocation's T at the same
-        # bytes. The counter does not see the probability table or the side information, so
-        # on small, overhead-bound layers it can trade estimated bits for real bytes; the fit
-        # to the byte target then coarsens the whole block (EfficientNet-Lite0 CR 10: the first
-        # MBConv block, 800 weights in 2 kB, went from relative MSE 0.0037 to 0.0153).
-        reverted = False
-        if cfg.transform_iters and loss_after_t > loss_before:
-            trained_t = [(m.step_s.clone(), m.threshold_e.clone()) for _, m, _ in prog.weights]
-            with torch.no_grad():
-                for (_, m, _), (s0, e0) in zip(prog.weights, initial_t):
-                    m.step_s.copy_(s0)
-                    m.threshold_e.copy_(e0)
-            factor_0, nbytes_0 = fit_block_nbytes(layers, target, ctx.config.cr_tolerance / 2, chunk,
-                                                  now=budget_nbytes)
-            with torch.no_grad():
-                loss_0 = eval_loss()
-            if loss_0 < loss_after_t:
-                reverted, factor, nbytes_after_t, loss_after_t = True, factor_0, nbytes_0, loss_0
-            else:  # the initial T, refitted to this block's target, is no better: keep stage (a)
-                with torch.no_grad():
-                    for (_, m, _), (s1, e1) in zip(prog.weights, trained_t):
-                        m.step_s.copy_(s1)
-                        m.threshold_e.copy_(e1)
         rate.reload()
         with torch.no_grad():
             bits_after_t = float(rate.bits())
@@ -667,7 +642,6 @@ class BlockReconstruction(L2fxPass):
             "weights": [paths[id(m)] for _, m, _ in prog.weights], "plain_tuned": len(plain),
             "inputs": [n.name for n in prog.inputs], "cached": cached, "cache_nbytes": cache_nbytes,
             "loss_before": loss_before, "loss_after_transform": loss_after_t, "loss_after": loss_after,
-            "transform_reverted": reverted,
             "budget_nbytes": budget_nbytes, "target_nbytes": target, "block_factor": factor,
             "nbytes_after_transform": nbytes_after_t,
             "nbytes_after": block_nbytes(layers, 1.0, chunk), "budget_bits": rate.budget_bits, "bits_before": bits_before, "bits_after_transform": bits_after_t,
