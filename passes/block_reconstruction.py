@@ -65,7 +65,7 @@ from l2fx.modules import TransformedWeight
 from l2fx.passes.block_partition import Block, is_weight_node, side_nodes
 from l2fx.passes.allocation import budget_nbytes as global_budget
 from l2fx.passes.plain_storage import round_to_fp16
-from l2fx.passes.rate_fit import RateFit, fit_log2_factor, layer_bytes_at, scaled, within_tolerance
+from l2fx.passes.rate_fit import RateFit, layer_bytes_at, scaled, within_tolerance
 from l2fx.pipeline import L2fxPass, PassContext, PassResult, peak_rss_mib
 from l2fx.transform import TransformKind, channel_view, forward_t
 
@@ -293,28 +293,33 @@ def block_nbytes(layers: list[tuple[TransformedWeight, str]], factor: float, chu
 
 @torch.no_grad()
 def fit_block_nbytes(layers: list[tuple[TransformedWeight, str]], target: float, tolerance: float,
-                     chunk_size: int, now: int | None = None) -> tuple[float, int]:
-    """Scales the layers' T by one common factor so their bytes land in ``[target (1 - tol), target]``
-    (else the closest under it); returns the factor applied and the bytes at it.
+                     chunk_size: int) -> float:
+    """Scales the layers' T by one common factor so their bytes land in ``[target (1 - tol), target]``.
 
-    The block-local version of ``rate_fit``: the same :func:`l2fx.passes.rate_fit.scaled` and
-    the same search (:func:`l2fx.passes.rate_fit.fit_log2_factor`). ``now``: the layers' bytes
-    as they stand, when the caller already has them.
+    The block-local version of ``rate_fit`` (same :func:`l2fx.passes.rate_fit.scaled`); returns
+    the factor applied.
     """
     if not layers:
-        return 1.0, 0
-    if now is None:
-        now = block_nbytes(layers, 1.0, chunk_size)
+        return 1.0
+    now = block_nbytes(layers, 1.0, chunk_size)
     if target * (1 - tolerance) <= now <= target:
-        return 1.0, now
-    t, nbytes = fit_log2_factor(lambda t: block_nbytes(layers, 2.0 ** t, chunk_size), target,
-                                target * (1 - tolerance))
-    factor = 2.0 ** t
+        return 1.0
+    lo, hi, best = -2.0, 2.0, None  # log2 factor; larger = coarser = fewer bytes
+    for _ in range(20):
+        mid = 0.5 * (lo + hi)
+        b = block_nbytes(layers, 2.0 ** mid, chunk_size)
+        if b > target:
+            lo = mid
+        else:
+            hi, best = mid, mid
+            if b >= target * (1 - tolerance):
+                break
+    factor = 2.0 ** (best if best is not None else hi)
     for m, _ in layers:
         s, e = scaled(m, factor)
         m.step_s.copy_(s)
         m.threshold_e.copy_(e)
-    return factor, nbytes
+    return factor
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,7 +509,7 @@ class BlockReconstruction(L2fxPass):
             for prog_i, prog in enumerate(programs):
                 share = remaining[prog_i] / max(sum(remaining[prog_i:]), 1.0)
                 rec = self._run_block(prog, ph_vals, cache_q, cache_f, cfg, ctx, device, gen, dev_gen,
-                                      carry * share, int(remaining[prog_i]))
+                                      carry * share)
                 carry += rec["nbytes_after"] - rec["budget_nbytes"]
                 for n, v_q, v_f in zip(prog.outputs, rec.pop("_out_q"), rec.pop("_out_f")):
                     if last_use.get(n, -1) > prog.block.index:  # keep only what a later block reads
@@ -542,7 +547,7 @@ class BlockReconstruction(L2fxPass):
 
     def _run_block(self, prog: BlockProgram, ph_vals: list[dict], cache_q: dict, cache_f: dict,
                    cfg: ReconstructionConfig, ctx: PassContext, device: torch.device, gen: torch.Generator,
-                   dev_gen: torch.Generator, repay: float = 0.0, budget: int | None = None) -> dict:
+                   dev_gen: torch.Generator, repay: float = 0.0) -> dict:
         t0 = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -569,7 +574,7 @@ class BlockReconstruction(L2fxPass):
         paths = {id(m): str(n.target) for n, m, _ in prog.weights}
         chunk = ctx.config.coding.chunk_size
         layers = [(m, site.param) for _, m, site in prog.weights]
-        budget_nbytes = budget if budget is not None else block_nbytes(layers, 1.0, chunk)
+        budget_nbytes = block_nbytes(layers, 1.0, chunk)
         rate = _RateTerm([(m, paths[id(m)]) for _, m, _ in prog.weights],
                          [m.step_s.detach().log().clone().requires_grad_(m.kind is not TransformKind.PRUNE)
                           for _, m, _ in prog.weights],
@@ -594,12 +599,12 @@ class BlockReconstruction(L2fxPass):
             rate.write_back()
         # This block's share of the earlier blocks' drift (``repay`` bytes) is paid back here.
         target = min(max(budget_nbytes - repay, 0.8 * budget_nbytes), 1.25 * budget_nbytes)
-        factor, nbytes_after_t = fit_block_nbytes(layers, target, ctx.config.cr_tolerance / 2, chunk)
-        with torch.no_grad():
-            loss_after_t = eval_loss() if cfg.transform_iters else loss_before
+        factor = fit_block_nbytes(layers, target, ctx.config.cr_tolerance / 2, chunk)
+        nbytes_after_t = block_nbytes(layers, 1.0, chunk)
         rate.reload()
         with torch.no_grad():
             bits_after_t = float(rate.bits())
+            loss_after_t = eval_loss() if cfg.transform_iters else loss_before
 
         # Stage (b): weights through the STE, T frozen.
         ws = [m.weight for _, m, _ in prog.weights]
@@ -617,8 +622,8 @@ class BlockReconstruction(L2fxPass):
             checks = {round(f * cfg.weight_iters) - 1 for f in (0.5, 0.75, 0.9)} if ws else set()
 
             def keep_on_budget(step: int) -> None:
-                if step in checks and (now := block_nbytes(layers, 1.0, chunk)) > target:
-                    fit_block_nbytes(layers, target, ctx.config.cr_tolerance / 2, chunk, now=now)
+                if step in checks and block_nbytes(layers, 1.0, chunk) > target:
+                    fit_block_nbytes(layers, target, ctx.config.cr_tolerance / 2, chunk)
 
             _finetune_weights([m for _, m, _ in prog.weights], [w.detach() for w in ws], block_loss,
                               cfg, cfg.weight_iters, plain, keep_on_budget)
