@@ -253,4 +253,3 @@ def test_plain_tuning_config_is_validated():
     for bad in (dict(tune_plain=1), dict(lr_plain=0.0), dict(lr_plain=float("nan"))):
         with pytest.raises(ConfigError):
             ReconstructionConfig(**bad)
-
