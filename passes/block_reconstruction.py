@@ -65,7 +65,7 @@ from l2fx.modules import TransformedWeight
 from l2fx.passes.block_partition import Block, is_weight_node, side_nodes
 from l2fx.passes.allocation import budget_nbytes as global_budget
 from l2fx.passes.plain_storage import round_to_fp16
-from l2fx.passes.rate_fit import RateFit, layer_bytes_at, scaled, within_tolerance
+from l2fx.passes.rate_fit import RateFit, layer_bytes_at, scaled, total_nbytes, within_tolerance
 from l2fx.pipeline import L2fxPass, PassContext, PassResult, peak_rss_mib
 from l2fx.transform import TransformKind, channel_view, forward_t
 
@@ -536,9 +536,7 @@ class BlockReconstruction(L2fxPass):
         stay where fine-tuning left them: rate_fit's common rescale then re-rounds the
         weights sitting at boundaries instead of scaling every weight by the factor."""
         cfg = PassContext.current().config
-        total = sum(layer_bytes_at(gm.get_submodule(str(n.target)), site.param, 1.0, chunk)
-                    for n, site in weight_sites(gm))
-        if not within_tolerance(total, global_budget(gm, cfg.target_cr), cfg.cr_tolerance):
+        if not within_tolerance(total_nbytes(gm, 1.0, chunk), global_budget(gm, cfg.target_cr), cfg.cr_tolerance):
             return False
         for p in programs:
             for _, m, _ in p.weights:

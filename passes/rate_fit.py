@@ -51,6 +51,12 @@ def layer_bytes_at(module: TransformedWeight, param: str, factor: float, chunk_s
     return predict_layer_nbytes(param, module.kind, q.cpu(), module.channel_axis, chunk_size, s, e).total
 
 
+def total_nbytes(gm: fx.GraphModule, factor: float, chunk_size: int) -> int:
+    """Real bytes of every weight site of ``gm`` with its T grid scaled by ``factor``."""
+    return sum(layer_bytes_at(gm.get_submodule(str(n.target)), site.param, factor, chunk_size)
+               for n, site in weight_sites(gm))
+
+
 def fit_log2_factor(total, budget: float, low_ok: float, log=lambda t, b: None,
                     max_evals: int = 30) -> tuple[float, int]:
     """The log2 step factor t whose byte total lies in [low_ok, budget] (else the closest under).
@@ -110,7 +116,7 @@ class RateFit(L2fxPass):
         low_ok = budget * (1 - cfg.cr_tolerance / 2)
 
         def total(log2_factor: float) -> int:
-            return sum(layer_bytes_at(m, site.param, 2.0 ** log2_factor, cfg.coding.chunk_size) for m, site in layers)
+            return total_nbytes(gm, 2.0 ** log2_factor, cfg.coding.chunk_size)
 
         now = total(0.0)
         if within_tolerance(now, budget, cfg.cr_tolerance):
