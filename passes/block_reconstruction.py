@@ -293,17 +293,18 @@ def block_nbytes(layers: list[tuple[TransformedWeight, str]], factor: float, chu
 
 @torch.no_grad()
 def fit_block_nbytes(layers: list[tuple[TransformedWeight, str]], target: float, tolerance: float,
-                     chunk_size: int) -> float:
+                     chunk_size: int, now: int | None = None) -> tuple[float, int]:
     """Scales the layers' T by one common factor so their bytes land in ``[target (1 - tol), target]``.
 
     The block-local version of ``rate_fit`` (same :func:`l2fx.passes.rate_fit.scaled`); returns
-    the factor applied.
+    the factor applied and the block's real bytes after it. ``now``: the bytes at factor 1,
+    where the caller has them already.
     """
     if not layers:
-        return 1.0
-    now = block_nbytes(layers, 1.0, chunk_size)
+        return 1.0, 0
+    now = block_nbytes(layers, 1.0, chunk_size) if now is None else now
     if target * (1 - tolerance) <= now <= target:
-        return 1.0
+        return 1.0, now
     lo, hi, best = -2.0, 2.0, None  # log2 factor; larger = coarser = fewer bytes
     for _ in range(20):
         mid = 0.5 * (lo + hi)
@@ -311,15 +312,16 @@ def fit_block_nbytes(layers: list[tuple[TransformedWeight, str]], target: float,
         if b > target:
             lo = mid
         else:
-            hi, best = mid, mid
+            hi, best = mid, (mid, b)
             if b >= target * (1 - tolerance):
                 break
-    factor = 2.0 ** (best if best is not None else hi)
+    log2f, nbytes = best if best is not None else (hi, block_nbytes(layers, 2.0 ** hi, chunk_size))
+    factor = 2.0 ** log2f
     for m, _ in layers:
         s, e = scaled(m, factor)
         m.step_s.copy_(s)
         m.threshold_e.copy_(e)
-    return factor
+    return factor, nbytes
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,8 +599,7 @@ class BlockReconstruction(L2fxPass):
             rate.write_back()
         # This block's share of the earlier blocks' drift (``repay`` bytes) is paid back here.
         target = min(max(budget_nbytes - repay, 0.8 * budget_nbytes), 1.25 * budget_nbytes)
-        factor = fit_block_nbytes(layers, target, ctx.config.cr_tolerance / 2, chunk)
-        nbytes_after_t = block_nbytes(layers, 1.0, chunk)
+        factor, nbytes_after_t = fit_block_nbytes(layers, target, ctx.config.cr_tolerance / 2, chunk)
         rate.reload()
         with torch.no_grad():
             bits_after_t = float(rate.bits())
@@ -620,8 +621,8 @@ class BlockReconstruction(L2fxPass):
             checks = {round(f * cfg.weight_iters) - 1 for f in (0.5, 0.75, 0.9)} if ws else set()
 
             def keep_on_budget(step: int) -> None:
-                if step in checks and block_nbytes(layers, 1.0, chunk) > target:
-                    fit_block_nbytes(layers, target, ctx.config.cr_tolerance / 2, chunk)
+                if step in checks and (now := block_nbytes(layers, 1.0, chunk)) > target:
+                    fit_block_nbytes(layers, target, ctx.config.cr_tolerance / 2, chunk, now)
 
             _finetune_weights([m for _, m, _ in prog.weights], [w.detach() for w in ws], block_loss,
                               cfg, cfg.weight_iters, plain, keep_on_budget)
