@@ -63,7 +63,10 @@ __all__ = [
     "fmnist_accuracy",
     "imagenet_photos",
     "calibration_photos",
+    "lite0_fold_photos",
+    "lite0_fold_calib",
     "lite0_eval_views",
+    "classifier_fidelity",
     "SentenceEncoder",
     "doc_paragraphs",
     "minilm_split",
@@ -144,7 +147,7 @@ def _logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([model(x[s]).float() for s in _chunks(len(x), batch_size)])
 
 
-def _classifier_fidelity(logits: torch.Tensor, ref_logits: torch.Tensor) -> dict[str, float]:
+def classifier_fidelity(logits: torch.Tensor, ref_logits: torch.Tensor) -> dict[str, float]:
     """Agreement of a model's logits with the fp32 reference's on the same inputs.
 
     ``top1_agreement``: argmax equal; ``top5_agreement``: the reference's top-1 is in the
@@ -394,7 +397,7 @@ def _fmnist_calib(num_samples: int, batch_size: int, seed: int = 0) -> list[torc
 
 def _fmnist_fidelity(model: nn.Module, reference: nn.Module) -> dict[str, float]:
     x, _ = fmnist_tensors("test")
-    return _classifier_fidelity(_logits(model, x, 1000), _logits(reference, x, 1000))
+    return classifier_fidelity(_logits(model, x, 1000), _logits(reference, x, 1000))
 
 
 def _fmnist_evaluate(model: nn.Module, reference: nn.Module | None = None) -> dict[str, float]:
@@ -402,7 +405,7 @@ def _fmnist_evaluate(model: nn.Module, reference: nn.Module | None = None) -> di
     logits = _logits(model, x, 1000)
     out = {"accuracy": (logits.argmax(-1) == y).double().mean().item()}
     if reference is not None:
-        out.update(_classifier_fidelity(logits, _logits(reference, x, 1000)))
+        out.update(classifier_fidelity(logits, _logits(reference, x, 1000)))
     return out
 
 
@@ -535,7 +538,8 @@ _LITE0_VIEWS = ("center256", "center256_flip", "center224", "topleft256", "botto
 def lite0_eval_views() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs [20*V, 3, 224, 224], labels [20*V], view index [20*V]) for the 20 photos.
 
-    V = 5 views per photo (``_LITE0_VIEWS``), photo-major order.
+    V = 5 views per photo (``_LITE0_VIEWS``), photo-major order: view ``i`` shows photo
+    ``i // V``.
     """
     return _lite0_eval_views_cached()
 
@@ -583,15 +587,40 @@ def _random_resized_crop(img: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return np.ascontiguousarray(out[:, ::-1]) if rng.random() < 0.5 else out
 
 
-def _lite0_calib(num_samples: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+def _crops_of(images: Sequence[np.ndarray], num_samples: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """``num_samples`` random resized crops of ``images`` as Lite0 input batches."""
     _check_calib_args(num_samples, batch_size)
-    photos = calibration_photos()
     rng = np.random.default_rng(seed)
     # Cycle through the photos in a seeded order so every photo contributes equally.
-    order = np.concatenate([rng.permutation(len(photos)) for _ in range(-(-num_samples // len(photos)))])
-    crops = [_random_resized_crop(photos[i][1], rng) for i in order[:num_samples]]
+    order = np.concatenate([rng.permutation(len(images)) for _ in range(-(-num_samples // len(images)))])
+    crops = [_random_resized_crop(images[i], rng) for i in order[:num_samples]]
     x = _lite0_tensor(crops)
     return [x[s].clone() for s in _chunks(num_samples, batch_size)]
+
+
+def _lite0_calib(num_samples: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+    return _crops_of([img for _, img in calibration_photos()], num_samples, batch_size, seed)
+
+
+def lite0_fold_photos(fold: int, folds: int = 2) -> torch.Tensor:
+    """Cross-calibration on the labelled photos: a bool mask over the 20 photos, True for
+    those in ``fold`` (photo index % ``folds`` == ``fold``).
+
+    The model calibrated on a fold's photos (:func:`lite0_fold_calib`) is evaluated on the
+    views of the other photos only; over all folds, every view is evaluated exactly once by
+    a model that never saw its photo. This is calibration data from the deployment
+    distribution (the paper uses ImageNet training images), at the price of few photos.
+    """
+    if not (isinstance(folds, int) and folds >= 2 and isinstance(fold, int) and 0 <= fold < folds):
+        raise ZooError(f"need integers 0 <= fold < folds and folds >= 2, got fold={fold!r}, folds={folds!r}")
+    return torch.arange(len(imagenet_photos())) % folds == fold
+
+
+def lite0_fold_calib(fold: int, num_samples: int, batch_size: int, seed: int = 0, folds: int = 2) -> list[torch.Tensor]:
+    """Random resized crops of the labelled photos in ``fold`` (:func:`lite0_fold_photos`)."""
+    mask = lite0_fold_photos(fold, folds)
+    return _crops_of([img for keep, (_, _, img) in zip(mask.tolist(), imagenet_photos()) if keep],
+                     num_samples, batch_size, seed)
 
 
 def _build_lite0() -> nn.Module:
@@ -613,7 +642,7 @@ _LITE0_BATCH = 20
 
 def _lite0_fidelity(model: nn.Module, reference: nn.Module) -> dict[str, float]:
     x, _, _ = lite0_eval_views()
-    return _classifier_fidelity(_logits(model, x, _LITE0_BATCH), _logits(reference, x, _LITE0_BATCH))
+    return classifier_fidelity(_logits(model, x, _LITE0_BATCH), _logits(reference, x, _LITE0_BATCH))
 
 
 def _lite0_evaluate(model: nn.Module, reference: nn.Module | None = None) -> dict[str, float]:
@@ -627,7 +656,7 @@ def _lite0_evaluate(model: nn.Module, reference: nn.Module | None = None) -> dic
         "top5_accuracy": (top5 == y[center][:, None]).any(-1).double().mean().item(),
     }
     if reference is not None:
-        out.update(_classifier_fidelity(logits, _logits(reference, x, _LITE0_BATCH)))
+        out.update(classifier_fidelity(logits, _logits(reference, x, _LITE0_BATCH)))
     return out
 
 

@@ -59,11 +59,11 @@ def test_calib_rejects_empty_request(name):
 
 def test_classifier_fidelity_of_identical_and_shifted_logits():
     logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(0))
-    same = zoo._classifier_fidelity(logits, logits)
+    same = zoo.classifier_fidelity(logits, logits)
     assert same == {"top1_agreement": 1.0, "top5_agreement": 1.0, "kl_mean": pytest.approx(0.0, abs=1e-12)}
     # A constant shift of the logits leaves the softmax, hence every metric, unchanged.
-    assert zoo._classifier_fidelity(logits + 3.0, logits)["kl_mean"] == pytest.approx(0.0, abs=1e-12)
-    flipped = zoo._classifier_fidelity(-logits, logits)
+    assert zoo.classifier_fidelity(logits + 3.0, logits)["kl_mean"] == pytest.approx(0.0, abs=1e-12)
+    flipped = zoo.classifier_fidelity(-logits, logits)
     assert flipped["top1_agreement"] == 0.0 and flipped["kl_mean"] > 0.5
 
 
@@ -131,6 +131,21 @@ def test_lite0_eval_photos_are_never_calibration_photos():
         other = eval_shapes.get(img.shape)
         assert other is None or not np.array_equal(other, img)
     assert len(calib_photos) >= 10
+
+
+def test_lite0_folds_split_the_labelled_photos_and_crop_only_their_own():
+    photos = _or_skip(zoo.imagenet_photos)
+    masks = [zoo.lite0_fold_photos(k, 2) for k in range(2)]
+    assert masks[0].shape == (len(photos),) and masks[0].sum() == masks[1].sum() == len(photos) // 2
+    assert not (masks[0] & masks[1]).any() and (masks[0] | masks[1]).all()
+    # Crops of a fold come from its photos only: with 20 folds, fold k is photo k alone.
+    for k in (0, 7):
+        got = zoo.lite0_fold_calib(k, 3, 3, seed=5, folds=20)[0]
+        assert torch.equal(got, zoo._crops_of([photos[k][2]], 3, 3, 5)[0])
+        assert not torch.equal(got, zoo._crops_of([photos[k + 1][2]], 3, 3, 5)[0])
+    for fold, folds in ((2, 2), (-1, 2), (0, 1), (0.5, 2)):
+        with pytest.raises(zoo.ZooError, match="fold"):
+            zoo.lite0_fold_photos(fold, folds)
 
 
 def test_lite0_calib_is_seeded_and_shaped(lite0):
