@@ -106,14 +106,15 @@ def main(argv: list[str] | None = None) -> int:
 
     pooled = torch.empty_like(ref)
     for fold in range(FOLDS):
-        in_fold = zoo.lite0_fold_photos(fold, FOLDS)[photo]
+        fold_photos = zoo.lite0_fold_photos(fold, FOLDS)
+        in_fold = fold_photos[photo]
         t0 = time.perf_counter()
         compiled = l2fx.compile(model, target_cr=args.target,
                                 calib=zoo.lite0_fold_calib(fold, args.num_calib, args.batch_size, 0, FOLDS))
         seconds = time.perf_counter() - t0
         y = logits(compiled, x)
         pooled[~in_fold] = y[~in_fold]
-        label = f"ImageNet fold {fold}: {int(zoo.lite0_fold_photos(fold, FOLDS).sum())} labelled photos"
+        label = f"ImageNet fold {fold}: {int(fold_photos.sum())} labelled photos"
         add(row(label, "other photos (unseen)", y, ref, ~in_fold, compiled, seconds))
         add(row(label, "own photos, eval views (seen)", y, ref, in_fold, compiled, seconds))
     add(row(f"ImageNet {FOLDS}-fold, pooled", "all photos, each by the compile that never saw it",
