@@ -100,6 +100,5 @@ def predict_layer_nbytes(param: str, kind: TransformKind, symbols: torch.Tensor,
                          chunk_size: int, step_s: torch.Tensor, threshold_e: torch.Tensor) -> LayerBytes:
     """Bytes the layer would take with these symbols, without range coding them."""
     flat = symbols.reshape(-1).numpy().astype(np.int16, copy=False)
-    table = coding.build_table(flat)
-    payload = coding.predict_payload_nbytes(flat, table, chunk_size)
+    table, payload = coding.predict_coding(flat, chunk_size)
     return layer_nbytes(param, kind, tuple(symbols.shape), axis, table, payload, chunk_size, step_s, threshold_e)

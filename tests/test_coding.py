@@ -22,6 +22,8 @@ from l2fx.coding import (
     encode_symbols,
     histogram,
     predict_payload_nbytes,
+    predict_coding,
+    chunk_histograms,
     shannon_bits,
     stream_from_arrays,
     stream_to_arrays,
@@ -164,6 +166,29 @@ def test_predicted_payload_is_within_a_word_per_chunk(x, chunk_size):
     stream = encode_symbols(x, chunk_size=chunk_size)
     predicted = predict_payload_nbytes(x, stream.table, chunk_size)
     assert abs(predicted - stream.payload_nbytes) <= PREDICT_TOLERANCE_PER_CHUNK * len(stream.chunks)
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=symbol_arrays(), chunk_size=chunk_sizes)
+def test_chunk_histograms_count_every_chunk(x, chunk_size):
+    hist, per_chunk = chunk_histograms(x, chunk_size)
+    flat = x.reshape(-1).astype(np.int64)
+    assert per_chunk.shape == (-(-flat.size // chunk_size), hist.counts.size)
+    for i, start in enumerate(range(0, flat.size, chunk_size)):
+        part = flat[start: start + chunk_size] - hist.qmin
+        np.testing.assert_array_equal(per_chunk[i], np.bincount(part, minlength=hist.counts.size))
+    np.testing.assert_array_equal(hist.counts, per_chunk.sum(axis=0))
+    assert flat.size == 0 or (hist.counts[0] > 0 and hist.counts[-1] > 0 and hist.qmin == flat.min())
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=symbol_arrays(), chunk_size=chunk_sizes)
+def test_predict_coding_is_table_and_prediction_in_one_pass(x, chunk_size):
+    table, payload = predict_coding(x, chunk_size)
+    expected = build_table(x)
+    assert table.qmin == expected.qmin
+    np.testing.assert_array_equal(table.freqs, expected.freqs)
+    assert payload == predict_payload_nbytes(x, expected, chunk_size)
 
 
 def test_predicted_payload_from_histogram_matches_large_stream():
