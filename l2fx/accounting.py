@@ -7,11 +7,12 @@ A compressed weight writes, in the artifact (``docs/format.md``):
 * its chunk index: per chunk a uint32 byte length and a uint32 CRC-32,
 * its T parameters: ``step_s`` and (except for the linear kind) ``threshold_e``, one per
   channel (or one per tensor), as float16 when every value is a normal float16, else float32,
-* its entry in the JSON manifest (:func:`manifest_entry`), byte for byte.
+* its entry in the JSON manifest (:func:`manifest_entry`), byte for byte as uncompressed JSON
+  (the artifact zlib-compresses the manifest, so the file holds less: a conservative count).
 
 :func:`layer_nbytes` adds these up; the allocator predicts the payload, the lowering pass
-measures it, and the artifact writer writes exactly these bytes, so the CR the report states
-is the CR of the file.
+measures it, and the artifact writer writes these bytes (the manifest entries compressed), so
+the CR the report states is what the file holds, or a little better.
 """
 from __future__ import annotations
 

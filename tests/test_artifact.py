@@ -10,7 +10,7 @@ import safetensors.numpy
 import torch
 
 import l2fx
-from l2fx.artifact import MANIFEST, safetensors_bytes
+from l2fx.artifact import MANIFEST, VERSION, decode_manifest, encode_manifest, safetensors_bytes
 from l2fx.errors import ArchitectureMismatchError, ArtifactError, ArtifactVersionError, CorruptArtifactError
 
 from conftest import make_tiny_convnet
@@ -76,16 +76,23 @@ def test_truncated_file(artifact, tmp_path, keep):
         l2fx.inspect(p)
 
 
-def _rewrite_manifest(path, out, change, version="1"):
+def _manifest(arrays):
+    return json.loads(decode_manifest(arrays[MANIFEST].tobytes(), VERSION))
+
+
+def _rewrite_manifest(path, out, change, version=str(VERSION)):
+    """Rewrites the artifact at ``path`` into ``out`` with ``change`` applied to its manifest,
+    stored as format ``version`` stores it (metadata and checksum consistent)."""
     arrays = safetensors.numpy.load(path.read_bytes())
-    manifest = json.loads(arrays[MANIFEST].tobytes())
+    manifest = _manifest(arrays)
     change(manifest)
-    arrays[MANIFEST] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
+    encoding = int(version) if version.isdigit() and int(version) in (1, 2) else VERSION
+    arrays[MANIFEST] = np.frombuffer(encode_manifest(manifest, encoding), dtype=np.uint8)
     crc = zlib.crc32(arrays[MANIFEST].tobytes())
     out.write_bytes(safetensors_bytes(arrays, {"format": "l2fx", "version": version, "manifest_crc32": str(crc)}))
 
 
-@pytest.mark.parametrize("version", ["1", "99"])
+@pytest.mark.parametrize("version", ["1", "2", "99"])
 def test_wrong_version(artifact, tmp_path, version):
     path, _ = artifact
     out = tmp_path / "v.l2fx"
@@ -97,11 +104,48 @@ def test_wrong_version(artifact, tmp_path, version):
 def test_manifest_edit_without_checksum_is_corruption(artifact, tmp_path):
     path, _ = artifact
     arrays = safetensors.numpy.load(path.read_bytes())
-    manifest = json.loads(arrays[MANIFEST].tobytes())
+    manifest = _manifest(arrays)
     manifest["original_nbytes"] += 1
-    arrays[MANIFEST] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
+    arrays[MANIFEST] = np.frombuffer(encode_manifest(manifest), dtype=np.uint8)
     out = tmp_path / "m.l2fx"
-    out.write_bytes(safetensors_bytes(arrays, {"format": "l2fx", "version": "1", "manifest_crc32": "0"}))
+    out.write_bytes(safetensors_bytes(arrays, {"format": "l2fx", "version": str(VERSION), "manifest_crc32": "0"}))
+    with pytest.raises(CorruptArtifactError, match="manifest"):
+        l2fx.inspect(out)
+
+
+def test_version_1_artifact_still_loads(artifact, tmp_path):
+    """Version 1 stored the manifest as plain JSON; a file written then loads as it did."""
+    path, compiled = artifact
+    out = tmp_path / "v1.l2fx"
+    _rewrite_manifest(path, out, lambda m: m.update(version=1), version="1")
+    assert safetensors.numpy.load(out.read_bytes())[MANIFEST][:1].tobytes() == b"{"
+    restored = l2fx.load(out, model=make_tiny_convnet())
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(restored(x), l2fx.load(path, model=make_tiny_convnet())(x))
+    v1, v2 = l2fx.inspect(out), l2fx.inspect(path)
+    assert v1.compressed_cr == v2.compressed_cr and v1.file_cr < v2.file_cr
+
+
+def test_manifest_is_compressed(artifact):
+    path, _ = artifact
+    stored = safetensors.numpy.load(path.read_bytes())[MANIFEST].tobytes()
+    text = decode_manifest(stored, VERSION)
+    assert json.loads(text)["version"] == VERSION == 2
+    assert len(stored) < 0.6 * len(text)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "trailing", "bomb"])
+def test_bad_compressed_manifest_is_corruption(artifact, tmp_path, damage):
+    path, _ = artifact
+    arrays = safetensors.numpy.load(path.read_bytes())
+    stored = arrays[MANIFEST].tobytes()
+    bad = {"garbage": b"\x78\x9c not a deflate stream", "truncated": stored[: len(stored) // 2],
+           "trailing": stored + b"xx", "bomb": zlib.compress(b" " * (300 << 20), 9)}[damage]
+    arrays[MANIFEST] = np.frombuffer(bad, dtype=np.uint8)
+    out = tmp_path / "z.l2fx"
+    out.write_bytes(safetensors_bytes(arrays, {"format": "l2fx", "version": str(VERSION),
+                                               "manifest_crc32": str(zlib.crc32(bad))}))
     with pytest.raises(CorruptArtifactError, match="manifest"):
         l2fx.inspect(out)
 
