@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import l2fx
 from l2fx.artifact import MANIFEST, VERSION, decode_manifest, encode_manifest, safetensors_bytes
@@ -125,6 +127,17 @@ def test_version_1_artifact_still_loads(artifact, tmp_path):
         assert torch.equal(restored(x), l2fx.load(path, model=make_tiny_convnet())(x))
     v1, v2 = l2fx.inspect(out), l2fx.inspect(path)
     assert v1.compressed_cr == v2.compressed_cr and v1.file_cr < v2.file_cr
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+                     max_leaves=30)
+
+
+@given(manifest=st.dictionaries(st.text(), _json, max_size=6), version=st.sampled_from([1, 2]))
+def test_manifest_encoding_round_trips(manifest, version):
+    stored = encode_manifest(manifest, version)
+    assert json.loads(decode_manifest(stored, version)) == manifest
 
 
 def test_manifest_is_compressed(artifact):
