@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import l2fx
-from l2fx.artifact import MANIFEST, VERSION, decode_manifest, encode_manifest, safetensors_bytes
+from l2fx.artifact import MANIFEST, PLAIN_PREFIX, VERSION, decode_manifest, encode_manifest, safetensors_bytes
 from l2fx.errors import ArchitectureMismatchError, ArtifactError, ArtifactVersionError, CorruptArtifactError
 
 from conftest import make_tiny_convnet
@@ -115,11 +115,33 @@ def test_manifest_edit_without_checksum_is_corruption(artifact, tmp_path):
         l2fx.inspect(out)
 
 
+def _as_version_1(path, out):
+    """Writes the artifact at ``path`` as format version 1 did: manifest as plain JSON, every
+    plain tensor under its own name (not packed per dtype), its CRC-32 and dtype in the manifest."""
+    arrays = safetensors.numpy.load(path.read_bytes())
+    manifest = _manifest(arrays)
+    cursors = {}
+    for name, (dtype, key, shape) in manifest["plain"].items():
+        pack = arrays[PLAIN_PREFIX + key]
+        start = cursors.get(key, 0)
+        n = int(np.prod(shape))
+        arrays[name] = pack[start: start + n].reshape(shape).copy()
+        cursors[key] = start + n
+        manifest["plain"][name] = dtype
+        manifest["crc32"][name] = zlib.crc32(arrays[name].tobytes())
+    for key in cursors:
+        del arrays[PLAIN_PREFIX + key], manifest["crc32"][PLAIN_PREFIX + key]
+    manifest["version"] = 1
+    arrays[MANIFEST] = np.frombuffer(encode_manifest(manifest, 1), dtype=np.uint8)
+    out.write_bytes(safetensors_bytes(arrays, {"format": "l2fx", "version": "1",
+                                               "manifest_crc32": str(zlib.crc32(arrays[MANIFEST].tobytes()))}))
+
+
 def test_version_1_artifact_still_loads(artifact, tmp_path):
     """Version 1 stored the manifest as plain JSON; a file written then loads as it did."""
     path, compiled = artifact
     out = tmp_path / "v1.l2fx"
-    _rewrite_manifest(path, out, lambda m: m.update(version=1), version="1")
+    _as_version_1(path, out)
     assert safetensors.numpy.load(out.read_bytes())[MANIFEST][:1].tobytes() == b"{"
     restored = l2fx.load(out, model=make_tiny_convnet())
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -138,6 +160,32 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
 def test_manifest_encoding_round_trips(manifest, version):
     stored = encode_manifest(manifest, version)
     assert json.loads(decode_manifest(stored, version)) == manifest
+
+
+@pytest.mark.parametrize("edit", ["shape", "dtype", "short", "extra"])
+def test_bad_plain_entries_are_corruption(artifact, tmp_path, edit):
+    path, _ = artifact
+
+    def change(m):
+        name = next(iter(m["plain"]))
+        dtype, key, shape = m["plain"][name]
+        m["plain"][name] = {"shape": [dtype, key, [s * 1000 for s in shape] or [1000]],
+                            "dtype": ["load", key, shape], "short": [dtype, key],
+                            "extra": [dtype, key, shape[:-1] + [max(shape[-1] - 1, 0)]] if shape else [dtype, key, [0]]}[edit]
+
+    out = tmp_path / "p.l2fx"
+    _rewrite_manifest(path, out, change)
+    with pytest.raises(CorruptArtifactError, match="plain"):
+        l2fx.load(out, model=make_tiny_convnet())
+
+
+def test_plain_tensors_are_packed_per_dtype(artifact):
+    path, compiled = artifact
+    arrays = safetensors.numpy.load(path.read_bytes())
+    names = [k for k in arrays if not k.startswith("l2fx.")]
+    assert names == [] and any(k.startswith(PLAIN_PREFIX) for k in arrays)
+    plain = _manifest(arrays)["plain"]
+    assert list(plain) == sorted(plain) and len(plain) > 0
 
 
 def test_manifest_is_compressed(artifact):
