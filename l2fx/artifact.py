@@ -244,7 +244,10 @@ class ArtifactReader:
         if self.manifest.get("version") != self.version:
             raise ArtifactVersionError(f"{self.path}: the manifest says format version "
                                        f"{self.manifest.get('version')!r}, the file's metadata {self.version}")
-        for name, crc in self.manifest.get("crc32", {}).items():
+        for key, kind in (("layers", list), ("plain", dict), ("crc32", dict)):
+            if not isinstance(self.manifest.get(key), kind):
+                raise CorruptArtifactError(f"{self.path}: the manifest's {key!r} is missing or not a {kind.__name__}")
+        for name, crc in self.manifest["crc32"].items():
             if name not in self.arrays:
                 raise CorruptArtifactError(f"{self.path}: tensor {name!r} listed in the manifest is missing")
             if _crc(self.arrays[name]) != crc:

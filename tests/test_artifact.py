@@ -179,6 +179,18 @@ def test_bad_plain_entries_are_corruption(artifact, tmp_path, edit):
         l2fx.load(out, model=make_tiny_convnet())
 
 
+@pytest.mark.parametrize("key", ["layers", "plain", "crc32"])
+def test_manifest_fields_of_the_wrong_type_are_corruption(artifact, tmp_path, key):
+    path, _ = artifact
+    out = tmp_path / "f.l2fx"
+    _rewrite_manifest(path, out, lambda m: m.update({key: "oops"}))
+    with pytest.raises(CorruptArtifactError, match=key):
+        l2fx.inspect(out)
+    _rewrite_manifest(path, out, lambda m: m.pop(key))
+    with pytest.raises(CorruptArtifactError, match=key):
+        l2fx.load(out, model=make_tiny_convnet())
+
+
 def test_plain_tensors_are_packed_per_dtype(artifact):
     path, compiled = artifact
     arrays = safetensors.numpy.load(path.read_bytes())
