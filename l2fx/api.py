@@ -15,7 +15,7 @@ from l2fx.accounting import layer_nbytes
 from l2fx.artifact import ArtifactReader, check_fingerprint, coded_layers, serialize, write_atomic
 from l2fx.config import BackendConfig, CompileConfig
 from l2fx.data import check_runs, normalize_calib
-from l2fx.errors import ArchitectureMismatchError, ArtifactError, L2fxError
+from l2fx.errors import ArchitectureMismatchError, ArtifactError, CorruptArtifactError, L2fxError
 from l2fx.frontend import CaptureInfo, capture, graph_fingerprint, recapture
 from l2fx.ir import CodedInfo, WeightSite, replace_weight, set_meta
 from l2fx.modules import CodedWeight
@@ -158,7 +158,11 @@ def inspect(path: str | os.PathLike) -> CompressionReport:
     """Reads an artifact (checking every checksum) and reports per-layer bytes and both CRs."""
     reader = ArtifactReader(path)
     layers = [info for info, *_ in _decoded_layers(reader)]
-    return _report(layers, reader.manifest["config"]["target_cr"], reader.file_nbytes, reader.manifest["original_nbytes"])
+    try:
+        target_cr, original = float(reader.manifest["config"]["target_cr"]), int(reader.manifest["original_nbytes"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptArtifactError(f"{path}: the manifest lacks the target CR or the original size: {exc}") from exc
+    return _report(layers, target_cr, reader.file_nbytes, original)
 
 
 def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | str = "cpu",

@@ -191,6 +191,16 @@ def test_manifest_fields_of_the_wrong_type_are_corruption(artifact, tmp_path, ke
         l2fx.load(out, model=make_tiny_convnet())
 
 
+@pytest.mark.parametrize("change", [lambda m: m.pop("original_nbytes"), lambda m: m["config"].pop("target_cr"),
+                                    lambda m: m.update(config="x")])
+def test_inspect_names_a_manifest_without_sizes(artifact, tmp_path, change):
+    path, _ = artifact
+    out = tmp_path / "s.l2fx"
+    _rewrite_manifest(path, out, change)
+    with pytest.raises(CorruptArtifactError, match="target CR or the original size"):
+        l2fx.inspect(out)
+
+
 def test_plain_tensors_are_packed_per_dtype(artifact):
     path, compiled = artifact
     arrays = safetensors.numpy.load(path.read_bytes())
