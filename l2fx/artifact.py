@@ -5,7 +5,7 @@ Layout (``docs/format.md`` is the normative description):
 * ``l2fx.manifest`` (uint8): compact JSON, zlib-compressed (format version 2; version 1 stored
   it uncompressed, and is still read): format name and version, how the model was
   captured, the architecture fingerprint, the compile config, one entry per coded layer
-  (``l2fx.accounting.manifest_entry``), the plain tensors' original dtypes, and a CRC-32 of
+  (``l2fx.accounting.manifest_entry``), the plain tensors' model dtypes, packs and shapes, and a CRC-32 of
   every tensor in the file other than the manifest and the payload (whose chunks carry their
   own CRC-32).
 * ``l2fx.payload`` (uint8): every coded layer's chunks, concatenated in manifest order.
