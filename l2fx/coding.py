@@ -316,14 +316,23 @@ def _num_chunks(numel: int, chunk_size: int) -> int:
     return -(-numel // chunk_size)
 
 
-def _as_symbols(symbols: np.ndarray) -> np.ndarray:
+def _flat_symbols(symbols: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """``symbols`` flattened (C order, own integer dtype) with their min and max (0, -1 if empty);
+    ConfigError unless they are integers in [-QMAX, QMAX]."""
     arr = np.asarray(symbols)
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ConfigError(f"symbols must have an integer dtype, got {arr.dtype}")
-    flat = arr.reshape(-1).astype(np.int32, copy=False)
-    if flat.size and (int(flat.min()) < -QMAX or int(flat.max()) > QMAX):
-        raise ConfigError(f"symbols must lie in [-{QMAX}, {QMAX}], got [{flat.min()}, {flat.max()}]")
-    return flat
+    flat = arr.reshape(-1)
+    if flat.size == 0:
+        return flat, 0, -1
+    qmin, qmax = int(flat.min()), int(flat.max())
+    if qmin < -QMAX or qmax > QMAX:
+        raise ConfigError(f"symbols must lie in [-{QMAX}, {QMAX}], got [{qmin}, {qmax}]")
+    return flat, qmin, qmax
+
+
+def _as_symbols(symbols: np.ndarray) -> np.ndarray:
+    return _flat_symbols(symbols)[0].astype(np.int32, copy=False)
 
 
 def _check_chunk_size(chunk_size: int) -> int:
@@ -507,15 +516,9 @@ def chunk_histograms(symbols: np.ndarray, chunk_size: int = 1 << 16) -> tuple[Sy
     over ``chunk * K + symbol`` took 54 ms (2-core CPU, numpy).
     """
     chunk_size = _check_chunk_size(chunk_size)
-    arr = np.asarray(symbols)
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ConfigError(f"symbols must have an integer dtype, got {arr.dtype}")
-    flat = arr.reshape(-1)
+    flat, qmin, qmax = _flat_symbols(symbols)
     if flat.size == 0:
         return SymbolHistogram(0, np.zeros(0, dtype=np.int64)), np.zeros((0, 0), dtype=np.int64)
-    qmin, qmax = int(flat.min()), int(flat.max())
-    if qmin < -QMAX or qmax > QMAX:
-        raise ConfigError(f"symbols must lie in [-{QMAX}, {QMAX}], got [{qmin}, {qmax}]")
     k = qmax - qmin + 1
     shifted = flat.astype(np.int16, copy=False) - np.int16(qmin)  # in [0, 254]
     n_chunks = _num_chunks(flat.size, chunk_size)
@@ -566,9 +569,9 @@ def predict_payload_nbytes(
 
 def _payload_nbytes(hist: SymbolHistogram, per_chunk: np.ndarray | None, table: FrequencyTable,
                     chunk_size: int) -> int:
-    numel = hist.numel
+    numel = hist.numel  # > 0: both callers return 0 for no symbols first
     n_chunks = _num_chunks(numel, chunk_size)
-    if numel == 0 or table.freqs.size <= 1:
+    if table.freqs.size <= 1:
         return 0
     lengths = table.code_lengths_bits()
     offset = hist.qmin - table.qmin
