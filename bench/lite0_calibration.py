@@ -1,6 +1,7 @@
 """EfficientNet-Lite0: how much the calibration photos, not the method, limit fidelity.
 
     python bench/lite0_calibration.py --target 10 --num-calib 256
+    python bench/lite0_calibration.py --target 10 --set reconstruction.weight_radius=0.25 --tag r025
 
 The standard Lite0 benchmark (``bench/quality.py``) calibrates on crops of 16 generic photos
 (sklearn/skimage: textures, astronomy, microscopy, a cat, ...) and evaluates on the 20
@@ -27,6 +28,8 @@ import torch
 
 import l2fx
 from l2fx import zoo
+from l2fx.cli import apply_settings
+from l2fx.config import CompileConfig
 from l2fx.passes.baselines import rtn_pipeline
 
 from _results import RESULTS, command_line, write_results
@@ -50,13 +53,14 @@ def row(calibration: str, evaluated: str, out: torch.Tensor, ref: torch.Tensor, 
     return r
 
 
-def markdown(target: float, num_calib: int, rows: list[dict], command: str) -> str:
+def markdown(target: float, num_calib: int, rows: list[dict], command: str, settings: list[str]) -> str:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
+    config = "config " + ", ".join(settings) if settings else "default config"
     lines = [f"## EfficientNet-Lite0 at target CR {target:g}: calibration photos", "",
              f"Command: `{command}`", "",
-             f"{num_calib} calibration crops per compile, default config. Agreement and KL against fp32 "
+             f"{num_calib} calibration crops per compile, {config}. Agreement and KL against fp32 "
              "on the 5 views of each labelled photo (`zoo.lite0_eval_views`).", "",
              "| calibration | evaluated on | views | top-1 agreement | top-5 agreement | mean KL | CR (weights) "
              "| CR (file) | compile s |",
@@ -74,21 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-calib", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--skip-generic", action="store_true", help="only the ImageNet folds (and RTN int8)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a CompileConfig field for the L2 compiles, as in `l2fx compress --set` (repeatable)")
+    p.add_argument("--tag", default="", help="suffix for the result files")
     args = p.parse_args(argv)
     command = command_line()
+    config = apply_settings(CompileConfig(target_cr=args.target), args.set)
     entry = zoo.get("efficientnet-lite0")
     model = entry.build()
     x, _, _ = zoo.lite0_eval_views()
     photo = torch.arange(len(x)) // (len(x) // len(zoo.imagenet_photos()))
     ref = logits(model, x)
     everything = torch.ones(len(x), dtype=torch.bool)
-    out = RESULTS / f"lite0_calibration_cr{args.target:g}"
+    out = RESULTS / (f"lite0_calibration_cr{args.target:g}" + (f"_{args.tag}" if args.tag else ""))
     rows: list[dict] = []
 
     def add(r: dict) -> None:  # written after every row: a stopped run keeps what it measured
         rows.append(r)
-        write_results(out, markdown(args.target, args.num_calib, rows, command),
-                      {"command": command, "target_cr": args.target, "num_calib": args.num_calib, "rows": rows})
+        write_results(out, markdown(args.target, args.num_calib, rows, command, args.set),
+                      {"command": command, "target_cr": args.target, "num_calib": args.num_calib,
+                       "config": config.to_dict(), "rows": rows})
 
     calib = entry.calib(args.num_calib, args.batch_size, 0)
     rtn = l2fx.compile(model, target_cr=4.0, calib=calib, pipeline=rtn_pipeline(8))
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_generic:
         t0 = time.perf_counter()
-        compiled = l2fx.compile(model, target_cr=args.target, calib=calib)
+        compiled = l2fx.compile(model, target_cr=args.target, calib=calib, config=config)
         seconds = time.perf_counter() - t0
         y = logits(compiled, x)
         add(row("generic: 16 sklearn/skimage photos", "all photos", y, ref, everything, compiled, seconds))
@@ -109,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         fold_photos = zoo.lite0_fold_photos(fold, FOLDS)
         in_fold = fold_photos[photo]
         t0 = time.perf_counter()
-        compiled = l2fx.compile(model, target_cr=args.target,
+        compiled = l2fx.compile(model, target_cr=args.target, config=config,
                                 calib=zoo.lite0_fold_calib(fold, args.num_calib, args.batch_size, 0, FOLDS))
         seconds = time.perf_counter() - t0
         y = logits(compiled, x)
@@ -119,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         add(row(label, "own photos, eval views (seen)", y, ref, in_fold, compiled, seconds))
     add(row(f"ImageNet {FOLDS}-fold, pooled", "all photos, each by the compile that never saw it",
             pooled, ref, everything))
-    print(markdown(args.target, args.num_calib, rows, command))
+    print(markdown(args.target, args.num_calib, rows, command, args.set))
     return 0
 
 

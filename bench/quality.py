@@ -4,6 +4,7 @@
     python bench/quality.py --models efficientnet-lite0 --targets 10 --num-calib 256
     python bench/quality.py --models fmnist-resnet --targets 15 --baselines --prune-baseline 0 \
         --ablations transform counter finetune calib seed --tag ablations
+    python bench/quality.py --models minilm --targets 8 --set reconstruction.weight_radius=0.25 --tag r025
 
 For each model: fp32 metrics; L2 at every target CR; the baselines (per-channel RTN at 8..3
 bits, and magnitude pruning 50% then RTN, all range coded in the same accounting) with their
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import l2fx
 from l2fx import zoo
+from l2fx.cli import apply_settings
 from l2fx.config import CompileConfig, ReconstructionConfig
 from l2fx.counter import CounterKernel
 from l2fx.passes.baselines import rtn_pipeline
@@ -130,9 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-reconstruction", action="store_true")
     p.add_argument("--tag", default="", help="suffix for the result files (quality_<model>_<tag>.*)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a CompileConfig field for every L2 row, as in `l2fx compress --set` (repeatable)")
     args = p.parse_args(argv)
     command = command_line()
-    base = CompileConfig(reconstruction=ReconstructionConfig(enabled=not args.no_reconstruction))
+    base = apply_settings(CompileConfig(reconstruction=ReconstructionConfig(enabled=not args.no_reconstruction)),
+                          args.set)
     for name in args.models:
         entry = zoo.get(name)
         model = entry.build()
