@@ -14,10 +14,10 @@ from l2fx import coding, rangedec
 from l2fx.accounting import layer_nbytes
 from l2fx.artifact import ArtifactReader, check_fingerprint, coded_layers, serialize, write_atomic
 from l2fx.config import BackendConfig, CompileConfig
-from l2fx.data import check_runs, normalize_calib
-from l2fx.errors import ArchitectureMismatchError, ArtifactError, CorruptArtifactError, L2fxError
+from l2fx.data import cast_floats, check_runs, normalize_calib
+from l2fx.errors import ArchitectureMismatchError, ArtifactError, CalibrationError, CorruptArtifactError, L2fxError
 from l2fx.frontend import CaptureInfo, capture, graph_fingerprint, recapture
-from l2fx.ir import CodedInfo, WeightSite, replace_weight, set_meta
+from l2fx.ir import CodedInfo, WeightSite, fetch_attr, replace_weight, set_meta
 from l2fx.modules import CodedWeight
 from l2fx.pipeline import Instrument, PassContext, PassManager, PeakMemory, Timing, peak_rss_mib
 from l2fx.report import CompressionReport, LayerReport, original_nbytes
@@ -88,6 +88,17 @@ def compile(
     gm, info = capture(model, batches[0])
     check_runs(gm, batches[0])
     fingerprint = graph_fingerprint(gm)
+    dtypes = float_dtypes(gm)
+    if any(d != torch.float32 for d in dtypes.values()):
+        # Compression runs in fp32 (rounding, gradients, byte prediction); the result is cast
+        # back to the model's own dtypes at the end (restore_dtypes).
+        gm.float()
+        batches = [cast_floats(b, torch.float32) for b in batches]
+        try:
+            check_runs(gm, batches[0])
+        except CalibrationError as exc:
+            raise CalibrationError(f"the model runs in {sorted({str(d) for d in dtypes.values()})} but not cast to "
+                                   f"float32, which l2fx compresses in: {exc}") from exc
     gm.to(device)
     pipeline = pipeline or default_pipeline(config)
     timing, memory = Timing(), PeakMemory()
@@ -95,6 +106,7 @@ def compile(
                       instruments=[timing, memory, *instruments], verify=verify, device=device)
     with ctx:
         gm = pipeline(gm).graph_module
+    restore_dtypes(gm, dtypes)
     header = {
         "capture": info.to_dict(), "fingerprint": fingerprint, "config": config.to_dict(),
         "passes": pipeline.names, "fold_batchnorm": config.fold_batchnorm,
@@ -106,6 +118,42 @@ def compile(
                               header["original_nbytes"], pass_seconds=dict(timing.seconds),
                               peak_rss_mib=peak_rss_mib(), records=dict(ctx.records))
     return compiled
+
+
+def float_dtypes(gm: fx.GraphModule) -> dict[str, torch.dtype]:
+    """The dtype of every floating parameter and buffer, by state_dict name."""
+    return {name: t.dtype for name, t in gm.state_dict(keep_vars=True).items() if t.is_floating_point()}
+
+
+@torch.no_grad()
+def restore_dtypes(gm: fx.GraphModule, dtypes: dict[str, torch.dtype]) -> None:
+    """Casts the compiled graph back to the model's dtypes: each plain floating tensor to the
+    dtype it had (tensors the passes created, e.g. a folded BatchNorm's bias, to the model's
+    most common floating dtype), and each coded weight returns the dtype of the weight it
+    replaced. A float32 model is left as it is."""
+    if all(d == torch.float32 for d in dtypes.values()):
+        return
+    counts: dict[torch.dtype, int] = {}
+    for d in dtypes.values():
+        counts[d] = counts.get(d, 0) + 1
+    default = max(counts, key=counts.__getitem__)
+    coded = {path for path, _, _ in coded_layers(gm)}
+    for _, info, module in coded_layers(gm):
+        module.dtype = dtypes.get(info.param, default)
+    for path, module in gm.named_modules():
+        if path in coded or path.startswith(tuple(p + "." for p in coded)):
+            continue
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is None or not t.is_floating_point():
+                    continue
+                name = f"{path}.{key}" if path else key
+                dtype = dtypes.get(name, default)
+                if t.dtype != dtype:
+                    if isinstance(t, nn.Parameter):
+                        table[key] = nn.Parameter(t.detach().to(dtype), requires_grad=t.requires_grad)
+                    else:
+                        table[key] = t.to(dtype)
 
 
 def save(compiled: CompiledModel, path: str | os.PathLike) -> int:
@@ -207,7 +255,11 @@ def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | st
         codes = torch.from_numpy(symbols.astype(np.int8)).reshape(entry["shape"])
         axis = entry["axis"]
         set_meta(node, WeightSite(entry["param"], "loaded", axis if axis is not None else 0, tuple(entry["shape"])))
-        new = replace_weight(gm, node, CodedWeight(codes, TransformKind(entry["kind"]), s, e, axis), recompile=False)
+        dtype = fetch_attr(gm, entry["param"]).dtype  # the loaded model's own dtype for this weight
+        if not dtype.is_floating_point:
+            raise ArchitectureMismatchError(f"{path}: layer {entry['param']!r} is {dtype} in the model, not floating point")
+        new = replace_weight(gm, node, CodedWeight(codes, TransformKind(entry["kind"]), s, e, axis, dtype),
+                             recompile=False)
         set_meta(new, info)
     gm.recompile()
     plain = reader.plain()

@@ -98,6 +98,12 @@ def check_runs(model: torch.nn.Module, batch: Batch) -> None:
                                ) from exc
 
 
+def cast_floats(batch: Batch, dtype: torch.dtype) -> Batch:
+    """``batch`` with every floating tensor cast to ``dtype`` (integer inputs, e.g. token ids, kept)."""
+    return pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                           batch)
+
+
 def batch_size(batch: Batch) -> int:
     return pytree.tree_leaves(batch)[0].shape[0]
 

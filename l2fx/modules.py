@@ -61,12 +61,16 @@ class CodedWeight(nn.Module):
     """Decoded-on-the-fly weight: ``codes`` int8 [shape]; ``step_s``/``threshold_e`` fp32 [C] or [].
 
     The T parameters hold exactly the values stored in the artifact (fp16-representable when
-    stored as fp16), so a loaded model computes bit-identical weights.
+    stored as fp16), so a loaded model computes bit-identical weights. The weight is decoded
+    in fp32 and returned in ``dtype``, the dtype of the weight it replaces (float16 for a
+    float16 model); not stored: the model passed to :func:`l2fx.load` gives it again.
     """
 
     def __init__(self, codes: torch.Tensor, kind: TransformKind, step_s: torch.Tensor,
-                 threshold_e: torch.Tensor, channel_axis: int | None):
+                 threshold_e: torch.Tensor, channel_axis: int | None, dtype: torch.dtype = torch.float32):
         super().__init__()
+        if not dtype.is_floating_point:
+            raise ConfigError(f"CodedWeight: dtype must be a floating dtype, got {dtype}")
         if not (torch.isfinite(step_s).all() and torch.isfinite(threshold_e).all()
                 and (step_s > 0).all() and (threshold_e > 0).all()):
             raise ConfigError("CodedWeight: step_s and threshold_e must be finite and > 0")
@@ -75,13 +79,16 @@ class CodedWeight(nn.Module):
         self.register_buffer("threshold_e", threshold_e.detach().float().contiguous())
         self.kind = TransformKind(kind)
         self.channel_axis = channel_axis
+        self.dtype = dtype
 
     def forward(self) -> torch.Tensor:
         s = channel_view(self.step_s, self.codes, self.channel_axis)
         e = channel_view(self.threshold_e, self.codes, self.channel_axis)
         # inverse_t, not decode: decode's positivity check reads tensor values (a graph break
         # under torch.compile). s, e > 0 is checked once, where they are created or loaded.
-        return inverse_t(self.codes.to(torch.float32), self.kind, s, e)
+        w = inverse_t(self.codes.to(torch.float32), self.kind, s, e)
+        return w if self.dtype == torch.float32 else w.to(self.dtype)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind.value}, shape={tuple(self.codes.shape)}, axis={self.channel_axis}"
+        dtype = "" if self.dtype == torch.float32 else f", dtype={str(self.dtype).replace('torch.', '')}"
+        return f"kind={self.kind.value}, shape={tuple(self.codes.shape)}, axis={self.channel_axis}{dtype}"

@@ -245,6 +245,8 @@ class LowerKernels(L2fxPass):
         kernels = _kernels()
         if backend.use_triton == "auto" and not (module.codes.is_cuda and kernels.HAS_TRITON):
             return "use_triton='auto' and the layer is not on CUDA with Triton importable"
+        if module.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"kernel computes in float16/bfloat16/float32, the model's weight is {module.dtype}"
         if module.kind.value not in kernels.KINDS:
             return f"kernel has no decoder for kind {module.kind.value!r}"
         if module.channel_axis not in (0, None):

@@ -67,15 +67,23 @@ def tiny_convnet():
     return make_tiny_convnet()
 
 
-@pytest.fixture
-def tiny_calib():
+def make_tiny_calib() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(48, 1, 28, 28, generator=g)
     return [x[:16], x[16:32], x[32:]]
 
 
 @pytest.fixture
+def tiny_calib():
+    return make_tiny_calib()
+
+
+@pytest.fixture
 def fast_config():
+    return make_fast_config()
+
+
+def make_fast_config():
     from l2fx.config import CompileConfig, ReconstructionConfig, SensitivityConfig
 
     # Reconstruction has its own tests (tests/passes/test_block_reconstruction.py); here it is
