@@ -57,6 +57,12 @@ def _check_batch(batch: Any, index: int) -> Batch:
     return batch
 
 
+def _token_tensor(t: torch.Tensor) -> bool:
+    """A 2-d integer or bool tensor ([batch, sequence]: token ids, attention masks), the one kind
+    whose second dimension may vary between batches (``cat_batches`` right-pads it with 0)."""
+    return t.dim() == 2 and not t.is_floating_point() and not t.is_complex()
+
+
 def normalize_calib(calib: Any) -> list[Batch]:
     """Turns ``calib`` into a validated, non-empty list of batches (one structure throughout)."""
     if calib is None:
@@ -79,11 +85,11 @@ def normalize_calib(calib: Any) -> list[Batch]:
     for i, b in enumerate(batches[1:], 1):
         leaves = pytree.tree_leaves(b)
         if pytree.tree_structure(b) != first or any(
-                a.dim() != c.dim() or a.dtype != c.dtype or (a.dim() > 2 and a.shape[1:] != c.shape[1:])
+                a.dim() != c.dim() or a.dtype != c.dtype or (a.shape[1:] != c.shape[1:] and not _token_tensor(a))
                 for a, c in zip(first_leaves, leaves)):
             raise CalibrationError(
                 f"calibration batch {i} is {_describe(b)}, unlike batch 0 {_describe(batches[0])}: batches may differ "
-                "only in batch size (and sequence length for 2-d token tensors)")
+                "only in batch size (and sequence length for 2-d integer token tensors)")
     return batches
 
 

@@ -91,6 +91,13 @@ def test_bad_calibration(tiny_convnet, fast_config, calib, match):
         assert match in str(info.value)
 
 
+def test_a_later_batch_of_other_features_is_a_calibration_error(fast_config):
+    # 2-d float features of another width: not a token batch whose sequence length may vary.
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    with pytest.raises(CalibrationError, match="batch 1 .*unlike batch 0"):
+        l2fx.compile(model, target_cr=6, calib=[torch.randn(8, 64), torch.randn(8, 32)], config=fast_config)
+
+
 def test_wrong_shaped_calibration_is_a_clear_error(tiny_convnet, fast_config):
     with pytest.raises(l2fx.L2fxError):
         l2fx.compile(tiny_convnet, target_cr=8, calib=torch.zeros(4, 3, 28, 28), config=fast_config)
