@@ -57,7 +57,29 @@ class TransformedWeight(nn.Module):
         return f"kind={self.kind.value}, shape={tuple(self.weight.shape)}, axis={self.channel_axis}, qmax={self.qmax}"
 
 
-class CodedWeight(nn.Module):
+class StoredParams(nn.Module):
+    """Base of the modules whose floating buffers are the artifact's stored T parameters.
+
+    ``.half()``, ``.to(torch.bfloat16)`` and the like move those buffers (device, sharing) but
+    keep them float32: a cast would change the weights they decode, and the artifact saved from
+    the result. What follows the cast is ``dtype``, the dtype of the weight returned.
+    """
+
+    dtype: torch.dtype = torch.float32
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.zeros((), dtype=self.dtype))
+        if probe.is_floating_point():
+            self.dtype = probe.dtype
+
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return out if out.dtype == t.dtype or not t.is_floating_point() else t.to(device=out.device)
+
+        return super()._apply(keep_float32, recurse)
+
+
+class CodedWeight(StoredParams):
     """Decoded-on-the-fly weight: ``codes`` int8 [shape]; ``step_s``/``threshold_e`` fp32 [C] or [].
 
     The T parameters hold exactly the values stored in the artifact (fp16-representable when

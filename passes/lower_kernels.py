@@ -49,7 +49,7 @@ from torch import nn
 from l2fx.config import BackendConfig
 from l2fx.errors import PassError
 from l2fx.ir import arg_of, weight_consumers, weight_sites
-from l2fx.modules import CodedWeight
+from l2fx.modules import CodedWeight, StoredParams
 from l2fx.pipeline import L2fxPass, PassContext, PassManager, PassResult
 from l2fx.transform import TransformKind
 from l2fx.triton_kernels.packing import WORD_BITS, choose_bits, pack_codes
@@ -76,7 +76,7 @@ def _kernels():
 # Lowered weight modules
 
 
-class DequantLinear(nn.Module):
+class DequantLinear(StoredParams):
     """``y = x @ T^-1(q)^T + bias`` with ``q`` decoded in registers (``torch.ops.l2fx.dequant_matmul``).
 
     Buffers (exactly what runs; ``state_dict()`` holds these and nothing else):
@@ -276,6 +276,7 @@ class LowerKernels(L2fxPass):
         codes = module.codes.reshape(module.codes.shape[0], -1)  # conv [N, K, 1, 1] -> [N, K]
         new_module = plan.rule.module(codes, module.kind, module.step_s, module.threshold_e,
                                       module.channel_axis, plan.bits)
+        new_module.dtype = module.dtype
         # Same path: state_dict keys keep the coded prefix the artifact strips, and no orphan
         # CodedWeight (with its int8 codes) stays registered.
         gm.add_submodule(path, new_module)

@@ -93,3 +93,22 @@ def test_coded_weight_rejects_a_non_floating_dtype():
     with pytest.raises(ConfigError, match="floating"):
         CodedWeight(torch.zeros(2, 2, dtype=torch.int8), l2fx.TransformKind("joint"), torch.ones(()), torch.ones(()),
                     None, torch.int32)
+
+
+@pytest.mark.parametrize("lowered", [False, True], ids=["torch", "lowered"])
+def test_a_compiled_model_casts_like_a_module_and_keeps_its_stored_parameters(tiny_calib, fast_config, lowered):
+    compiled = l2fx.compile(make_tiny_convnet(), target_cr=8, calib=tiny_calib, config=fast_config)
+    if lowered:
+        compiled = l2fx.lower(compiled, BackendConfig(use_triton="always"))
+    stored = {k: v.clone() for k, v in compiled.state_dict().items() if "l2fx_weights" in k}
+    x = tiny_calib[0]
+    y = compiled(x)
+    half = copy.deepcopy(compiled).to(torch.bfloat16)
+    yh = half(x.to(torch.bfloat16))
+    assert yh.dtype == torch.bfloat16
+    assert _rel_err(yh, y) < 1e-3
+    # The codes and the stored T parameters are what the artifact holds: not cast.
+    assert all(torch.equal(v, stored[k]) and v.dtype == stored[k].dtype
+               for k, v in half.state_dict().items() if "l2fx_weights" in k)
+    back = half.float()
+    assert back(x).dtype == torch.float32
