@@ -18,7 +18,7 @@ from l2fx.data import cast_floats, check_runs, normalize_calib
 from l2fx.errors import ArchitectureMismatchError, ArtifactError, CalibrationError, CorruptArtifactError, L2fxError
 from l2fx.frontend import CaptureInfo, capture, graph_fingerprint, recapture
 from l2fx.ir import CodedInfo, WeightSite, fetch_attr, replace_weight, set_meta
-from l2fx.modules import CodedWeight
+from l2fx.modules import CodedWeight, StoredParams
 from l2fx.pipeline import Instrument, PassContext, PassManager, PeakMemory, Timing, peak_rss_mib
 from l2fx.report import CompressionReport, LayerReport, original_nbytes
 from l2fx.transform import TransformKind
@@ -137,11 +137,10 @@ def restore_dtypes(gm: fx.GraphModule, dtypes: dict[str, torch.dtype]) -> None:
     for d in dtypes.values():
         counts[d] = counts.get(d, 0) + 1
     default = max(counts, key=counts.__getitem__)
-    coded = {path for path, _, _ in coded_layers(gm)}
     for _, info, module in coded_layers(gm):
         module.dtype = dtypes.get(info.param, default)
     for path, module in gm.named_modules():
-        if path in coded or path.startswith(tuple(p + "." for p in coded)):
+        if isinstance(module, StoredParams):  # codes and stored T parameters: what the artifact holds
             continue
         for table in (module._parameters, module._buffers):
             for key, t in table.items():
