@@ -13,7 +13,7 @@ from l2fx.config import BackendConfig
 from l2fx.errors import CalibrationError, ConfigError
 from l2fx.modules import CodedWeight
 
-from conftest import make_fast_config, make_tiny_calib, make_tiny_convnet
+from conftest import DictInputNet, make_fast_config, make_tiny_calib, make_tiny_convnet
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float64]
 
@@ -60,6 +60,19 @@ def test_low_and_high_precision_models_compile_save_and_load(tmp_path, tiny_cali
     assert {spec[0] for spec in ArtifactReader(path).manifest["plain"].values()} >= {str(dtype).replace("torch.", "")}
     restored = l2fx.load(path, make_tiny_convnet(seed=5).to(dtype))
     assert torch.equal(restored(x), y)
+
+
+def test_a_float16_model_captured_by_torch_export(tmp_path, fast_config):
+    torch.manual_seed(0)
+    model = DictInputNet().eval().half()
+    batch = {"input_ids": torch.randint(0, 200, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+    compiled = l2fx.compile(model, target_cr=6, calib=[batch], config=fast_config)
+    y = compiled(**batch)
+    assert y.dtype == torch.float16
+    with torch.no_grad():
+        assert _rel_err(y, model(**batch)) < 1e-2
+    l2fx.save(compiled, tmp_path / "d.l2fx")
+    assert torch.equal(l2fx.load(tmp_path / "d.l2fx", DictInputNet().half())(**batch), y)
 
 
 def test_float64_layers_stay_on_the_torch_path_when_lowering(tiny_calib, fast_config):
