@@ -20,5 +20,6 @@ def write_results(out: str | Path, markdown: str, payload: dict) -> None:
     written as their ``str``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(markdown)
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
+    # Not with_suffix: a name with a dot in it ("..._r0.25") would lose what follows the dot.
+    out.with_name(out.name + ".md").write_text(markdown)
+    out.with_name(out.name + ".json").write_text(json.dumps(payload, indent=1, default=str))
