@@ -162,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
             add(compile_row(entry, model, calib, f"L2 @ {target:g}", target, base))
         target = args.targets[len(args.targets) // 2]
         for ablation in args.ablations:
-            if ablation == "calib":  # paper Table 5
+            if ablation == "seed":  # run-to-run spread, at every target
+                for t in args.targets:
+                    for label, config in ablation_configs(ablation, base):
+                        add(compile_row(entry, model, calib, f"{label} @ {t:g}", t, config))
+            elif ablation == "calib":  # paper Table 5
                 for n in (64, 128, 256, args.num_calib):
                     add(compile_row(entry, model, entry.calib(n, args.batch_size, 0),
                                     f"calib {n} @ {target:g}", target, base))
