@@ -1,6 +1,7 @@
 """The user-facing entry points: compile, save, load, inspect."""
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 from typing import Any, Sequence
@@ -133,10 +134,7 @@ def restore_dtypes(gm: fx.GraphModule, dtypes: dict[str, torch.dtype]) -> None:
     replaced. A float32 model is left as it is."""
     if all(d == torch.float32 for d in dtypes.values()):
         return
-    counts: dict[torch.dtype, int] = {}
-    for d in dtypes.values():
-        counts[d] = counts.get(d, 0) + 1
-    default = max(counts, key=counts.__getitem__)
+    default = collections.Counter(dtypes.values()).most_common(1)[0][0]
     for _, info, module in coded_layers(gm):
         module.dtype = dtypes.get(info.param, default)
     for path, module in gm.named_modules():
