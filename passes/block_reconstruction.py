@@ -65,7 +65,8 @@ from l2fx.modules import TransformedWeight
 from l2fx.passes.block_partition import Block, is_weight_node, side_nodes
 from l2fx.passes.allocation import budget_nbytes as global_budget
 from l2fx.passes.plain_storage import round_to_fp16
-from l2fx.passes.rate_fit import RateFit, layer_bytes_at, scaled, total_nbytes, within_tolerance
+from l2fx.passes.rate_fit import (RateFit, finest_log2_factor, fit_log2_factor, layer_bytes_at, scaled,
+                                  total_nbytes, within_tolerance)
 from l2fx.pipeline import L2fxPass, PassContext, PassResult, peak_rss_mib
 from l2fx.transform import TransformKind, channel_view, forward_t
 
@@ -296,26 +297,19 @@ def fit_block_nbytes(layers: list[tuple[TransformedWeight, str]], target: float,
                      chunk_size: int, now: int | None = None) -> tuple[float, int]:
     """Scales the layers' T by one common factor so their bytes land in ``[target (1 - tol), target]``.
 
-    The block-local version of ``rate_fit`` (same :func:`l2fx.passes.rate_fit.scaled`); returns
-    the factor applied and the block's real bytes after it. ``now``: the bytes at factor 1,
-    where the caller has them already.
+    The block-local version of ``rate_fit`` (same search, :func:`l2fx.passes.rate_fit.fit_log2_factor`,
+    within a factor 4 either way, and never finer than the layers can hold without saturating
+    more symbols: :func:`~l2fx.passes.rate_fit.finest_log2_factor`); returns the factor applied and the
+    block's real bytes after it. ``now``: the bytes at factor 1, where the caller has them already.
     """
     if not layers:
         return 1.0, 0
     now = block_nbytes(layers, 1.0, chunk_size) if now is None else now
     if target * (1 - tolerance) <= now <= target:
         return 1.0, now
-    lo, hi, best = -2.0, 2.0, None  # log2 factor; larger = coarser = fewer bytes
-    for _ in range(20):
-        mid = 0.5 * (lo + hi)
-        b = block_nbytes(layers, 2.0 ** mid, chunk_size)
-        if b > target:
-            lo = mid
-        else:
-            hi, best = mid, (mid, b)
-            if b >= target * (1 - tolerance):
-                break
-    log2f, nbytes = best if best is not None else (hi, block_nbytes(layers, 2.0 ** hi, chunk_size))
+    floor = finest_log2_factor([m for m, _ in layers], -2.0) if now < target else 0.0
+    log2f, nbytes = fit_log2_factor(lambda t: now if t == 0.0 else block_nbytes(layers, 2.0 ** t, chunk_size),
+                                    target, target * (1 - tolerance), floor=floor, ceil=2.0)
     factor = 2.0 ** log2f
     for m, _ in layers:
         s, e = scaled(m, factor)

@@ -51,6 +51,42 @@ def layer_bytes_at(module: TransformedWeight, param: str, factor: float, chunk_s
     return predict_layer_nbytes(param, module.kind, q.cpu(), module.channel_axis, chunk_size, s, e).total
 
 
+@torch.no_grad()
+def clipped_at(module: TransformedWeight, factor: float) -> int:
+    """How many of the module's weights saturate at symbol ``+-qmax`` with T scaled by ``factor``."""
+    s, e = scaled(module, factor)
+    s, e, _ = round_params(module.kind, s, e)
+    w = module.weight.detach()
+    q = encode(w, module.kind, channel_view(s, w, module.channel_axis), channel_view(e, w, module.channel_axis),
+               module.qmax)
+    return int((q.abs() == module.qmax).sum())
+
+
+def finest_log2_factor(modules: list[TransformedWeight], floor: float, iters: int = 12) -> float:
+    """The smallest log2 factor t in ``[floor, 0]`` at which no more weights saturate at
+    ``+-qmax`` than at t = 0.
+
+    Below it, finer steps *lower* the byte count (symbols pile up at +-qmax) while the error
+    explodes, so a byte fit that wants more bytes than the layers can hold must stop there
+    instead of following the bytes down (2-layer MLP at CR 4.3: relative output error 0.29
+    instead of 8e-5). Saturation only grows as t falls, so bisection finds it.
+    """
+    def clipped(t: float) -> int:
+        return sum(clipped_at(m, 2.0 ** t) for m in modules)
+
+    now = clipped(0.0)
+    if clipped(floor) <= now:
+        return floor
+    lo, hi = floor, 0.0  # clipped(lo) > now >= clipped(hi)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if clipped(mid) > now:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 def total_nbytes(gm: fx.GraphModule, factor: float, chunk_size: int) -> int:
     """Real bytes of every weight site of ``gm`` with its T grid scaled by ``factor``."""
     return sum(layer_bytes_at(gm.get_submodule(str(n.target)), site.param, factor, chunk_size)
@@ -58,8 +94,9 @@ def total_nbytes(gm: fx.GraphModule, factor: float, chunk_size: int) -> int:
 
 
 def fit_log2_factor(total, budget: float, low_ok: float, log=lambda t, b: None,
-                    max_evals: int = 30) -> tuple[float, int]:
-    """The log2 step factor t whose byte total lies in [low_ok, budget] (else the closest under).
+                    max_evals: int = 30, floor: float = -6.0, ceil: float = 6.0) -> tuple[float, int]:
+    """The log2 step factor t in ``[floor, ceil]`` whose byte total lies in [low_ok, budget]
+    (else the closest under).
 
     Bytes fall roughly linearly in t (about numel/8 bytes per halving of the step), so a
     secant step on log(bytes) finds the window in a few evaluations; a bracket kept alongside
@@ -74,7 +111,7 @@ def fit_log2_factor(total, budget: float, low_ok: float, log=lambda t, b: None,
             log(t, evals[t])
         return evals[t]
 
-    lo, hi = -6.0, 6.0  # bracket: bytes(lo) > budget >= bytes(hi) once established
+    lo, hi = floor, ceil  # bracket: bytes(lo) > budget >= bytes(hi) once established
     # A small first probe (it was 0.25), so the secant starts from the current steps. It does
     # not by itself keep t small where bytes barely move with t: on snapped weights
     # (TransformedWeight.snap) over budget by 0.4 %, it still ended at 2^0.26, scaling every
@@ -125,8 +162,10 @@ class RateFit(L2fxPass):
             # there scales every fine-tuned weight, whose symbols it hardly changes.
             best_t, best_bytes = 0.0, now
         else:
+            # Finer steps than the layers can hold would saturate symbols at +-qmax.
+            floor = finest_log2_factor([m for m, _ in layers], -6.0) if now < low_ok else 0.0
             best_t, best_bytes = fit_log2_factor(total, budget, low_ok, lambda t, b: ctx.log(
-                self.name, f"factor 2^{t:+.3f}: CR {fp32 / b:.3f}"))
+                self.name, f"factor 2^{t:+.3f}: CR {fp32 / b:.3f}"), floor=floor)
         factor = 2.0 ** best_t
         with torch.no_grad():
             for m, _ in layers:
