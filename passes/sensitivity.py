@@ -81,7 +81,7 @@ def estimate_distortions(points, measured_points: int, output_error) -> list[tup
         chosen = sorted({members[round(j * (len(members) - 1) / max(k - 1, 1))] for j in range(k)})
         anchors = []
         for idx in chosen:
-            d = output_error(points[idx][4])
+            d = output_error(points[idx][4]())
             result[idx] = (d, True)
             mse = points[idx][3]
             if mse > 0 and 0 < d < math.inf:
@@ -97,8 +97,13 @@ def estimate_distortions(points, measured_points: int, output_error) -> list[tup
                 xs, ys = zip(*anchors)
                 result[idx] = (mse * math.exp(float(np.interp(math.log(mse), xs, ys))), False)
             else:
-                result[idx] = (output_error(points[idx][4]), True)
+                result[idx] = (output_error(points[idx][4]()), True)
     return result
+
+
+def _decoded(w: torch.Tensor, kind: TransformKind, st: torch.Tensor, et: torch.Tensor, qmax: int):
+    """A thunk giving ``w`` as the artifact would decode it under (st, et), made on demand."""
+    return lambda: decode(encode(w, kind, st, et, qmax), kind, st, et).to(w.dtype)
 
 
 def channel_ratio(w: torch.Tensor, site: WeightSite) -> torch.Tensor:
@@ -144,7 +149,11 @@ class SensitivityAnalysis(L2fxPass):
                 d = relative_error(output_vector(runner.run_with(node, w_hat)), reference)
                 return d if math.isfinite(d) else math.inf
 
-            points = []  # (s, e, nbytes, weight mse, w_hat, channel_scaled)
+            # (s, e, nbytes, weight mse, w_hat thunk, channel_scaled). The decoded weights are
+            # re-made for the few candidates whose output error is measured rather than kept
+            # for all of them: ~56 copies of a layer (a 4096x4096 Linear: peak RSS 4.4 GB for
+            # a 64 MB model; VGG-11's 392 MB classifier layer was killed at 24 GB).
+            points = []
             # Two step families: one step for the whole tensor (MSE-optimal under entropy
             # coding), and steps proportional to each channel's range (no channel is rounded
             # away: BN folding leaves depthwise convs with channels 100x apart).
@@ -159,8 +168,9 @@ class SensitivityAnalysis(L2fxPass):
                     q = encode(w, kind, st, et, cfg.coding.qmax)
                     nbytes = predict_layer_nbytes(site.param, kind, q.cpu(), site.channel_axis,
                                                   cfg.coding.chunk_size, sv, ev).total
-                    w_hat = decode(q, kind, st, et).to(w.dtype)
-                    points.append((s, e, nbytes, float((w_hat - w).pow(2).mean()), w_hat, ratio is not None))
+                    mse = float((decode(q, kind, st, et) - w).pow(2).mean())
+                    del q
+                    points.append((s, e, nbytes, mse, _decoded(w, kind, st, et, cfg.coding.qmax), ratio is not None))
             distortions = estimate_distortions(points, cfg.sensitivity.measured_points, output_error)
             measured += sum(1 for _, exact in distortions if exact)
             candidates = sorted((Candidate(kind.value, s, e, nbytes, d, scaled) for (s, e, nbytes, _, _, scaled), (d, _)
