@@ -330,8 +330,11 @@ class _Adam:
     """
 
     def __init__(self, params: list[torch.Tensor], lr: float, iters: int, schedule: LRSchedule,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 scales: list[torch.Tensor] | None = None):
+        """``scales``: per parameter, a tensor broadcasting to it that multiplies ``lr`` elementwise."""
         self.params, self.lr, self.iters, self.schedule = params, lr, iters, schedule
+        self.scales = scales if scales is not None else [None] * len(params)
         self.b1, self.b2, self.eps, self.t = betas[0], betas[1], eps, 0
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
@@ -347,12 +350,15 @@ class _Adam:
         lr = self.lr * self.factor()
         self.t += 1
         c1, c2 = 1.0 - self.b1 ** self.t, 1.0 - self.b2 ** self.t
-        for p, m, v in zip(self.params, self.m, self.v):
+        for p, m, v, k in zip(self.params, self.m, self.v, self.scales):
             if p.grad is None:
                 continue
             m.mul_(self.b1).add_(p.grad, alpha=1.0 - self.b1)
             v.mul_(self.b2).addcmul_(p.grad, p.grad, value=1.0 - self.b2)
-            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
+            if k is None:
+                p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
+            else:
+                p.sub_(m / (v / c2).sqrt_().add_(self.eps) * k * (lr / c1))
             p.grad = None
 
 
@@ -402,22 +408,28 @@ class _Sampler:
 
 
 def _finetune_weights(modules: list[TransformedWeight], centres: list[torch.Tensor], loss_fn, cfg: ReconstructionConfig,
-                      iters: int, plain: list[torch.Tensor] = (), after_step=None) -> None:
+                      iters: int, plain: list[torch.Tensor] = (), after_step=None,
+                      plain_lr_scale: float = 1.0) -> None:
     """``iters`` Adam steps on the modules' weights (through the STE, T frozen) minimising
     ``loss_fn()``; each weight stays within ``weight_radius`` steps ``s`` of its centre
     (AdaRound-like: "slightly tune the weights", Sec. 4.1, without fitting the calibration set).
-    ``plain`` tensors (biases, norm affines) are tuned alongside at ``lr_plain``, unbounded;
+    ``plain`` tensors (biases, norm affines) are tuned alongside at ``lr_plain * plain_lr_scale``, unbounded;
     ``after_step(i)`` runs after step i (0-based)."""
     ws = [m.weight for m in modules]
     plain = list(plain)
     with torch.no_grad():
-        radius = [cfg.weight_radius * m.params()[0].expand_as(m.weight) for m in modules]
-        lo = [c - r for c, r in zip(centres, radius)]
-        hi = [c + r for c, r in zip(centres, radius)]
+        steps = [m.params()[0] for m in modules]  # [1, .., C, .., 1] or 0-d: broadcasts
+        lo = [c - cfg.weight_radius * s for c, s in zip(centres, steps)]
+        hi = [c + cfg.weight_radius * s for c, s in zip(centres, steps)]
+        # An Adam step moves a weight by about lr whatever its gradient's scale; capped at a
+        # tenth of the weight's rounding step s, so a layer (or channel) at a scale far below
+        # lr_weight is tuned, not thrown about (weights at 1e-4, steps 1e-5: every stage (b)
+        # step crossed several symbols, and the block ended worse than it started).
+        scales = [(0.1 * m.params()[0] / cfg.lr_weight).clamp(max=1.0) for m in modules]  # broadcast views
     for w in ws + plain:
         w.requires_grad_(True)
-    opt = _Adam(ws, cfg.lr_weight, iters, cfg.lr_schedule)
-    opt_plain = _Adam(plain, cfg.lr_plain, iters, cfg.lr_schedule)
+    opt = _Adam(ws, cfg.lr_weight, iters, cfg.lr_schedule, scales=scales)
+    opt_plain = _Adam(plain, cfg.lr_plain * plain_lr_scale, iters, cfg.lr_schedule)
     try:
         for step in range(iters):
             loss = loss_fn()
@@ -555,7 +567,7 @@ class BlockReconstruction(L2fxPass):
         with torch.no_grad():  # fp32 targets first: the block's weights are about to move
             targets = [tuple(prog.fp32(*phs[i], *xf[i])) for i in range(nb)]
             energy = sum(float(sum(t.float().pow(2).mean() for t in _floats(tg))) for tg in targets) / nb
-            energy = max(energy, 1e-12)
+            energy = energy if energy > 0 else 1.0  # scale-free: no absolute floor (outputs at 1e-8 are legitimate)
 
             def eval_loss() -> float:
                 return sum(float(_relative_mse(prog.quant(*phs[i], *xq[i]), targets[i], energy))
@@ -597,12 +609,16 @@ class BlockReconstruction(L2fxPass):
         rate.reload()
         with torch.no_grad():
             bits_after_t = float(rate.bits())
-            loss_after_t = eval_loss() if cfg.transform_iters else loss_before
+            loss_after_t = eval_loss()  # also after a rescale alone (this block repaying others)
 
         # Stage (b): weights through the STE, T frozen.
         ws = [m.weight for _, m, _ in prog.weights]
         plain = list(prog.plain.values()) if cfg.tune_plain else []
+        reverted = False
         if cfg.weight_iters and (ws or plain):
+            saved = [t.detach().clone() for _, m, _ in prog.weights for t in (m.weight, m.step_s, m.threshold_e)]
+            saved += [t.detach().clone() for t in plain]
+
             def block_loss() -> torch.Tensor:
                 args, tgt = sampler.draw()
                 return _relative_mse(prog.quant(*args), tgt, energy)
@@ -618,11 +634,26 @@ class BlockReconstruction(L2fxPass):
                 if step in checks and (now := block_nbytes(layers, 1.0, chunk)) > target:
                     fit_block_nbytes(layers, target, ctx.config.cr_tolerance / 2, chunk, now)
 
+            # Adam steps are absolute: a bias moved by lr_plain per step drowns a block whose
+            # outputs are far below unit scale (randomly initialised MobileNetV2 in eval mode:
+            # outputs ~1e-10, relative output error 8e11 after tuning). The step is capped at
+            # lr_plain times the block output's RMS (unchanged for outputs at unit scale or above).
             _finetune_weights([m for _, m, _ in prog.weights], [w.detach() for w in ws], block_loss,
-                              cfg, cfg.weight_iters, plain, keep_on_budget)
+                              cfg, cfg.weight_iters, plain, keep_on_budget,
+                              plain_lr_scale=min(1.0, math.sqrt(energy)))
             if ctx.config.plain_dtype is PlainDtype.FLOAT16:  # back to what the artifact stores
                 for t in plain:                                # (plain_storage's postcondition)
                     round_to_fp16(t)
+            # Fine-tuning minimises this very loss; ending above where it started means it
+            # failed (a step size wrong for this block), and the block goes back to its state
+            # before stage (b), T included (the rate checkpoints may have rescaled it).
+            if eval_loss() > loss_after_t:
+                with torch.no_grad():
+                    live = [t for _, m, _ in prog.weights for t in (m.weight, m.step_s, m.threshold_e)] + plain
+                    for t, v in zip(live, saved):
+                        t.copy_(v)
+                reverted = True
+                ctx.log(self.name, f"block {prog.block.name}: fine-tuning raised the calibration loss; reverted")
 
         with torch.no_grad():
             out_q = [tuple(prog.quant(*phs[i], *xq[i])) for i in range(nb)]
@@ -639,7 +670,8 @@ class BlockReconstruction(L2fxPass):
             "index": prog.block.index, "name": prog.block.name,
             "weights": [paths[id(m)] for _, m, _ in prog.weights], "plain_tuned": len(plain),
             "inputs": [n.name for n in prog.inputs], "cached": cached, "cache_nbytes": cache_nbytes,
-            "loss_before": loss_before, "loss_after_transform": loss_after_t, "loss_after": loss_after,
+            "target_rms": math.sqrt(energy), "loss_before": loss_before, "loss_after_transform": loss_after_t,
+            "loss_after": loss_after, "finetune_reverted": reverted,
             "budget_nbytes": budget_nbytes, "target_nbytes": target, "block_factor": factor,
             "nbytes_after_transform": nbytes_after_t,
             "nbytes_after": block_nbytes(layers, 1.0, chunk), "budget_bits": rate.budget_bits, "bits_before": bits_before, "bits_after_transform": bits_after_t,
@@ -663,7 +695,7 @@ class BlockReconstruction(L2fxPass):
             probe = phs[0]
             probe_target = functional_call(fp32, overrides, tuple(probe), strict=False)
             usable = [isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0 for t in probe_target]
-            energies = [max(float(t.float().pow(2).mean()), 1e-12) if ok else 1.0
+            energies = [(float(t.float().pow(2).mean()) or 1.0) if ok else 1.0
                         for t, ok in zip(probe_target, usable)]
         n_inner = sum(usable[n_final:])
         scale = [0.0 if not usable[j] else cfg.distill_output_weight if j < n_final else 1.0 / n_inner
