@@ -143,7 +143,9 @@ class ReconstructionConfig(_JsonConfig):
     together with the block's plain parameters (``tune_plain``, at ``lr_plain``).
 
     ``weight_radius``: fine-tuned weights stay within this many steps ``s`` of their fp32
-    value (0 = unbounded). ``batch_size`` samples per step, drawn from the calibration set (at most ``max_samples``
+    value (0 = unbounded). Adam's steps are absolute, so they are capped where the model's
+    scale is small: ``lr_weight`` at a tenth of each weight's step ``s``, ``lr_plain`` at
+    ``lr_plain`` times the RMS of the block's fp32 output. ``batch_size`` samples per step, drawn from the calibration set (at most ``max_samples``
     of it; 0 = all). ``qdrop_prob``: per sample, the probability of feeding the block its fp32
     input instead of the compressed one (QDrop). ``counter`` relaxes the entropy (Eq. 14-19).
     The MSE is relative to the target's mean square and the rate term to the block's budget,

@@ -11,7 +11,10 @@ For each block found by ``block_partition``, in order:
   of Eq. 11 with T frozen, against the same MSE; with ``tune_plain``, the plain parameters
   only this block reads (biases, folded BatchNorm shifts, norm affines: stored as float16,
   they cost the same bytes whatever their value) are tuned alongside, then rounded back to
-  their storage dtype, so later blocks see what the artifact will hold.
+  their storage dtype, so later blocks see what the artifact will hold. Steps are scale-free
+  (each weight's capped at a tenth of its rounding step, each plain parameter's at ``lr_plain``
+  times the block output's RMS), and a block that ends stage (b) with a higher calibration
+  loss than it started with is put back as it was (``finetune_reverted`` in its record).
 
 The budget of a block is what the allocation gave its layers, so the global target of Eq. 10
 holds block by block. The allocation's grid leaves the total up to ~25 % under the target
