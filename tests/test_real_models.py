@@ -37,12 +37,14 @@ def test_lite0_compile_save_load(tmp_path):
     assert metrics["top1_agreement"] >= 0.75, metrics
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["mobilenet_v2"])
 def test_torchvision_depthwise_nets_at_small_activation_scale(name):
     """torchvision's inverted-residual nets with their own random initialisation, in eval mode:
     activations shrink to 1e-10 by the classifier. Block reconstruction took them to relative
     output errors of 4e11 (MobileNetV2) and 2e21 (EfficientNet-B0), its steps being absolute
-    (``bench/architectures.py`` found it); scale-free, it must not make them worse."""
+    (``bench/architectures.py`` found it); scale-free, it must not make them worse. (EfficientNet-B0
+    is left out here: its random activations are float32 subnormals, and one forward pass of 8
+    images at 64 px takes 1.4 s on the CI's CPU.)"""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
