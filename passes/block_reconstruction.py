@@ -647,20 +647,25 @@ class BlockReconstruction(L2fxPass):
             if ctx.config.plain_dtype is PlainDtype.FLOAT16:  # back to what the artifact stores
                 for t in plain:                                # (plain_storage's postcondition)
                     round_to_fp16(t)
-            # Fine-tuning minimises this very loss; ending above where it started means it
-            # failed (a step size wrong for this block), and the block goes back to its state
-            # before stage (b), T included (the rate checkpoints may have rescaled it).
-            if eval_loss() > loss_after_t:
-                with torch.no_grad():
-                    live = [t for _, m, _ in prog.weights for t in (m.weight, m.step_s, m.threshold_e)] + plain
-                    for t, v in zip(live, saved):
-                        t.copy_(v)
-                reverted = True
-                ctx.log(self.name, f"block {prog.block.name}: fine-tuning raised the calibration loss; reverted")
 
+        def outputs_and_loss() -> tuple[list[tuple], float]:
+            with torch.no_grad():
+                out = [tuple(prog.quant(*phs[i], *xq[i])) for i in range(nb)]
+                return out, sum(float(_relative_mse(out[i], targets[i], energy)) for i in range(nb)) / nb
+
+        out_q, loss_after = outputs_and_loss()
+        # Fine-tuning minimises this very loss; ending above where it started means it failed
+        # (a step size wrong for this block), and the block goes back to its state before
+        # stage (b), T included (the rate checkpoints may have rescaled it).
+        if cfg.weight_iters and (ws or plain) and loss_after > loss_after_t:
+            with torch.no_grad():
+                live = [t for _, m, _ in prog.weights for t in (m.weight, m.step_s, m.threshold_e)] + plain
+                for t, v in zip(live, saved):
+                    t.copy_(v)
+            reverted = True
+            ctx.log(self.name, f"block {prog.block.name}: fine-tuning raised the calibration loss; reverted")
+            out_q, loss_after = outputs_and_loss()
         with torch.no_grad():
-            out_q = [tuple(prog.quant(*phs[i], *xq[i])) for i in range(nb)]
-            loss_after = sum(float(_relative_mse(out_q[i], targets[i], energy)) for i in range(nb)) / nb
             bits_after = float(rate.bits())
         for _, m, _ in prog.weights:
             for name, p in m.named_parameters():

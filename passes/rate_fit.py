@@ -42,24 +42,24 @@ def within_tolerance(nbytes: float, budget: float, tolerance: float) -> bool:
 
 
 @torch.no_grad()
-def layer_bytes_at(module: TransformedWeight, param: str, factor: float, chunk_size: int) -> int:
+def symbols_at(module: TransformedWeight, factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The module's symbols with T scaled by ``factor`` and rounded to its storage dtype, and that (s, e)."""
     s, e = scaled(module, factor)
     s, e, _ = round_params(module.kind, s, e)
     w = module.weight.detach()
     q = encode(w, module.kind, channel_view(s, w, module.channel_axis), channel_view(e, w, module.channel_axis),
                module.qmax)
+    return q, s, e
+
+
+def layer_bytes_at(module: TransformedWeight, param: str, factor: float, chunk_size: int) -> int:
+    q, s, e = symbols_at(module, factor)
     return predict_layer_nbytes(param, module.kind, q.cpu(), module.channel_axis, chunk_size, s, e).total
 
 
-@torch.no_grad()
 def clipped_at(module: TransformedWeight, factor: float) -> int:
     """How many of the module's weights saturate at symbol ``+-qmax`` with T scaled by ``factor``."""
-    s, e = scaled(module, factor)
-    s, e, _ = round_params(module.kind, s, e)
-    w = module.weight.detach()
-    q = encode(w, module.kind, channel_view(s, w, module.channel_axis), channel_view(e, w, module.channel_axis),
-               module.qmax)
-    return int((q.abs() == module.qmax).sum())
+    return int((symbols_at(module, factor)[0].abs() == module.qmax).sum())
 
 
 def finest_log2_factor(modules: list[TransformedWeight], floor: float, iters: int = 12) -> float:
