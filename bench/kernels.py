@@ -4,8 +4,11 @@
     python bench/kernels.py --smoke              # CPU, TRITON_INTERPRET=1, tiny shapes: checks the script only
 
 For every weight shape (N, K), batch M and bit width b: time y = x @ W^T with
-  * ``fused``   : torch.ops.l2fx.dequant_matmul on packed b-bit codes (joint transform),
-  * ``cublas``  : torch.matmul(x_bf16, W_bf16^T),
+  * ``fused``   : dequant_matmul(method="fused") on packed b-bit codes (joint transform): the
+                  weight decoded in registers, never written,
+  * ``decode``  : dequant_matmul(method="decode"): the Triton dequantize kernel writes W in
+                  bf16, then cuBLAS (the default above FUSED_MAX_M rows),
+  * ``cublas``  : torch.matmul(x_bf16, W_bf16^T) on a dense bf16 weight,
   * ``deq+mm``  : decode the codes with the torch reference, then torch.matmul in bf16,
 with weights rotating through enough copies to exceed the 50 MB L2 cache (no cache hits), timed
 by ``triton.testing.do_bench``. Reported as speed-ups over cuBLAS. Writes
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes (checks the script)")
     p.add_argument("--out", default=str(RESULTS / "kernels"))
+    p.add_argument("--shapes", nargs="+", metavar="NxK", help="weight shapes (default: the full grid)")
+    p.add_argument("--batches", nargs="+", type=int, help=f"batch sizes M (default {BATCHES})")
+    p.add_argument("--bits", nargs="+", type=int, help=f"bit widths (default {BITS})")
     args = p.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -49,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         shapes, batches, bits_list = [(40, 70), (33, 64)], [1, 17], [3, 4]
     else:
         shapes, batches, bits_list = SHAPES, BATCHES, BITS
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in text.lower().split("x")) for text in args.shapes]
+        except ValueError:
+            p.error(f"--shapes takes NxK pairs such as 4096x4096, got {args.shapes}")
+        if any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
+            p.error(f"--shapes takes positive NxK pairs such as 4096x4096, got {args.shapes}")
+    batches, bits_list = args.batches or batches, args.bits or bits_list
+    if any(not 2 <= b <= 8 for b in bits_list) or any(m < 1 for m in batches):
+        p.error("--bits must lie in 2..8 and --batches must be positive")
     dtype = torch.float32 if args.smoke else torch.bfloat16
 
     def bench(fn) -> float:
@@ -59,6 +75,22 @@ def main(argv: list[str] | None = None) -> int:
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+    command = command_line()
+    device_name = "CPU (interpreter smoke run: timings meaningless)" if args.smoke else torch.cuda.get_device_name()
+
+    def write(rows: list[dict], complete: bool) -> None:
+        lines = [f"Command: `{command}` on {device_name}" + ("" if complete else " (partial: run cut short)"), "",
+                 "| N | K | M | bits | fused ms | decode+cuBLAS ms | cuBLAS bf16 ms | deq+mm ms | fused vs cuBLAS "
+                 "| decode vs cuBLAS | fused vs deq+mm |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['n']} | {r['k']} | {r['m']} | {r['bits']} | {r['fused_ms']:.4f} | {r['decode_ms']:.4f} | "
+                  f"{r['cublas_ms']:.4f} | {r['deq_mm_ms']:.4f} | {r['fused_vs_cublas']:.2f} | "
+                  f"{r['decode_vs_cublas']:.2f} | {r['fused_vs_deq_mm']:.2f} |" for r in rows]
+        write_results(args.out + ("_smoke" if args.smoke else ""), "\n".join(lines) + "\n",
+                      {"command": command, "device": device_name, "complete": complete, "rows": rows})
+        if complete:
+            print("\n".join(lines))
 
     rows = []
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -82,25 +114,19 @@ def main(argv: list[str] | None = None) -> int:
                     state["i"] = (state["i"] + 1) % copies
                     return state["i"]
 
-                fused = bench(lambda: dequant_matmul(x, packs[nxt()], step, thr, "joint"))
+                fused = bench(lambda: dequant_matmul(x, packs[nxt()], step, thr, "joint", method="fused"))
+                decode = bench(lambda: dequant_matmul(x, packs[nxt()], step, thr, "joint", method="decode"))
                 cublas = bench(lambda: torch.matmul(x, dense[nxt()].t()))
                 deqmm = bench(lambda: torch.matmul(x, _decode_torch(unpack_codes(packs[nxt()]), "joint", step, thr)
                                                    .to(dtype).t()))
-                row = {"n": n, "k": k, "m": m, "bits": bits, "fused_ms": fused, "cublas_ms": cublas,
-                       "deq_mm_ms": deqmm, "speedup_vs_cublas": cublas / fused, "speedup_vs_deq_mm": deqmm / fused}
+                row = {"n": n, "k": k, "m": m, "bits": bits, "fused_ms": fused, "decode_ms": decode,
+                       "cublas_ms": cublas, "deq_mm_ms": deqmm, "fused_vs_cublas": cublas / fused,
+                       "decode_vs_cublas": cublas / decode, "fused_vs_deq_mm": deqmm / fused}
                 rows.append(row)
-                print(f"N={n:<6} K={k:<6} M={m:<5} b={bits}: fused {fused:8.3f} ms  cuBLAS {cublas:8.3f}  "
-                      f"deq+mm {deqmm:8.3f}  -> x{row['speedup_vs_cublas']:.2f} vs cuBLAS", flush=True)
-    command = command_line()
-    device_name = "CPU (interpreter smoke run: timings meaningless)" if args.smoke else torch.cuda.get_device_name()
-    lines = [f"Command: `{command}` on {device_name}", "",
-             "| N | K | M | bits | fused ms | cuBLAS bf16 ms | deq+mm ms | vs cuBLAS | vs deq+mm |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['n']} | {r['k']} | {r['m']} | {r['bits']} | {r['fused_ms']:.4f} | {r['cublas_ms']:.4f} | "
-              f"{r['deq_mm_ms']:.4f} | {r['speedup_vs_cublas']:.2f} | {r['speedup_vs_deq_mm']:.2f} |" for r in rows]
-    write_results(args.out + ("_smoke" if args.smoke else ""), "\n".join(lines) + "\n",
-                  {"command": command, "device": device_name, "rows": rows})
-    print("\n".join(lines))
+                print(f"N={n:<6} K={k:<6} M={m:<5} b={bits}: fused {fused:8.3f} ms  decode {decode:8.3f}  "
+                      f"cuBLAS {cublas:8.3f}  deq+mm {deqmm:8.3f}", flush=True)
+                write(rows, complete=False)  # a run cut short still leaves its rows
+    write(rows, complete=True)
     return 0
 
 

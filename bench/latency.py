@@ -12,7 +12,8 @@ Per model and batch size, the median latency of one forward pass of
   linear and 1x1 conv it can lower runs the fused Triton dequant-matmul, in ``--dtype``,
 * ``l2fx compile``     : ``torch.compile`` of that (the custom op stays one node),
 
-and each one's output error relative to the fp32 original on the same batch. Artifacts are
+and each one's output error ``||y - y_fp32||^2 / ||y_fp32||^2`` against the fp32 original on the same
+batch. Artifacts are
 compiled here if ``--artifacts`` lacks them (``--target-cr``, allocation and rounding only
 unless ``--reconstruction``) and saved there. Timing: CUDA events around each call after
 warm-up, median of ``--repeats`` (CPU: wall clock). Writes ``bench/results/latency.{md,json}``.
@@ -31,7 +32,7 @@ import torch
 import l2fx
 from l2fx import zoo
 from l2fx.config import CompileConfig, ReconstructionConfig
-from l2fx.data import call_model, output_vector, relative_error, to_device
+from l2fx.data import call_model, output_vector, to_device
 
 from _results import RESULTS, command_line, write_results
 
@@ -40,6 +41,12 @@ def cast_inputs(batch, dtype: torch.dtype):
     """Floating-point inputs in ``dtype``; token ids and masks keep theirs."""
     return torch.utils._pytree.tree_map(
         lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, batch)
+
+
+def squared_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """||out - ref||^2 / ||ref||^2. Not ``l2fx.data.relative_error``: that one divides by the
+    reference's variance over the batch, which is 0 at batch 1."""
+    return float((output - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
 
 
 def timed(fn, batch, repeats: int, device: torch.device) -> float:
@@ -91,7 +98,7 @@ def run_model(name: str, args, device: torch.device, dtype: torch.dtype) -> list
         for label, fn in variants.items():
             seconds = timed(fn, inputs, args.repeats, device)
             with torch.inference_mode():
-                err = relative_error(output_vector(call_model(fn, inputs)).float().cpu(), ref)
+                err = squared_error(output_vector(call_model(fn, inputs)).float().cpu(), ref)
             rows.append({"model": name, "batch": batch_size, "variant": label, "ms": seconds * 1e3,
                          "rel_error_vs_fp32": float(err), "artifact_nbytes": path.stat().st_size,
                          "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})

@@ -64,6 +64,8 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 KINDS = {"linear": 0, "joint": 1, "prune": 1, "log": 2, "exp": 3}
 #: Largest M handled by the split-K GEMV configs.
 GEMV_MAX_M = 16
+#: Largest M that ``dequant_matmul(method=None)`` runs fused; above it, dequantise + cuBLAS.
+FUSED_MAX_M = GEMV_MAX_M
 _SUPPORTED_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a function, i.e. at import of
@@ -104,6 +106,11 @@ if HAS_TRITON:
     INTERPRET_CONFIGS = [_config(16, 32, 32, 2, 1, 1)]
     if _INTERPRET:
         GEMM_CONFIGS = GEMV_CONFIGS = INTERPRET_CONFIGS
+    elif os.environ.get("L2FX_KERNEL_AUTOTUNE", "1") == "0":
+        # Each new (shape, bit width) key costs the autotuner a compile and a timing of every
+        # config; with this set (read at import, like TRITON_INTERPRET) the first config runs
+        # untimed: first calls are fast (GPU test runs), later ones may be slower.
+        GEMM_CONFIGS, GEMV_CONFIGS = GEMM_CONFIGS[:1], GEMV_CONFIGS[:1]
 else:  # pragma: no cover
     GEMM_CONFIGS = GEMV_CONFIGS = INTERPRET_CONFIGS = []
 
@@ -144,6 +151,20 @@ if HAS_TRITON:
         return tl.where(y < 0.25, series, tl.log(1.0 + y))
 
     @triton.jit
+    def _decode_magnitudes(q, s_col, e_col, KIND: tl.constexpr):
+        """``T^-1(q)`` of an integer code tile for kinds 1..3 (joint/prune, log, exp) with the
+        per-row ``s_col``, ``e_col`` ([rows, 1]); fp32. Kind 0 (linear) is ``q * s``."""
+        a = tl.abs(q).to(tl.float32)
+        if KIND == 1:
+            mag = a * s_col + (e_col - 0.5 * s_col)  # (|q| - 1/2) s + e
+        elif KIND == 2:
+            mag = e_col * _expm1_pos(a * (s_col / e_col))
+        else:
+            mag = e_col * _log1p_pos(a * (s_col / e_col))
+        wt = tl.where(q < 0, -mag, mag)
+        return tl.where(q == 0, 0.0, wt)
+
+    @triton.jit
     def _dequant_matmul_kernel(
         x_ptr, words_ptr, s_ptr, e_ptr, bias_ptr, out_ptr,
         M, N, K, M_BUCKET,
@@ -182,12 +203,9 @@ if HAS_TRITON:
         # Per-output-channel transform parameters, hoisted out of the K loop.
         s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         e = tl.load(e_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)
-        if KIND == 1:
-            e_shift = (e - 0.5 * s)[None, :]      # W = sign(q) * (|q| s + e - s/2)
-        if KIND >= 2:
-            ratio = (s / e)[None, :]              # |q| s / e
+        s_col = s[:, None]
+        e_col = e[:, None]
         s_row = s[None, :]
-        e_row = e[None, :]
 
         # This program's K range: SPLIT_K contiguous chunks of whole BLOCK_K tiles.
         k_tiles = tl.cdiv(K, BLOCK_K)
@@ -203,31 +221,22 @@ if HAS_TRITON:
                 mask=mask_m[:, None] & mask_k[None, :],
                 other=0.0,
             )
-            # W^T tile [BLOCK_K, BLOCK_N]: gather word k // FIELDS, then shift and mask.
-            # Masked-out lanes read word 0 -> u = 0 -> q = -OFFSET, but x is 0 there
-            # (k >= K) or the column is discarded (n >= N), so they add nothing.
+            # W tile [BLOCK_N, BLOCK_K] in memory order (a row's words are contiguous along K):
+            # word k // FIELDS, then shift and mask. Masked-out lanes read word 0 -> u = 0 ->
+            # q = -OFFSET, but x is 0 there (k >= K) or the row is discarded (n >= N).
             w = tl.load(
-                words_ptr + offs_n[None, :] * stride_wn + (offs_k // FIELDS)[:, None] * stride_ww,
-                mask=mask_k[:, None] & mask_n[None, :],
+                words_ptr + offs_n[:, None] * stride_wn + (offs_k // FIELDS)[None, :] * stride_ww,
+                mask=mask_n[:, None] & mask_k[None, :],
                 other=0,
             )
-            shift = ((offs_k % FIELDS) * BITS)[:, None]
-            q = ((w >> shift) & MASK) - OFFSET
+            q = ((w >> ((offs_k % FIELDS) * BITS)[None, :]) & MASK) - OFFSET
             if KIND == 0:
                 wt = q.to(tl.float32)  # scaled by s in the epilogue
             else:
-                a = tl.abs(q).to(tl.float32)
-                if KIND == 1:
-                    mag = a * s_row + e_shift
-                elif KIND == 2:
-                    mag = e_row * _expm1_pos(a * ratio)
-                else:
-                    mag = e_row * _log1p_pos(a * ratio)
-                wt = tl.where(q < 0, -mag, mag)
-                wt = tl.where(q == 0, 0.0, wt)
+                wt = _decode_magnitudes(q, s_col, e_col, KIND)
             # fp16/bf16 x: decoded weights are rounded to x's dtype for the tensor cores,
             # the same rounding a plain torch fp16/bf16 linear applies to its weight.
-            acc += tl.dot(x, wt.to(x.dtype), input_precision=INPUT_PRECISION)
+            acc += tl.dot(x, tl.trans(wt.to(x.dtype)), input_precision=INPUT_PRECISION)
 
         if KIND == 0:
             acc = acc * s_row
@@ -244,6 +253,36 @@ if HAS_TRITON:
     _dequant_matmul_gemv = triton.autotune(configs=GEMV_CONFIGS, key=_AUTOTUNE_KEY)(
         _dequant_matmul_kernel
     )
+
+    @triton.jit
+    def _dequantize_kernel(
+        words_ptr, s_ptr, e_ptr, out_ptr,
+        N, K,
+        stride_wn, stride_ww, stride_on, stride_ok,
+        KIND: tl.constexpr, BITS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """``out[N, K] = T^-1(q)`` in out's dtype: one [BLOCK_N, BLOCK_K] tile per program,
+        stored contiguously along K (the rows' words are read once from DRAM, then from L1)."""
+        FIELDS: tl.constexpr = 32 // BITS
+        OFFSET: tl.constexpr = 1 << (BITS - 1)
+        MASK: tl.constexpr = (1 << BITS) - 1
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_n = offs_n < N
+        mask = mask_n[:, None] & (offs_k < K)[None, :]
+        s_col = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        e_col = tl.load(e_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)[:, None]
+        w = tl.load(words_ptr + offs_n[:, None] * stride_wn + (offs_k // FIELDS)[None, :] * stride_ww,
+                    mask=mask, other=0)
+        q = ((w >> ((offs_k % FIELDS) * BITS)[None, :]) & MASK) - OFFSET
+        if KIND == 0:
+            wt = q.to(tl.float32) * s_col
+        else:
+            wt = _decode_magnitudes(q, s_col, e_col, KIND)
+        tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok,
+                 wt.to(out_ptr.dtype.element_ty), mask=mask)
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,6 +341,51 @@ def _default_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     return max(1, min(16, (2 * _num_sms(device)) // n_tiles, -(-k // 256)))
 
 
+def _check_launch(x, packed, step_s, threshold_e, kind, bias, what: str) -> None:
+    """Inputs, Triton and device checks of the launchers; raises BackendError."""
+    if not HAS_TRITON:
+        raise BackendError(f"{what} needs triton; install l2fx[triton] or use the torch path")
+    _check_inputs(x, packed, step_s, threshold_e, kind, bias)
+    if x.device.type != "cuda" and not _INTERPRET:
+        raise BackendError(
+            f"the Triton {what} kernel needs CUDA tensors, got them on {x.device} "
+            "(set TRITON_INTERPRET=1 before importing l2fx.triton_kernels to run it on CPU)"
+        )
+
+
+def dequantize(
+    packed: PackedCodes,
+    step_s: torch.Tensor,
+    threshold_e: torch.Tensor,
+    kind: str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Triton launcher: the dense weight ``T^-1(q)`` as ``[N, K]`` in ``dtype`` (decoded in
+    fp32, rounded once). Its torch reference is ``_decode_torch(unpack_codes(packed), ...)``.
+
+    Raises:
+        BackendError: as :func:`dequant_matmul`; ``dtype`` must be float16, bfloat16 or float32.
+    """
+    if dtype not in _SUPPORTED_X_DTYPES:
+        raise BackendError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    probe = torch.empty((0, packed.k) if isinstance(packed, PackedCodes) else (0, 0),
+                        dtype=dtype, device=step_s.device)
+    _check_launch(probe, packed, step_s, threshold_e, kind, None, "dequantize")
+    n, k = packed.shape
+    out = torch.empty((n, k), dtype=dtype, device=step_s.device)
+    if n == 0 or k == 0:
+        return out
+    words = packed.words.contiguous()
+    block_n, block_k = (16, 32) if _INTERPRET else (32, 128)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _dequantize_kernel[grid](
+        words, step_s.contiguous(), threshold_e.contiguous(), out, n, k,
+        words.stride(0), words.stride(1), out.stride(0), out.stride(1),
+        KIND=KINDS[kind], BITS=packed.bits, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out
+
+
 def dequant_matmul(
     x: torch.Tensor,
     packed: PackedCodes,
@@ -311,31 +395,44 @@ def dequant_matmul(
     bias: Optional[torch.Tensor] = None,
     *,
     split_k: Optional[int] = None,
+    method: Optional[str] = None,
 ) -> torch.Tensor:
     """Triton launcher: ``x[..., K] @ T^-1(q)[N, K]^T + bias`` -> ``[..., N]`` in ``x.dtype``.
 
+    Two methods (``method=None`` picks by the number of rows ``M`` of ``x``):
+
+    * ``"fused"`` (``M <= FUSED_MAX_M``): one kernel decodes the weight tiles in registers and
+      multiplies; the dense weight never exists. ``split_k`` overrides its GEMV split-K
+      heuristic (tests use it to exercise both code paths).
+    * ``"decode"`` (larger ``M``): :func:`dequantize` writes the dense weight in ``x.dtype``
+      (one memory-bound pass, no autotuning), then ``F.linear`` (cuBLAS). The weight is
+      decoded on every call and freed after it, so memory holds only the packed codes between
+      calls.
+
     Runs on CUDA tensors, or on CPU tensors when Triton runs in interpreter mode
-    (``TRITON_INTERPRET=1`` set before this module is imported).  ``split_k`` overrides the
-    GEMV split-K heuristic (tests use it to exercise both code paths).
+    (``TRITON_INTERPRET=1`` set before this module is imported).
 
     Raises:
-        BackendError: Triton missing, wrong device, or inconsistent shapes/dtypes/devices.
+        BackendError: Triton missing, wrong device, unknown method, or inconsistent
+        shapes/dtypes/devices.
     """
-    if not HAS_TRITON:
-        raise BackendError("dequant_matmul needs triton; install l2fx[triton] or use the torch path")
-    _check_inputs(x, packed, step_s, threshold_e, kind, bias)
-    if x.device.type != "cuda" and not _INTERPRET:
-        raise BackendError(
-            f"the Triton dequant_matmul kernel needs CUDA tensors, got x on {x.device} "
-            "(set TRITON_INTERPRET=1 before importing l2fx.triton_kernels to run it on CPU)"
-        )
+    _check_launch(x, packed, step_s, threshold_e, kind, bias, "dequant_matmul")
     if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
         raise BackendError(f"split_k must be a positive int, got {split_k!r}")
+    if method not in (None, "fused", "decode"):
+        raise BackendError(f"method must be None, 'fused' or 'decode', got {method!r}")
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, packed.k)
     m, k = x2.shape
     n = packed.n
+    if method is None:
+        method = "fused" if m <= FUSED_MAX_M else "decode"
+    if method == "decode":
+        if split_k not in (None, 1):
+            raise BackendError(f"split_k={split_k} applies to method='fused' only")
+        w = dequantize(packed, step_s, threshold_e, kind, x.dtype)
+        return F.linear(x2, w, None if bias is None else bias.to(x.dtype)).reshape(*lead, n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.reshape(*lead, n)

@@ -113,9 +113,10 @@ def test_kernel_matches_fp64_like_torch(kind, bits, m, split_k, bias, dtype):
     args = _problem(kind, bits, m, dtype, bias, seed)
     y64, torch_err = _fp64_and_torch_errors(*args, kind)
     x, packed, s, e, b = _to(DEVICE, *args)
-    y = dequant_matmul(x, packed, s, e, kind, b, split_k=split_k)
-    assert y.dtype == dtype and y.shape == (m, N) and y.device == x.device
-    _assert_close_to_fp64(y, y64, torch_err, dtype)
+    for method, split in (("fused", split_k), ("decode", None)):
+        y = dequant_matmul(x, packed, s, e, kind, b, split_k=split, method=method)
+        assert y.dtype == dtype and y.shape == (m, N) and y.device == x.device
+        _assert_close_to_fp64(y, y64, torch_err, dtype)
     ref = dequant_matmul_ref(x, packed, s, e, kind, b)
     _assert_close_to_fp64(ref, y64, torch_err, dtype)
 
@@ -131,8 +132,9 @@ def test_kernel_bf16(kind, m, split_k, bias):
     args = _problem(kind, 4, m, torch.bfloat16, bias, seed=7)
     y64, torch_err = _fp64_and_torch_errors(*args, kind)
     x, packed, s, e, b = _to(DEVICE, *args)
-    y = dequant_matmul(x, packed, s, e, kind, b, split_k=split_k)
-    _assert_close_to_fp64(y, y64, torch_err, torch.bfloat16)
+    for method, split in (("fused", split_k), ("decode", None)):
+        y = dequant_matmul(x, packed, s, e, kind, b, split_k=split, method=method)
+        _assert_close_to_fp64(y, y64, torch_err, torch.bfloat16)
 
 
 @needs_kernel
@@ -156,8 +158,41 @@ def test_kernel_strided_x_and_fp32_bias_with_fp16_x():
     x, packed, s, e, b = _to(DEVICE, *_problem("linear", 4, 20, torch.float16, True, seed=5))
     x_t = x.t().contiguous().t()  # same values, column-major strides
     b32 = b.float()
-    y = dequant_matmul(x_t, packed, s, e, "linear", b32)
-    torch.testing.assert_close(y, dequant_matmul(x, packed, s, e, "linear", b), rtol=0, atol=0)
+    y = dequant_matmul(x_t, packed, s, e, "linear", b32, method="fused")
+    torch.testing.assert_close(y, dequant_matmul(x, packed, s, e, "linear", b, method="fused"), rtol=0, atol=0)
+    # the decode path hands the strides to F.linear, whose summation order may follow them
+    y = dequant_matmul(x_t, packed, s, e, "linear", b32, method="decode")
+    torch.testing.assert_close(y, dequant_matmul(x, packed, s, e, "linear", b, method="decode"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+@pytest.mark.parametrize("kind", KINDS)
+def test_dequantize_matches_torch_decode(kind, bits, dtype):
+    """The dense decode kernel against its reference, rounded once to ``dtype``. In fp32: 4 ulps
+    for linear/joint (joint computes ``|q| s + (e - s/2)`` where the reference computes
+    ``(|q| - 1/2) s + e``), 32 for log/exp (short series below 0.25, measured worst 5.4 ulps in
+    the interpreter; the GPU's exp/log are approximate and ``exp(x) - 1`` loses up to 4.5x of
+    that); in fp16, one fp16 ulp."""
+    _, packed, s, e, _ = _problem(kind, bits, 1, dtype, False, seed=31 * bits + KINDS.index(kind), n=45, k=100)
+    ref = dm._decode_torch(unpack_codes(packed), kind, s, e)
+    w = dm.dequantize(packed.to(DEVICE), s.to(DEVICE), e.to(DEVICE), kind, dtype)
+    assert w.dtype == dtype and w.shape == (45, 100)
+    ulps = 1 if dtype != torch.float32 else (32 if kind in ("log", "exp") else 4)
+    eps = ulps * torch.finfo(dtype).eps
+    torch.testing.assert_close(w.cpu().float(), ref, rtol=eps, atol=0)
+
+
+@needs_kernel
+def test_default_method_is_fused_up_to_fused_max_m_then_decode(monkeypatch):
+    calls = []
+    real = dm.dequantize
+    monkeypatch.setattr(dm, "dequantize", lambda *a, **k: calls.append(a) or real(*a, **k))
+    for m in (1, dm.FUSED_MAX_M, dm.FUSED_MAX_M + 1):
+        x, packed, s, e, b = _to(DEVICE, *_problem("joint", 4, m, torch.float32, True, seed=m))
+        dequant_matmul(x, packed, s, e, "joint", b)
+    assert len(calls) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +297,12 @@ def test_launcher_rejects_cpu_without_interpreter_and_bad_split(monkeypatch):
     x, packed, s, e, b = _valid()
     with pytest.raises(BackendError, match="split_k must be a positive int"):
         dequant_matmul(x, packed, s, e, "joint", b, split_k=0)
+    with pytest.raises(BackendError, match="method must be None, 'fused' or 'decode'"):
+        dequant_matmul(x, packed, s, e, "joint", b, method="cublas")
+    with pytest.raises(BackendError, match="applies to method='fused' only"):
+        dequant_matmul(x, packed, s, e, "joint", b, split_k=2, method="decode")
+    with pytest.raises(BackendError, match="dtype must be float16, bfloat16 or float32"):
+        dm.dequantize(packed, s, e, "joint", torch.float64)
     monkeypatch.setattr(dm, "_INTERPRET", False)
     with pytest.raises(BackendError, match="needs CUDA tensors"):
         dequant_matmul(x, packed, s, e, "joint", b)
