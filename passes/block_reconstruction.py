@@ -63,6 +63,7 @@ from torch.func import functional_call
 from l2fx.config import LRSchedule, PlainDtype, ReconstructionConfig
 from l2fx.counter import estimate_bits
 from l2fx.data import Batch, batch_size, to_device
+from l2fx.inplace import clone_written_inputs
 from l2fx.ir import Allocation, WeightSite, require_meta, weight_sites
 from l2fx.modules import TransformedWeight
 from l2fx.passes.block_partition import Block, is_weight_node, side_nodes
@@ -149,7 +150,12 @@ def _extract(gm: fx.GraphModule, keep: list[fx.Node], phs: list[fx.Node], inputs
         else:
             env[n] = g.node_copy(n, lambda a: env[a])
     g.output(tuple(env[o] for o in outputs))
-    return fx.GraphModule(gm, g, class_name="L2fxBlock")
+    block = fx.GraphModule(gm, g, class_name="L2fxBlock")
+    # The block runs again and again on its cached inputs: a block that begins with the
+    # previous block's in-place activation would otherwise apply it to the cache on every run.
+    if clone_written_inputs(block):
+        block.recompile()
+    return block
 
 
 def plain_parameters(gm: fx.GraphModule) -> dict[int, dict[str, torch.nn.Parameter]]:

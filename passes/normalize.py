@@ -14,7 +14,9 @@ After::
 
 Dead code (nodes the output does not depend on) is removed.
 
-Pre: a GraphModule. Post: no dead node; no call_module node targets an ``nn.Linear``/``nn.Conv1d``/
+Pre: a GraphModule. Post: no dead node (in-place ops count as live); no graph input is
+written in place (such a graph reads ``input.clone()``: the calibration batches it runs on
+again and again stay as they were); no call_module node targets an ``nn.Linear``/``nn.Conv1d``/
 ``nn.Conv2d`` (zero padding)/``nn.Embedding``/eval-mode ``nn.BatchNorm2d``; the owning
 modules stay, so parameter names (state_dict keys) are unchanged. Graphs from torch.export
 are already in this form (aten ops on get_attr weights). Idempotent.
@@ -27,6 +29,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from l2fx.inplace import clone_written_inputs, is_impure, written_inputs
 from l2fx.pipeline import L2fxPass, PassResult
 
 
@@ -88,9 +91,15 @@ class Normalize(L2fxPass):
             modified = True
         # Drop what the output does not depend on (e.g. BERT's pooler under a mean-pooling
         # wrapper): its weights would otherwise be stored, and reconstructed against nothing.
-        before = len(gm.graph.nodes)
-        gm.graph.eliminate_dead_code()
-        modified |= len(gm.graph.nodes) != before
+        # In-place ops stay although nothing reads their result (fx's own pass drops
+        # ``x.add_(1)`` written as a statement).
+        for node in reversed(list(gm.graph.nodes)):
+            if node.op not in ("placeholder", "output") and not node.users and not is_impure(gm, node):
+                gm.graph.erase_node(node)
+                modified = True
+        # The pipeline runs the graph on the same calibration batches many times: a model that
+        # writes into its input in place would change them on every run. It reads a copy.
+        modified |= bool(clone_written_inputs(gm))
         if modified:
             gm.recompile()
         return PassResult(gm, modified)
@@ -100,3 +109,5 @@ class Normalize(L2fxPass):
             if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
                 if _eligible(gm.get_submodule(str(node.target))) is not None:
                     self.fail("weighted module left as call_module", node)
+        for ph in written_inputs(gm):
+            self.fail("an in-place op writes into this graph input", ph)
