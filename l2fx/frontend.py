@@ -4,7 +4,9 @@
 models it cannot trace (data-dependent control flow, HF transformers) go through
 ``torch.export.export`` with every input dimension marked ``Dim.AUTO``, and its unlifted
 ``ep.module()`` (parameters as ``get_attr`` nodes, aten ops). Both give parameter names equal
-to the original model's ``state_dict`` keys, which the artifact uses.
+to the original model's ``state_dict`` keys, which the artifact uses. An fx graph must
+reproduce the model's output on the example batch (within 1e-5 of its largest output), or it
+counts as a failed trace and export is tried.
 
 The caller's model is deep-copied first: fx shares submodules with the traced model, and
 later passes (BatchNorm folding) rewrite parameters.
@@ -105,9 +107,13 @@ def capture(model: torch.nn.Module, example: Batch, frontend: str = "auto") -> t
     if frontend in ("auto", "fx"):
         try:
             gm = fx.symbolic_trace(work)
-            return gm, CaptureInfo("fx")
         except Exception as exc:  # fx raises many types (TraceError, TypeError, AttributeError...)
             fx_error = exc
+        else:
+            mismatch = _mismatch(work, gm, example)
+            if mismatch is None:
+                return gm, CaptureInfo("fx")
+            fx_error = CaptureError(f"its graph does not reproduce the model on the example batch ({mismatch})")
     if frontend in ("auto", "export"):
         args, kwargs = _split(example)
         try:
@@ -123,6 +129,38 @@ def capture(model: torch.nn.Module, example: Batch, frontend: str = "auto") -> t
     if export_error is not None:
         parts.append(f"torch.export.export failed with {_first_line(export_error)}")
     raise CaptureError(f"cannot capture {type(model).__name__}: " + "; ".join(parts)) from (export_error or fx_error)
+
+
+def _mismatch(model: torch.nn.Module, gm: fx.GraphModule, example: Batch | None) -> str | None:
+    """How ``gm`` differs from ``model`` on ``example`` (None: it does not, or it cannot be told).
+
+    symbolic_trace can record a graph that computes something else without a word: ``y += 1`` on
+    a view ``y`` of the input is traced as ``y = y + 1``, so what eager mode wrote through the
+    view is lost. Both run on copies of ``example``; a model that fails on it is left to the
+    calibration check that follows capture.
+    """
+    if example is None:
+        return None
+    from l2fx.data import call_model, output_vector
+
+    def run(m: torch.nn.Module) -> torch.Tensor:
+        copied = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, example)
+        with torch.no_grad():
+            return output_vector(call_model(m, copied)).double()
+
+    try:
+        want, got = run(model), run(gm)
+    except Exception:  # noqa: BLE001 - not this check's to report (check_runs names the failure)
+        return None
+    if want.shape != got.shape:
+        return f"output shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    scale = float(want[torch.isfinite(want)].abs().max()) if torch.isfinite(want).any() else 0.0
+    err = (got - want).abs().nan_to_num(nan=float("inf"))
+    err = err.masked_fill(torch.isnan(want) & torch.isnan(got), 0.0)
+    worst = float(err.max()) if err.numel() else 0.0
+    if worst > 1e-5 * max(scale, 1e-30):
+        return f"largest output difference {worst:.3g} against outputs up to {scale:.3g}"
+    return None
 
 
 def recapture(model: torch.nn.Module, info: CaptureInfo) -> fx.GraphModule:

@@ -138,3 +138,31 @@ def test_verify_accepts_compiled_graph(tiny_convnet, tiny_calib, fast_config):
     verify(compiled.graph_module, after="final")
     sites = list(weight_sites(compiled.graph_module))
     assert sites and all(isinstance(site, WeightSite) for _, site in sites)
+
+
+class _WritesThroughAView(torch.nn.Module):
+    """``y += 1`` on a view of the input: eager mode writes into ``x``; fx records ``y = y + 1``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = x[:, :2]
+        y += 1
+        return self.lin(x)
+
+
+def test_capture_rejects_an_fx_graph_that_computes_something_else():
+    from l2fx.errors import CaptureError
+    from l2fx.frontend import capture
+
+    model = _WritesThroughAView().eval()
+    x = torch.randn(3, 8)
+    with pytest.raises(CaptureError, match="does not reproduce the model"):
+        capture(model, x, frontend="fx")
+    gm, info = capture(model, x)  # auto: export, which keeps the write
+    assert info.frontend == "export"
+    torch.testing.assert_close(gm(x.clone()), model(x.clone()))
+    gm, info = capture(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()), x)
+    assert info.frontend == "fx"
