@@ -24,3 +24,28 @@ def test_decoded_weights_are_made_only_for_measured_candidates():
     assert sum(exact for _, exact in result) == 4
     assert all(math.isfinite(d) and d > 0 for d, _ in result)
 
+
+
+def test_family_without_usable_anchor_borrows_the_layers_ratios():
+    """Output error 0 at both measured points of one family (it measured every candidate of
+    that family before); now it interpolates with the other family's ratios."""
+    made = []
+
+    def thunk(i):
+        return lambda: made.append(i) or torch.full((4,), float(i))
+
+    steps = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+    points = [(s, r * s, 100 - s, s * s, thunk(k), False)
+              for k, (s, r) in enumerate((s, r) for r in (0.5, 1.0) for s in steps)]
+    # family e/s = 1.0 (indices 6..11) reads 0 at its measured points
+    result = estimate_distortions(points, 2, lambda w: 0.0 if float(w[0]) >= 6 else float(w[0]) + 1.0)
+    assert len(made) == 4
+    assert all(math.isfinite(d) and d > 0 for i, (d, exact) in enumerate(result) if not exact)
+
+
+def test_layer_whose_every_measurement_is_zero_measures_no_more():
+    made = []
+    points = [(s, 0.5 * s, 100 - s, s * s, (lambda k=k: made.append(k) or torch.zeros(4)), False)
+              for k, s in enumerate((1.0, 2.0, 4.0, 8.0))]
+    result = estimate_distortions(points, 2, lambda w: 0.0)
+    assert len(made) == 2 and all(d == 0.0 for d, _ in result)
