@@ -93,12 +93,17 @@ def normalize_calib(calib: Any) -> list[Batch]:
     return batches
 
 
+def clone_batch(batch: Batch) -> Batch:
+    """``batch`` with every tensor copied: for running a model that may write into its inputs."""
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, batch)
+
+
 def check_runs(model: torch.nn.Module, batch: Batch) -> None:
     """Runs ``model`` on ``batch`` once; a failure becomes a CalibrationError saying what was fed.
     The model sees a copy: one that writes into its input in place leaves ``batch`` as it was."""
     try:
         with torch.no_grad():
-            call_model(model, pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, batch))
+            call_model(model, clone_batch(batch))
     except Exception as exc:
         raise CalibrationError(f"the model fails on calibration batch 0 ({_describe(batch)}): "
                                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"

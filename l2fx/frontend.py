@@ -141,12 +141,11 @@ def _mismatch(model: torch.nn.Module, gm: fx.GraphModule, example: Batch | None)
     """
     if example is None:
         return None
-    from l2fx.data import call_model, output_vector
+    from l2fx.data import call_model, clone_batch, output_vector
 
     def run(m: torch.nn.Module) -> torch.Tensor:
-        copied = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, example)
         with torch.no_grad():
-            return output_vector(call_model(m, copied)).double()
+            return output_vector(call_model(m, clone_batch(example))).double()
 
     try:
         want, got = run(model), run(gm)
