@@ -59,5 +59,14 @@ class ArchitectureMismatchError(ArtifactError):
     """The model passed to :func:`l2fx.load` is not the architecture the artifact was made from."""
 
 
+class SolverError(L2fxError):
+    """A layer-wise solver (GPTQ, SparseGPT, OBC, ...) cannot apply to a layer as asked; names the layer/option."""
+
+
+class FormatError(ConfigError):
+    """A block format or sparsity pattern cannot represent a tensor as asked (e.g. a dimension
+    not divisible by the block or by M of N:M); names the tensor, the dimension and the option."""
+
+
 class BackendError(L2fxError):
     """A requested runtime backend (e.g. Triton) is unavailable or unsupported for a layer."""
