@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import os
 from typing import Any, Sequence
 
@@ -14,10 +15,11 @@ from torch import nn
 from l2fx import coding, rangedec
 from l2fx.accounting import layer_nbytes
 from l2fx.artifact import ArtifactReader, check_fingerprint, coded_layers, serialize, write_atomic
+from l2fx.manifest import INSPECT_SYMBOLS_PER_BYTE, LayerEntry
 from l2fx.config import BackendConfig, CompileConfig
 from l2fx.data import cast_floats, check_runs, normalize_calib
 from l2fx.errors import ArchitectureMismatchError, ArtifactError, CalibrationError, CorruptArtifactError, L2fxError
-from l2fx.frontend import CaptureInfo, capture, graph_fingerprint, recapture
+from l2fx.frontend import capture, graph_fingerprint, recapture
 from l2fx.ir import CodedInfo, WeightSite, fetch_attr, replace_weight, set_meta
 from l2fx.modules import CodedWeight, StoredParams
 from l2fx.pipeline import Instrument, PassContext, PassManager, PeakMemory, Timing, peak_rss_mib
@@ -162,32 +164,66 @@ def save(compiled: CompiledModel, path: str | os.PathLike) -> int:
     return len(data)
 
 
-def _decoded_layers(reader: ArtifactReader, threads: int | None = None
-                    ) -> list[tuple[CodedInfo, np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Per coded layer: its CodedInfo (real byte counts), symbols, and stored (s, e).
-
-    All layers' chunks are decoded in one parallel sweep (:func:`l2fx.coding.decode_streams`);
-    a layer's statistics come from one histogram of its symbols.
-    """
+def _layer_info(reader: ArtifactReader, entry: LayerEntry, counts: np.ndarray) -> CodedInfo:
+    """The loaded layer's CodedInfo (real byte counts) from the counts of its table's symbols."""
     from l2fx.passes.range_code import bits_for_magnitude
 
-    layers = reader.streams()
-    streams = [stream for _, stream, _, _ in layers]
-    decoded = coding.decode_streams(streams, threads=threads, names=[f"layer {entry['param']!r}"
-                                                                      for entry, *_ in layers])
-    out = []
-    for (entry, stream, s, e), symbols in zip(layers, decoded):
-        s_t, e_t = torch.from_numpy(s), torch.from_numpy(e)
-        lb = layer_nbytes(entry["param"], TransformKind(entry["kind"]), tuple(entry["shape"]), entry["axis"],
-                          stream.table, stream.payload_nbytes, entry["chunk"], s_t, e_t)
-        hist = coding.histogram(symbols)
-        amax = max(abs(hist.qmin), abs(hist.qmin + hist.counts.size - 1)) if hist.numel else 0
-        zeros = int(hist.counts[-hist.qmin]) if hist.qmin <= 0 < hist.qmin + hist.counts.size else 0
-        info = CodedInfo(param=entry["param"], stream=stream, entry=entry, layer_bytes=lb,
-                         shannon_bits=coding.shannon_bits(hist), bits=bits_for_magnitude(amax),
-                         sparsity=zeros / hist.numel if hist.numel else 0.0)
-        out.append((info, symbols, s_t, e_t))
-    return out
+    stream = reader.stream(entry)
+    s, e = (torch.from_numpy(a) for a in reader.tparams(entry))
+    lb = layer_nbytes(entry.param, entry.kind, entry.shape, entry.axis, stream.table, stream.payload_nbytes,
+                      entry.chunk, s, e)
+    hist = coding.SymbolHistogram(entry.qmin, counts.astype(np.int64))
+    present = np.flatnonzero(counts)
+    amax = max(abs(entry.qmin + int(present[0])), abs(entry.qmin + int(present[-1]))) if present.size else 0
+    zeros = int(counts[-entry.qmin]) if entry.qmin <= 0 < entry.qmin + entry.ntab else 0
+    return CodedInfo(param=entry.param, stream=stream, entry=entry.to_dict(), layer_bytes=lb,
+                     shannon_bits=coding.shannon_bits(hist), bits=bits_for_magnitude(amax),
+                     sparsity=zeros / entry.numel if entry.numel else 0.0)
+
+
+def _counts(entry: LayerEntry, symbols: np.ndarray) -> np.ndarray:
+    return np.bincount(symbols.astype(np.int64) - entry.qmin, minlength=entry.ntab)[:entry.ntab]
+
+
+def _decoded_layers(reader: ArtifactReader, threads: int | None = None
+                    ) -> list[tuple[CodedInfo, np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Per coded layer: its CodedInfo, symbols, and stored (s, e).
+
+    All layers' chunks are decoded in one parallel sweep (:func:`l2fx.coding.decode_streams`).
+    The caller has bounded every layer's size (:meth:`ArtifactReader.check_against`).
+    """
+    decoded = coding.decode_streams([reader.stream(e) for e in reader.layers], threads=threads,
+                                    names=[f"layer {e.param!r}" for e in reader.layers])
+    return [(_layer_info(reader, e, _counts(e, symbols)), symbols, *(torch.from_numpy(a) for a in reader.tparams(e)))
+            for e, symbols in zip(reader.layers, decoded)]
+
+
+#: ``inspect`` decodes a layer this many symbols at a time (at least one chunk): 8 MB of int16.
+_INSPECT_PIECE = 1 << 22
+
+
+def _inspected_counts(reader: ArtifactReader, entry: LayerEntry) -> np.ndarray:
+    """Symbol counts of one layer, decoded a piece at a time (memory: one piece, not the layer)."""
+    if entry.ntab == 1:  # a tensor of one value: nothing to decode (its empty chunks are checked at open)
+        return np.array([entry.numel], dtype=np.int64)
+    stream = reader.stream(entry)
+    per_piece = max(1, _INSPECT_PIECE // entry.chunk)
+    counts = np.zeros(entry.ntab, dtype=np.int64)
+    for first in range(0, entry.nchunks, per_piece):
+        last = min(first + per_piece, entry.nchunks)
+        numel = min(entry.numel, last * entry.chunk) - first * entry.chunk
+        piece = dataclasses.replace(stream, numel=numel, chunks=stream.chunks[first:last],
+                                    crc32=stream.crc32[first:last])
+        try:
+            symbols = coding.decode_streams([piece])[0]
+        except CorruptArtifactError as exc:  # name the layer and the chunk within it
+            text = str(exc)
+            if text.startswith("chunk "):
+                index, _, rest = text[len("chunk "):].partition(":")
+                text = f"chunk {first + int(index)}:{rest}"
+            raise CorruptArtifactError(f"{reader.path}: layer {entry.param!r}: {text}") from exc
+        counts += _counts(entry, symbols)
+    return counts
 
 
 def _report(layers: Sequence[CodedInfo], target_cr: float, file_nbytes: int, original: int, **extra) -> CompressionReport:
@@ -199,15 +235,23 @@ def _report(layers: Sequence[CodedInfo], target_cr: float, file_nbytes: int, ori
                              **extra)
 
 
-def inspect(path: str | os.PathLike) -> CompressionReport:
-    """Reads an artifact (checking every checksum) and reports per-layer bytes and both CRs."""
+def inspect(path: str | os.PathLike, *, max_symbols: int | None = None) -> CompressionReport:
+    """Reads an artifact (checking every checksum) and reports per-layer bytes and both CRs.
+
+    Without a model to bound the layers by, it decodes at most ``max_symbols`` symbols (default
+    :data:`l2fx.manifest.INSPECT_SYMBOLS_PER_BYTE` per byte of the file; a tensor of a single
+    value needs no decoding and is not counted), a piece at a time: a crafted file claiming
+    more is a :class:`CorruptArtifactError` before anything is decoded.
+    """
     reader = ArtifactReader(path)
-    layers = [info for info, *_ in _decoded_layers(reader)]
-    try:
-        target_cr, original = float(reader.manifest["config"]["target_cr"]), int(reader.manifest["original_nbytes"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptArtifactError(f"{path}: the manifest lacks the target CR or the original size: {exc}") from exc
-    return _report(layers, target_cr, reader.file_nbytes, original)
+    limit = INSPECT_SYMBOLS_PER_BYTE * reader.file_nbytes if max_symbols is None else max_symbols
+    claimed = sum(e.numel for e in reader.layers if e.ntab > 1)
+    if claimed > limit:
+        raise CorruptArtifactError(
+            f"{path}: the layers claim {claimed:,} coded symbols, more than inspect decodes for a file of "
+            f"{reader.file_nbytes:,} bytes ({limit:,}; pass max_symbols= to allow more, or load it into its model)")
+    layers = [_layer_info(reader, e, _inspected_counts(reader, e)) for e in reader.layers]
+    return _report(layers, reader.target_cr, reader.file_nbytes, reader.original_nbytes)
 
 
 def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | str = "cpu",
@@ -224,24 +268,22 @@ def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | st
         raise ArtifactError(f"l2fx.load needs an instance of the uncompressed architecture, got {type(model).__name__}")
     reader = ArtifactReader(path)
     m = reader.manifest
-    try:
-        info = CaptureInfo.from_dict(m["capture"])
-        config = CompileConfig.from_dict(m["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{path}: manifest lacks capture/config information: {exc}") from exc
+    # Every layer must match a floating tensor of the model, by name and shape, before a symbol
+    # is decoded: the file cannot make the loader decode more than the model holds.
+    reader.check_against(model.state_dict(), type(model).__name__)
     # The weights decode in worker threads (the numba decoder releases the GIL) while this
     # thread re-captures the architecture, which takes seconds for a transformer.
     rangedec.warm_up()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="l2fx-decode") as pool:
         decoding = pool.submit(_decoded_layers, reader, threads)
         try:
-            gm = recapture(model, info)
+            gm = recapture(model, reader.capture)
         except L2fxError as exc:
             raise ArchitectureMismatchError(f"cannot capture the {type(model).__name__} passed to l2fx.load "
                                             f"the way the artifact was made: {exc}") from exc
         check_fingerprint(reader, graph_fingerprint(gm), type(model).__name__)
-        with PassContext(config=config):
-            gm = structural_pipeline(m.get("fold_batchnorm", True))(gm).graph_module
+        with PassContext(config=reader.config):
+            gm = structural_pipeline(reader.fold_batchnorm)(gm).graph_module
         layers = decoding.result()
     nodes = {str(n.target): n for n in gm.graph.nodes if n.op == "get_attr"}
     for info, symbols, s, e in layers:
@@ -270,16 +312,17 @@ def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | st
     with torch.no_grad():
         for name, value in plain.items():
             target = state[name]
-            if target.shape != value.shape:
-                raise ArchitectureMismatchError(f"{path}: tensor {name!r} has shape {tuple(value.shape)}, the model "
-                                                f"expects {tuple(target.shape)}")
-            target.copy_(value.to(target.dtype))
+            if target.shape != value.shape or target.dtype != value.dtype:
+                raise ArchitectureMismatchError(f"{path}: tensor {name!r} is {value.dtype} of shape {tuple(value.shape)} "
+                                                f"in the artifact, {target.dtype} of shape {tuple(target.shape)} in the "
+                                                "model")
+            target.copy_(value)
     gm.to(device)
     header = {k: m[k] for k in ("capture", "fingerprint", "config", "passes", "fold_batchnorm", "original_nbytes", "torch")
               if k in m}
     compiled = CompiledModel(gm, None, header)  # type: ignore[arg-type]
-    compiled.report = _report([info for info, *_ in layers], m["config"]["target_cr"], reader.file_nbytes,
-                              m["original_nbytes"])
+    compiled.report = _report([info for info, *_ in layers], reader.target_cr, reader.file_nbytes,
+                              reader.original_nbytes)
     backend = backend or BackendConfig()
     return lower(compiled, backend) if backend.use_triton != "never" and torch.device(device).type == "cuda" \
         else compiled

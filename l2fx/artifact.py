@@ -22,7 +22,6 @@ Reading uses only safetensors and json: no pickle anywhere on the load path.
 from __future__ import annotations
 
 import json
-import math
 import os
 import zlib
 from pathlib import Path
@@ -35,8 +34,12 @@ import torch
 import torch.fx as fx
 
 from l2fx import coding
-from l2fx.errors import ArchitectureMismatchError, ArtifactError, ArtifactVersionError, CorruptArtifactError
+from l2fx.config import CompileConfig
+from l2fx.errors import (ArchitectureMismatchError, ArtifactError, ArtifactVersionError, ConfigError,
+                         CorruptArtifactError, L2fxError)
 from l2fx.ir import CodedInfo, get_meta, weight_sites
+from l2fx.manifest import (LayerEntry, check_tparams, int_field, parse_capture, parse_layers, parse_plain_v1,
+                           parse_plain_v2, require)
 from l2fx.modules import CodedWeight
 from l2fx.transform import TransformKind
 
@@ -47,7 +50,10 @@ FORMAT = "l2fx"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 # Refuse to inflate a manifest beyond this (a decompression bomb is a corrupt file, not a hang).
-MAX_MANIFEST_NBYTES = 256 << 20
+# An honest manifest takes ~100 bytes per layer and ~50 per plain tensor (EfficientNet-Lite0:
+# 12.9 kB; a 1 B-parameter Llama: ~100 kB): 16 MiB leaves room for 100,000s of tensors while
+# bounding what parsing the JSON can cost.
+MAX_MANIFEST_NBYTES = 16 << 20
 MANIFEST = "l2fx.manifest"
 PAYLOAD = "l2fx.payload"
 CHUNKS = "l2fx.chunks"
@@ -143,17 +149,26 @@ def encode_manifest(manifest: dict[str, Any], version: int = VERSION) -> bytes:
     return text if version == 1 else zlib.compress(text, 9)
 
 
+def manifest_inflate_limit(stored_nbytes: int) -> int:
+    """The most a stored manifest of ``stored_nbytes`` may inflate to: 64 KiB plus 32 times its
+    stored size, at most MAX_MANIFEST_NBYTES. Honest manifests deflate 4-7x (Fashion-MNIST
+    ResNet 3,590 -> 977 bytes; EfficientNet-Lite0 12.9 -> 2.0 kB); a zlib bomb does ~1000x."""
+    return min(MAX_MANIFEST_NBYTES, (64 << 10) + 32 * stored_nbytes)
+
+
 def decode_manifest(data: bytes, version: int) -> bytes:
     """The manifest's JSON text from its stored bytes (inverse of :func:`encode_manifest`)."""
     if version == 1:
         return data
+    limit = manifest_inflate_limit(len(data))
     inflater = zlib.decompressobj()
     try:
-        text = inflater.decompress(data, MAX_MANIFEST_NBYTES)
+        text = inflater.decompress(data, limit)
     except zlib.error as exc:
         raise CorruptArtifactError(f"the manifest does not inflate: {exc}") from exc
     if inflater.unconsumed_tail:
-        raise CorruptArtifactError(f"the manifest inflates to more than {MAX_MANIFEST_NBYTES} bytes")
+        raise CorruptArtifactError(f"the manifest inflates to more than {limit} bytes (64 KiB + 32x its stored "
+                                   f"{len(data)} bytes)")
     if not inflater.eof or inflater.unused_data:
         raise CorruptArtifactError("the manifest's zlib stream is truncated or followed by stray bytes")
     return text
@@ -206,11 +221,24 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading
+# Reading. Nothing here trusts the file: ``l2fx.manifest`` validates every field against the
+# format's limits and the arrays present before anything is allocated from it.
+
+_ARRAY_DTYPES = {MANIFEST: "U8", PAYLOAD: "U8", CHUNKS: "U32", TABLES: "U16", TPARAMS["f16"]: "F16",
+                 TPARAMS["f32"]: "F32"}
+_TOP_KEYS_REQUIRED = ("format", "version", "capture", "fingerprint", "config", "original_nbytes", "layers",
+                      "plain", "crc32")
+_TOP_KEYS_OPTIONAL = ("passes", "fold_batchnorm", "torch")
 
 
 class ArtifactReader:
-    """Parses and checks an artifact; gives the manifest, decoded layers and plain tensors."""
+    """Opens, checks and describes an artifact; decodes nothing until asked.
+
+    After construction every layer entry (:attr:`layers`), plain tensor entry, the capture
+    information and the config are validated, every checksum but the payload's (each chunk
+    carries its own) matches, and every array is accounted for exactly. Any failure is a
+    :class:`CorruptArtifactError` (or :class:`ArtifactVersionError`) naming what is wrong.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -218,114 +246,196 @@ class ArtifactReader:
             raise ArtifactError(f"no artifact at {self.path}")
         self.file_nbytes = self.path.stat().st_size
         try:
+            self._open()
+        except ArtifactError as exc:
+            if not str(exc).startswith(str(self.path)):
+                raise type(exc)(f"{self.path}: {exc}") from exc
+            raise
+        except L2fxError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the promise: a file can only make l2fx fail cleanly
+            err = CorruptArtifactError(f"{self.path}: malformed artifact ({type(exc).__name__}: {exc})")
+            err.unexpected = True  # a case the checks should have named: bench/fuzz.py counts these
+            raise err from exc
+
+    # -- parsing ------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        try:
             with safetensors.safe_open(str(self.path), framework="numpy") as f:
                 metadata = f.metadata() or {}
-                self.arrays = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises SafetensorError / ValueError on bad bytes
-            raise CorruptArtifactError(f"{self.path} is not a readable safetensors file (truncated or "
-                                       f"corrupted?): {exc}") from exc
-        if MANIFEST not in self.arrays or metadata.get("format") != FORMAT:
-            raise CorruptArtifactError(f"{self.path} has no {MANIFEST}: not an l2fx artifact")
-        version = metadata.get("version")
-        if version not in [str(v) for v in READABLE_VERSIONS]:
-            raise ArtifactVersionError(f"{self.path} has format version {version!r}; this l2fx reads versions "
-                                       f"{', '.join(map(str, READABLE_VERSIONS))}")
-        self.version = int(version)
+                if metadata.get("format") != FORMAT:
+                    raise CorruptArtifactError("not an l2fx artifact (its safetensors metadata names no l2fx format)")
+                version = metadata.get("version")
+                if version not in [str(v) for v in READABLE_VERSIONS]:
+                    raise ArtifactVersionError(f"format version {version!r}; this l2fx reads versions "
+                                               f"{', '.join(map(str, READABLE_VERSIONS))}")
+                self.version = int(version)
+                specs = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+                self._check_array_specs(specs)
+                self.arrays = {k: f.get_tensor(k) for k in specs}
+        except ArtifactError:
+            raise
+        except Exception as exc:  # safetensors raises SafetensorError / ValueError / OSError on bad bytes
+            raise CorruptArtifactError(f"not a readable safetensors file (truncated or corrupted?): {exc}") from exc
         if metadata.get("manifest_crc32") != str(_crc(self.arrays[MANIFEST])):
-            raise CorruptArtifactError(f"{self.path}: checksum mismatch in the manifest")
+            raise CorruptArtifactError("checksum mismatch in the manifest")
         try:
-            self.manifest = json.loads(decode_manifest(self.arrays[MANIFEST].tobytes(), self.version).decode())
-        except CorruptArtifactError as exc:
-            raise CorruptArtifactError(f"{self.path}: {exc}") from exc
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptArtifactError(f"{self.path}: the manifest is not valid JSON: {exc}") from exc
-        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
-            raise CorruptArtifactError(f"{self.path}: manifest does not describe an l2fx artifact")
-        if self.manifest.get("version") != self.version:
-            raise ArtifactVersionError(f"{self.path}: the manifest says format version "
-                                       f"{self.manifest.get('version')!r}, the file's metadata {self.version}")
-        for key, kind in (("layers", list), ("plain", dict), ("crc32", dict)):
-            if not isinstance(self.manifest.get(key), kind):
-                raise CorruptArtifactError(f"{self.path}: the manifest's {key!r} is missing or not a {kind.__name__}")
-        for name, crc in self.manifest["crc32"].items():
-            if name not in self.arrays:
-                raise CorruptArtifactError(f"{self.path}: tensor {name!r} listed in the manifest is missing")
+            text = decode_manifest(self.arrays[MANIFEST].tobytes(), self.version)
+            self.manifest = json.loads(text.decode())
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            raise CorruptArtifactError(f"the manifest is not valid JSON: {str(exc)[:200]}") from exc
+        m = self.manifest
+        require(isinstance(m, dict) and m.get("format") == FORMAT, "manifest", "does not describe an l2fx artifact")
+        if m.get("version") != self.version:
+            raise ArtifactVersionError(f"the manifest says format version {m.get('version')!r}, the file's "
+                                       f"metadata {self.version}")
+        missing = [k for k in _TOP_KEYS_REQUIRED if k not in m]
+        unknown = [k[:40] for k in m if k not in _TOP_KEYS_REQUIRED + _TOP_KEYS_OPTIONAL]
+        require(not missing and not unknown, "manifest", f"missing fields {missing}, unknown fields {unknown}")
+        self._check_crcs(m["crc32"])
+        sizes = {"chunks": self.arrays.get(CHUNKS, _EMPTY[CHUNKS]).size // 2,
+                 "tables": self.arrays.get(TABLES, _EMPTY[TABLES]).size,
+                 "f16": self.arrays.get(TPARAMS["f16"], _EMPTY[TPARAMS["f16"]]).size,
+                 "f32": self.arrays.get(TPARAMS["f32"], _EMPTY[TPARAMS["f32"]]).size}
+        self.layers = parse_layers(m["layers"], sizes)
+        self._locate_payload()
+        self._tables = {e.param: self._table(e) for e in self.layers}
+        self._tparams = {e.param: check_tparams(e, self._array(TPARAMS[e.pdtype])[e.tparam_start:
+                                                                                 e.tparam_start + e.nparams])
+                         for e in self.layers}
+        if self.version == 1:
+            self.plain_entries = parse_plain_v1(m["plain"], {k: v for k, v in self._specs.items()
+                                                             if k not in _ARRAY_DTYPES})
+        else:
+            self.plain_entries = parse_plain_v2(m["plain"], {k[len(PLAIN_PREFIX):]: self.arrays[k].size
+                                                             for k in self.arrays if k.startswith(PLAIN_PREFIX)})
+        self.capture = parse_capture(m["capture"])
+        require(isinstance(m["fingerprint"], str) and len(m["fingerprint"]) <= 128, "manifest",
+                "field 'fingerprint' must be a short string")
+        self.original_nbytes = int_field(m, "original_nbytes", "manifest", 0, 1 << 62)
+        self.fold_batchnorm = m.get("fold_batchnorm", True)
+        require(isinstance(self.fold_batchnorm, bool), "manifest", "field 'fold_batchnorm' must be true or false")
+        require(isinstance(m["config"], dict) and "target_cr" in m["config"], "manifest",
+                "field 'config' must be an object holding 'target_cr'")
+        try:
+            self.config = CompileConfig.from_dict(m["config"])
+        except Exception as exc:  # noqa: BLE001 - from_dict of arbitrary JSON fails in many ways
+            raise CorruptArtifactError(f"manifest field 'config' is not a valid CompileConfig: "
+                                       f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+
+    def _check_array_specs(self, specs: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+        """Every tensor of the file is one the format names, 1-D, of the dtype it names."""
+        if MANIFEST not in specs:
+            raise CorruptArtifactError(f"has no {MANIFEST}: not an l2fx artifact")
+        self._specs = specs
+        for name, (dtype, shape) in specs.items():
+            if name in _ARRAY_DTYPES:
+                expected = _ARRAY_DTYPES[name]
+            elif self.version >= 2 and name.startswith(PLAIN_PREFIX) and name[len(PLAIN_PREFIX):].upper() in _ST_NAMES:
+                expected = name[len(PLAIN_PREFIX):].upper()
+            elif self.version == 1:
+                continue  # version 1 stores each plain tensor under its own name (checked by the manifest)
+            else:
+                raise CorruptArtifactError(f"tensor {name[:80]!r} is not part of the l2fx format")
+            if dtype != expected or len(shape) != 1:
+                raise CorruptArtifactError(f"tensor {name!r} is {dtype} of shape {list(shape)}, expected 1-D {expected}")
+        if CHUNKS in specs and specs[CHUNKS][1][0] % 2:
+            raise CorruptArtifactError(f"{CHUNKS} holds an odd number of values (pairs of length, CRC-32)")
+
+    def _check_crcs(self, crcs: Any) -> None:
+        require(isinstance(crcs, dict), "manifest", "field 'crc32' must be an object")
+        covered = {k for k in self.arrays if k not in (MANIFEST, PAYLOAD)}
+        require(set(crcs) == covered, "manifest", f"'crc32' must list exactly the file's tensors {sorted(covered)[:8]}; "
+                f"missing {sorted(covered - set(crcs))[:5]}, unknown {sorted(k[:40] for k in set(crcs) - covered)[:5]}")
+        for name, crc in crcs.items():
             if _crc(self.arrays[name]) != crc:
-                raise CorruptArtifactError(f"{self.path}: checksum mismatch in tensor {name!r}")
+                raise CorruptArtifactError(f"checksum mismatch in tensor {name!r}")
+
+    def _array(self, name: str) -> np.ndarray:
+        return self.arrays.get(name, _EMPTY.get(name, _EMPTY[PAYLOAD]))
+
+    def _locate_payload(self) -> None:
+        """Each layer's byte range in the payload, from its chunk lengths; all bytes accounted for."""
+        rows = self._array(CHUNKS).reshape(-1, 2).astype(np.int64)
+        self._payload_start: dict[str, int] = {}
+        cursor = 0
+        for e in self.layers:
+            mine = rows[e.chunk_start: e.chunk_start + e.nchunks]
+            self._payload_start[e.param] = cursor
+            if e.ntab == 1:  # its chunks are empty, and the CRC-32 of nothing is 0
+                require(not mine.any(), f"layer {e.param[:80]!r}", "a single-symbol table has no payload, "
+                        "but its chunk index claims bytes or non-zero CRCs")
+            cursor += int(mine[:, 0].sum())
+        payload = self._array(PAYLOAD).size
+        require(cursor == payload, "manifest", f"the chunk index accounts for {cursor} payload bytes, "
+                f"the payload holds {payload}")
+
+    def _table(self, e: LayerEntry) -> coding.FrequencyTable:
+        freqs = self._array(TABLES)[e.table_start: e.table_start + e.ntab]
+        try:
+            return coding.FrequencyTable(e.qmin, freqs)
+        except ConfigError as exc:
+            raise CorruptArtifactError(f"layer {e.param[:80]!r}: invalid frequency table: {exc}") from exc
+
+    # -- what callers use ---------------------------------------------------------------------
+
+    @property
+    def target_cr(self) -> float:
+        return float(self.config.target_cr)
+
+    def stream(self, e: LayerEntry) -> coding.CodedStream:
+        """The layer's range-coded stream (chunks still checked by their CRC-32 when decoded)."""
+        if e.ntab == 1:  # empty chunks (checked at open)
+            return coding.CodedStream(self._tables[e.param], e.numel, e.chunk, (b"",) * e.nchunks, (0,) * e.nchunks)
+        rows = self._array(CHUNKS).reshape(-1, 2)[e.chunk_start: e.chunk_start + e.nchunks]
+        payload = self._array(PAYLOAD)
+        start, chunks = self._payload_start[e.param], []
+        for n in rows[:, 0]:
+            chunks.append(payload[start: start + int(n)].tobytes())
+            start += int(n)
+        return coding.CodedStream(self._tables[e.param], e.numel, e.chunk, tuple(chunks),
+                                  tuple(int(c) for c in rows[:, 1]))
+
+    def tparams(self, e: LayerEntry) -> tuple[np.ndarray, np.ndarray]:
+        """(step_s, threshold_e) as stored (float32 arrays of ``e.channels`` values)."""
+        return self._tparams[e.param]
 
     def streams(self) -> list[tuple[dict, coding.CodedStream, np.ndarray, np.ndarray]]:
-        """(entry, stream, step_s, threshold_e) per coded layer, in manifest order."""
-        payload = self.arrays.get(PAYLOAD, np.zeros(0, np.uint8))
-        chunk_index = self.arrays.get(CHUNKS, np.zeros(0, np.uint32)).reshape(-1, 2)
-        tables = self.arrays.get(TABLES, np.zeros(0, np.uint16))
-        cursors = {"payload": 0, "chunk": 0, "table": 0, "f16": 0, "f32": 0}
-        out = []
-        for entry in self.manifest["layers"]:
-            try:
-                numel = math.prod(entry["shape"])
-                nchunks, ntab = entry["nchunks"], entry["ntab"]
-                rows = chunk_index[cursors["chunk"]: cursors["chunk"] + nchunks]
-                cursors["chunk"] += nchunks
-                chunks = []
-                for nbytes, crc in rows:
-                    start = cursors["payload"]
-                    chunks.append(payload[start: start + int(nbytes)].tobytes())
-                    cursors["payload"] += int(nbytes)
-                freqs = tables[cursors["table"]: cursors["table"] + ntab]
-                cursors["table"] += ntab
-                arrays = {"payload": np.frombuffer(b"".join(chunks), dtype=np.uint8),
-                          "chunk_nbytes": rows[:, 0].astype(np.uint32), "crc32": rows[:, 1].astype(np.uint32),
-                          "table_qmin": np.asarray([entry["qmin"]], dtype=np.int16), "table_freqs": freqs}
-                stream = coding.stream_from_arrays(arrays, numel, entry["chunk"])
-                axis = entry["axis"]
-                channels = entry["shape"][axis] if axis is not None else 1
-                nparams = channels * (1 if entry["kind"] == TransformKind.LINEAR.value else 2)
-                tp = self.arrays[TPARAMS[entry["pdtype"]]]
-                params = tp[cursors[entry["pdtype"]]: cursors[entry["pdtype"]] + nparams].astype(np.float32)
-                cursors[entry["pdtype"]] += nparams
-                if params.size != nparams:
-                    raise CorruptArtifactError(f"layer {entry['param']!r}: T parameters are truncated")
-                s = params[:channels]
-                e = params[channels:] if nparams > channels else 0.5 * s
-                if not (np.isfinite(params).all() and (params > 0).all()):
-                    raise CorruptArtifactError(f"layer {entry['param']!r}: T parameters are not finite and > 0")
-            except CorruptArtifactError:
-                raise
-            except (KeyError, TypeError, ValueError, IndexError) as exc:
-                raise CorruptArtifactError(f"{self.path}: malformed layer entry {entry!r}: {exc}") from exc
-            out.append((entry, stream, s, e))
-        if cursors["payload"] != payload.size:
-            raise CorruptArtifactError(f"{self.path}: payload has {payload.size - cursors['payload']} stray bytes")
-        return out
+        """(entry as written, stream, step_s, threshold_e) per coded layer, in manifest order."""
+        return [(e.to_dict(), self.stream(e), *self.tparams(e)) for e in self.layers]
+
+    def check_against(self, state: Any, model_name: str) -> None:
+        """Every coded layer has a floating tensor of the same name and shape in ``state``
+        (the model's ``state_dict()``): checked before any layer is decoded, so a file cannot
+        make the loader decode more symbols than the model holds."""
+        for e in self.layers:
+            t = state.get(e.param)
+            if t is None:
+                raise ArchitectureMismatchError(f"{self.path}: layer {e.param!r} of the artifact has no tensor of that "
+                                                f"name in the {model_name}")
+            if tuple(t.shape) != e.shape:
+                raise ArchitectureMismatchError(f"{self.path}: layer {e.param!r} has shape {list(e.shape)} in the "
+                                                f"artifact, {list(t.shape)} in the {model_name}")
+            if not t.is_floating_point():
+                raise ArchitectureMismatchError(f"{self.path}: layer {e.param!r} is {t.dtype} in the {model_name}, "
+                                                "not floating point")
 
     def plain(self) -> dict[str, torch.Tensor]:
         """The plain (not range-coded) tensors by state_dict name, in their model dtype."""
-        if self.version == 1:  # one safetensors tensor per plain tensor, under its own name
-            out = {}
-            for name, dtype in self.manifest["plain"].items():
-                if name not in self.arrays:
-                    raise CorruptArtifactError(f"{self.path}: plain tensor {name!r} is missing")
-                out[name] = torch.from_numpy(np.array(self.arrays[name])).to(getattr(torch, dtype))
-            return out
-        out, cursors = {}, {}
-        for name, spec in self.manifest["plain"].items():
-            try:
-                dtype, key, shape = spec
-                pack = self.arrays[PLAIN_PREFIX + key]
-                start = cursors.get(key, 0)
-                n = math.prod(shape)
-                if start + n > pack.size:
-                    raise CorruptArtifactError(f"{self.path}: plain tensor {name!r} runs past {PLAIN_PREFIX + key}")
-                cursors[key] = start + n
-                out[name] = torch.from_numpy(pack[start: start + n].reshape(shape).copy()).to(getattr(torch, dtype))
-            except CorruptArtifactError:
-                raise
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise CorruptArtifactError(f"{self.path}: malformed plain tensor entry {name!r}: {spec!r} ({exc})") from exc
-        for key, used in cursors.items():
-            if used != self.arrays[PLAIN_PREFIX + key].size:
-                raise CorruptArtifactError(f"{self.path}: {PLAIN_PREFIX + key} has stray values")
+        out = {}
+        for p in self.plain_entries:
+            if self.version == 1:
+                a = np.array(self.arrays[p.name])
+            else:
+                a = self.arrays[PLAIN_PREFIX + p.pack][p.start: p.start + p.numel].reshape(p.shape).copy()
+            out[p.name] = torch.from_numpy(a).to(getattr(torch, p.dtype))
         return out
+
+
+_EMPTY = {PAYLOAD: np.zeros(0, np.uint8), CHUNKS: np.zeros(0, np.uint32), TABLES: np.zeros(0, np.uint16),
+          TPARAMS["f16"]: np.zeros(0, np.float16), TPARAMS["f32"]: np.zeros(0, np.float32)}
+_ST_NAMES = set(_ST_DTYPES.values())
 
 
 def check_fingerprint(reader: ArtifactReader, fingerprint: str, model_name: str) -> None:

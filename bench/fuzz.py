@@ -1,0 +1,163 @@
+"""Fuzzes the artifact reader: N mutations of a good artifact, the outcome table.
+
+    python bench/fuzz.py --mutations 100000            # ~25 min on the 2-core CPU
+    python bench/fuzz.py --mutations 2000 --tag quick
+
+Mutation classes and outcomes are those of ``tests/artifact_fuzz.py``: every file is loaded
+(``l2fx.load`` into a fresh instance of the model) and inspected, under RLIMIT_DATA at the
+process's data size plus ``--budget-mib``, with a wall-clock alarm of ``--timeout`` seconds as
+the hang detector. Writes ``bench/results/fuzz[_TAG].md/.json``: per class and outcome, the
+count; the failures in full (with the seed that reproduces each); the largest time a file took;
+and the largest peak of numpy allocations a load made (tracemalloc, where every allocation the
+file's sizes drive happens), as a multiple of the model's float32 bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import resource
+import signal
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
+
+import l2fx  # noqa: E402
+from _results import write_results  # noqa: E402
+from artifact_fuzz import CLASSES, Chooser, Parts, is_failure, mutate, outcome, state_of  # noqa: E402
+from conftest import DictInputNet, make_tiny_convnet  # noqa: E402
+from l2fx.config import CompileConfig, ReconstructionConfig, SensitivityConfig  # noqa: E402
+
+
+class Hang(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Hang()
+
+
+def _data_size() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+
+
+def make_corpus(tmp: Path, name: str) -> dict:
+    """A good artifact to mutate: the tests' tiny ConvNet (captured by fx) or their DictInputNet
+    (keyword inputs, captured by torch.export, so the manifest records its example inputs)."""
+    config = CompileConfig(sensitivity=SensitivityConfig(num_samples=8, num_steps=10),
+                           reconstruction=ReconstructionConfig(enabled=False))
+    g = torch.Generator().manual_seed(0)
+    if name == "fx":
+        make, calib = make_tiny_convnet, torch.randn(16, 1, 28, 28, generator=g)
+    else:
+        def make():
+            torch.manual_seed(0)
+            return DictInputNet().eval()
+        calib = {"input_ids": torch.randint(0, 200, (8, 12), generator=g), "attention_mask": torch.ones(8, 12)}
+    path = tmp / f"good_{name}.l2fx"
+    l2fx.save(l2fx.compile(make(), target_cr=8, calib=calib, config=config), path)
+    l2fx.inspect(path)
+    reference = state_of(l2fx.load(path, model=make()))
+    tracemalloc.start()
+    outcome(path, make, reference)
+    baseline = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {"name": name, "make": make, "reference": reference, "baseline_peak": baseline,
+            "data": path.read_bytes(), "parts": Parts.of(path),
+            "model_nbytes": 4 * sum(p.numel() for p in make().parameters())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mutations", type=int, default=100_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=30.0)
+    ap.add_argument("--budget-mib", type=int, default=256)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--export-share", type=float, default=0.05,
+                    help="share of the mutations made of the export-captured corpus (its loads re-run torch.export)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    tmp = Path(tempfile.mkdtemp(prefix="l2fx-fuzz-"))
+    corpora = [make_corpus(tmp, name) for name in ("fx", "export")]
+    counts: dict[tuple[str, str], int] = collections.Counter()
+    errors: dict[str, int] = collections.Counter()
+    failures, slowest, peak_ratio = [], (0.0, ""), (0.0, "", 0.0)
+    signal.signal(signal.SIGALRM, _alarm)
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (_data_size() + (args.budget_mib << 20), hard))
+    t_start = time.perf_counter()
+    bad = tmp / "mutated.l2fx"
+    for i in range(args.mutations):
+        seed = args.seed * 1_000_000_007 + i
+        rng = np.random.default_rng(seed)
+        corpus = corpora[1] if rng.random() < args.export_share else corpora[0]
+        cls, what, mutated = mutate(Chooser.from_rng(rng), corpus["data"], corpus["parts"])
+        what = f"[{corpus['name']}] {what}"
+        bad.write_bytes(mutated)
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        signal.setitimer(signal.ITIMER_REAL, args.timeout)
+        try:
+            result, detail = outcome(bad, corpus["make"], corpus["reference"])
+        except Hang:
+            result, detail = "hang", f"over {args.timeout} s"
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        dt = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        if peak / corpus["baseline_peak"] > peak_ratio[0]:
+            peak_ratio = (peak / corpus["baseline_peak"], f"{cls}: {what}", peak / corpus["model_nbytes"])
+        if dt > slowest[0]:
+            slowest = (dt, f"{cls}: {what}")
+        counts[(cls, result)] += 1
+        if result == "error":
+            errors[detail.split(":")[1].strip()] += 1
+        if is_failure(cls, result) or result == "hang":
+            failures.append({"seed": seed, "class": cls, "mutation": what, "outcome": result, "detail": detail})
+        if (i + 1) % 5000 == 0:
+            print(f"{i + 1} mutations, {len(failures)} failures, {time.perf_counter() - t_start:.0f} s", flush=True)
+    resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+    outcomes = ["error", "identical", "different", "unexpected", "escaped", "hang"]
+    rows = [f"| class | {' | '.join(outcomes)} | total |", "|---|" + "---|" * (len(outcomes) + 1)]
+    for cls in CLASSES:
+        n = [counts[(cls, o)] for o in outcomes]
+        rows.append(f"| {cls} | {' | '.join(map(str, n))} | {sum(n)} |")
+    total = [sum(counts[(c, o)] for c in CLASSES) for o in outcomes]
+    rows.append(f"| **all** | {' | '.join(map(str, total))} | {sum(total)} |")
+    lines = [f"# Artifact fuzzing: {args.mutations:,} mutations", "",
+             f"`python bench/fuzz.py --mutations {args.mutations} --seed {args.seed}` "
+             f"({time.perf_counter() - t_start:.0f} s on this machine). Corpora: the tests' tiny ConvNet "
+             f"(110k weights, fx) and, for {args.export_share:.0%} of the mutations, their DictInputNet (13k weights, "
+             f"torch.export, keyword inputs), both at CR 8. 'different' is allowed for the content class only (weight-defining "
+             f"values changed within the format's rules); a failure is any escaped or unexpected outcome, a hang, or "
+             f"a different load outside the content class.", "", *rows, "",
+             f"Failures: **{len(failures)}**. Slowest file: {slowest[0]:.2f} s ({slowest[1]}). Largest "
+             f"allocation peak (tracemalloc: Python objects and numpy arrays) of a load and inspect: {peak_ratio[0]:.2f}x "
+             f"that of the good file ({peak_ratio[2]:.1f}x its model's float32 bytes), for {peak_ratio[1]}. Every "
+             f"file ran under RLIMIT_DATA at the start's data size + {args.budget_mib} MiB.", "",
+             "Errors raised, by type:", "", *[f"- {k}: {v}" for k, v in errors.most_common()], ""]
+    if failures:
+        lines += ["## Failures", "", *[f"- seed {f['seed']}: {f['class']} ({f['mutation']}): {f['outcome']}: "
+                                        f"{f['detail']}" for f in failures[:50]]]
+    text = "\n".join(lines)
+    print(text)
+    write_results(ROOT / "bench" / "results" / ("fuzz" + (f"_{args.tag}" if args.tag else "")), text,
+                  {"mutations": args.mutations, "seed": args.seed, "counts": {f"{c}/{o}": n for (c, o), n in counts.items()},
+                   "failures": failures, "errors": dict(errors), "slowest_s": slowest[0],
+                   "peak_traced_over_model": peak_ratio})
+
+
+if __name__ == "__main__":
+    main()
