@@ -5,7 +5,7 @@
 
 Mutation classes and outcomes are those of ``tests/artifact_fuzz.py``: every file is loaded
 (``l2fx.load`` into a fresh instance of the model) and inspected, under RLIMIT_DATA at the
-process's data size plus ``--budget-mib``, with a wall-clock alarm of ``--timeout`` seconds as
+data size the process has before each file plus ``--budget-mib``, with a wall-clock alarm of ``--timeout`` seconds as
 the hang detector. Writes ``bench/results/fuzz[_TAG].md/.json``: per class and outcome, the
 count; the failures in full (with the seed that reproduces each); the largest time a file took;
 and the largest peak of numpy allocations a load made (tracemalloc, where every allocation the
@@ -94,7 +94,6 @@ def main() -> None:
     failures, slowest, peak_ratio = [], (0.0, ""), (0.0, "", 0.0)
     signal.signal(signal.SIGALRM, _alarm)
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    resource.setrlimit(resource.RLIMIT_DATA, (_data_size() + (args.budget_mib << 20), hard))
     t_start = time.perf_counter()
     bad = tmp / "mutated.l2fx"
     for i in range(args.mutations):
@@ -106,6 +105,9 @@ def main() -> None:
         bad.write_bytes(mutated)
         tracemalloc.start()
         t0 = time.perf_counter()
+        # The cap is re-armed per file: the process's data size drifts up over thousands of
+        # loads (torch.export's caches), and what is bounded is what one file makes a load allocate.
+        resource.setrlimit(resource.RLIMIT_DATA, (_data_size() + (args.budget_mib << 20), hard))
         signal.setitimer(signal.ITIMER_REAL, args.timeout)
         try:
             result, detail = outcome(bad, corpus["make"], corpus["reference"])
@@ -113,6 +115,7 @@ def main() -> None:
             result, detail = "hang", f"over {args.timeout} s"
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
+            resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
         dt = time.perf_counter() - t0
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
@@ -126,8 +129,8 @@ def main() -> None:
         if is_failure(cls, result) or result == "hang":
             failures.append({"seed": seed, "class": cls, "mutation": what, "outcome": result, "detail": detail})
         if (i + 1) % 5000 == 0:
-            print(f"{i + 1} mutations, {len(failures)} failures, {time.perf_counter() - t_start:.0f} s", flush=True)
-    resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+            print(f"{i + 1} mutations, {len(failures)} failures, {time.perf_counter() - t_start:.0f} s, "
+                  f"data size {_data_size() >> 20} MiB", flush=True)
 
     outcomes = ["error", "identical", "different", "unexpected", "escaped", "hang"]
     rows = [f"| class | {' | '.join(outcomes)} | total |", "|---|" + "---|" * (len(outcomes) + 1)]

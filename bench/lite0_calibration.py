@@ -30,7 +30,7 @@ import l2fx
 from l2fx import zoo
 from l2fx.cli import apply_settings
 from l2fx.config import CompileConfig
-from l2fx.passes.baselines import rtn_pipeline
+from l2fx.method import rtn_pipeline
 
 from _results import RESULTS, command_line, write_results
 

@@ -31,7 +31,7 @@ import l2fx
 from l2fx import coding, rangedec, zoo
 from l2fx.artifact import ArtifactReader
 from l2fx.frontend import CaptureInfo, recapture
-from l2fx.passes.baselines import rtn_pipeline
+from l2fx.method import rtn_pipeline
 
 from _results import RESULTS, command_line, write_results
 

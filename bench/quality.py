@@ -25,7 +25,7 @@ from l2fx import zoo
 from l2fx.cli import apply_settings
 from l2fx.config import CompileConfig, ReconstructionConfig
 from l2fx.counter import CounterKernel
-from l2fx.passes.baselines import rtn_pipeline
+from l2fx.method import rtn_pipeline
 from l2fx.transform import TransformKind
 
 from _results import RESULTS, command_line, write_results

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import copy
 import dataclasses
 import os
 from typing import Any, Sequence
@@ -13,51 +14,22 @@ import torch.fx as fx
 from torch import nn
 
 from l2fx import coding, rangedec
-from l2fx.accounting import layer_nbytes
-from l2fx.artifact import ArtifactReader, check_fingerprint, coded_layers, serialize, write_atomic
-from l2fx.manifest import INSPECT_SYMBOLS_PER_BYTE, LayerEntry
+from l2fx.accounting import bits_for_magnitude, layer_nbytes
+from l2fx.artifact import ArtifactReader, check_fingerprint, coded_layers, write_atomic
+from l2fx.compiled import CompiledModel
 from l2fx.config import BackendConfig, CompileConfig
 from l2fx.data import cast_floats, check_runs, normalize_calib
 from l2fx.errors import ArchitectureMismatchError, ArtifactError, CalibrationError, CorruptArtifactError, L2fxError
 from l2fx.frontend import capture, graph_fingerprint, recapture
-from l2fx.ir import CodedInfo, WeightSite, fetch_attr, replace_weight, set_meta
-from l2fx.modules import CodedWeight, StoredParams
+from l2fx.ir import CodedInfo
+from l2fx.manifest import INSPECT_SYMBOLS_PER_BYTE, LayerEntry
+from l2fx.method import default_pipeline, structural_pipeline
+from l2fx.modules import StoredParams
+from l2fx.passes import DecodedLayer, InstallDecodedWeights, LowerKernels
 from l2fx.pipeline import Instrument, PassContext, PassManager, PeakMemory, Timing, peak_rss_mib
 from l2fx.report import CompressionReport, LayerReport, original_nbytes
-from l2fx.transform import TransformKind
 
-
-class CompiledModel(nn.Module):
-    """A compressed model: the rewritten GraphModule, its report, and what save() writes.
-
-    ``forward`` runs the graph (weights decoded from integer codes by the torch reference, or
-    by the fused kernel once lowered). ``state_dict()`` holds the codes, the stored T
-    parameters and the plain tensors: what runs, nothing else.
-    """
-
-    def __init__(self, graph_module: fx.GraphModule, report: CompressionReport, header: dict[str, Any]):
-        super().__init__()
-        self.graph_module = graph_module
-        self.report = report
-        self._header = header
-        # A model captured from keyword inputs (torch.export keeps that calling convention)
-        # also accepts them positionally, in capture order, as the original model did.
-        self._keyword_inputs = [key for kind, key, *_ in header.get("capture", {}).get("inputs", []) if kind == "kwarg"]
-
-    def forward(self, *args, **kwargs):
-        if args and self._keyword_inputs:
-            kwargs = {**dict(zip(self._keyword_inputs, args)), **kwargs}
-            args = args[len(self._keyword_inputs):]
-        return self.graph_module(*args, **kwargs)
-
-    def train(self, mode: bool = True) -> "CompiledModel":
-        """Records the mode only: the graph was captured in eval mode (BatchNorm folded,
-        dropout off) and graphs from torch.export refuse ``train()``/``eval()`` outright."""
-        self.training = mode
-        return self
-
-    def artifact_bytes(self) -> bytes:
-        return serialize(self.graph_module, self._header)
+__all__ = ["compile", "save", "load", "inspect", "lower", "CompiledModel"]
 
 
 def compile(
@@ -65,6 +37,7 @@ def compile(
     target_cr: float,
     calib: Any = None,
     *,
+    method: str | None = None,
     config: CompileConfig | None = None,
     backend: BackendConfig | None = None,
     pipeline: PassManager | None = None,
@@ -75,16 +48,18 @@ def compile(
     """Compresses ``model`` to ``target_cr`` and returns a :class:`CompiledModel`.
 
     ``calib``: a batch (Tensor, tuple of Tensors, dict of Tensors) or an iterable of batches.
-    ``config``: a :class:`CompileConfig` (``target_cr`` given here overrides its field).
-    ``pipeline``: a :class:`PassManager`, by default ``l2fx.passes.default_pipeline()``.
+    ``method``: a registered method (:func:`l2fx.methods`; default ``config.method``, ``"l2"``).
+    ``config``: a :class:`CompileConfig` (``target_cr`` and ``method`` given here override its fields).
+    ``pipeline``: a :class:`PassManager` to run instead of the method's.
     ``instruments``: e.g. ``[Timing(), DumpIR("ir/")]``; Timing and PeakMemory are always added.
     ``verify``: run the IR verifier after every pass. The caller's model is never modified.
     """
-    from l2fx.passes import default_pipeline
-
     if not isinstance(model, nn.Module):
         raise L2fxError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     config = (config or CompileConfig()).replace(target_cr=target_cr)
+    if method is not None:
+        config = config.replace(method=method)
+    pipeline = pipeline or default_pipeline(config)  # an unknown method fails here, before any work
     batches = normalize_calib(calib)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -103,7 +78,6 @@ def compile(
             raise CalibrationError(f"the model runs in {sorted({str(d) for d in dtypes.values()})} but not cast to "
                                    f"float32, which l2fx compresses in: {exc}") from exc
     gm.to(device)
-    pipeline = pipeline or default_pipeline(config)
     timing, memory = Timing(), PeakMemory()
     ctx = PassContext(config=config, backend=backend or BackendConfig(), calib=batches,
                       instruments=[timing, memory, *instruments], verify=verify, device=device)
@@ -166,8 +140,6 @@ def save(compiled: CompiledModel, path: str | os.PathLike) -> int:
 
 def _layer_info(reader: ArtifactReader, entry: LayerEntry, counts: np.ndarray) -> CodedInfo:
     """The loaded layer's CodedInfo (real byte counts) from the counts of its table's symbols."""
-    from l2fx.passes.range_code import bits_for_magnitude
-
     stream = reader.stream(entry)
     s, e = (torch.from_numpy(a) for a in reader.tparams(entry))
     lb = layer_nbytes(entry.param, entry.kind, entry.shape, entry.axis, stream.table, stream.payload_nbytes,
@@ -185,16 +157,16 @@ def _counts(entry: LayerEntry, symbols: np.ndarray) -> np.ndarray:
     return np.bincount(symbols.astype(np.int64) - entry.qmin, minlength=entry.ntab)[:entry.ntab]
 
 
-def _decoded_layers(reader: ArtifactReader, threads: int | None = None
-                    ) -> list[tuple[CodedInfo, np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Per coded layer: its CodedInfo, symbols, and stored (s, e).
+def _decoded_layers(reader: ArtifactReader, threads: int | None = None) -> list[DecodedLayer]:
+    """Every coded layer decoded, with its CodedInfo and stored (s, e).
 
     All layers' chunks are decoded in one parallel sweep (:func:`l2fx.coding.decode_streams`).
     The caller has bounded every layer's size (:meth:`ArtifactReader.check_against`).
     """
     decoded = coding.decode_streams([reader.stream(e) for e in reader.layers], threads=threads,
                                     names=[f"layer {e.param!r}" for e in reader.layers])
-    return [(_layer_info(reader, e, _counts(e, symbols)), symbols, *(torch.from_numpy(a) for a in reader.tparams(e)))
+    return [DecodedLayer(_layer_info(reader, e, _counts(e, symbols)), symbols,
+                         *(torch.from_numpy(a) for a in reader.tparams(e)))
             for e, symbols in zip(reader.layers, decoded)]
 
 
@@ -255,15 +227,16 @@ def inspect(path: str | os.PathLike, *, max_symbols: int | None = None) -> Compr
 
 
 def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | str = "cpu",
-         backend: BackendConfig | None = None, threads: int | None = None) -> CompiledModel:
+         backend: BackendConfig | None = None, threads: int | None = None, verify: bool = False,
+         instruments: Sequence[Instrument] = ()) -> CompiledModel:
     """Rebuilds the compiled model from ``path`` on an instance ``model`` of the original architecture.
 
     ``model``'s own weights are not used (nor modified): every tensor comes from the file. The
-    result is lowered to the fused kernel where ``backend`` (default: "auto") and ``device``
-    allow it, as :func:`l2fx.compile` does. ``threads``: decoder threads (default: all cores).
+    graph is re-captured and goes through the structural passes, ``install_decoded_weights``
+    and (where ``backend`` (default: "auto") and ``device`` allow it) ``lower_kernels``, in one
+    pass manager: ``verify`` runs the IR verifier after each, ``instruments`` see each.
+    ``threads``: decoder threads (default: all cores).
     """
-    from l2fx.passes import structural_pipeline
-
     if not isinstance(model, nn.Module):
         raise ArtifactError(f"l2fx.load needs an instance of the uncompressed architecture, got {type(model).__name__}")
     reader = ArtifactReader(path)
@@ -271,6 +244,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | st
     # Every layer must match a floating tensor of the model, by name and shape, before a symbol
     # is decoded: the file cannot make the loader decode more than the model holds.
     reader.check_against(model.state_dict(), type(model).__name__)
+    backend = backend or BackendConfig()
     # The weights decode in worker threads (the numba decoder releases the GIL) while this
     # thread re-captures the architecture, which takes seconds for a transformer.
     rangedec.warm_up()
@@ -282,50 +256,20 @@ def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | st
             raise ArchitectureMismatchError(f"cannot capture the {type(model).__name__} passed to l2fx.load "
                                             f"the way the artifact was made: {exc}") from exc
         check_fingerprint(reader, graph_fingerprint(gm), type(model).__name__)
-        with PassContext(config=reader.config):
+        with PassContext(config=reader.config, backend=backend, device=device, verify=verify,
+                         instruments=list(instruments)):
             gm = structural_pipeline(reader.fold_batchnorm)(gm).graph_module
-        layers = decoding.result()
-    nodes = {str(n.target): n for n in gm.graph.nodes if n.op == "get_attr"}
-    for info, symbols, s, e in layers:
-        entry = info.entry
-        node = nodes.get(entry["param"])
-        if node is None:
-            raise ArchitectureMismatchError(f"{path}: layer {entry['param']!r} has no counterpart in the model")
-        codes = torch.from_numpy(symbols.astype(np.int8)).reshape(entry["shape"])
-        axis = entry["axis"]
-        set_meta(node, WeightSite(entry["param"], "loaded", axis if axis is not None else 0, tuple(entry["shape"])))
-        dtype = fetch_attr(gm, entry["param"]).dtype  # the loaded model's own dtype for this weight
-        if not dtype.is_floating_point:
-            raise ArchitectureMismatchError(f"{path}: layer {entry['param']!r} is {dtype} in the model, not floating point")
-        new = replace_weight(gm, node, CodedWeight(codes, TransformKind(entry["kind"]), s, e, axis, dtype),
-                             recompile=False)
-        set_meta(new, info)
-    gm.recompile()
-    plain = reader.plain()
-    state = gm.state_dict(keep_vars=True)
-    coded_keys = {k for k in state if k.startswith("l2fx_weights.")}
-    missing = set(state) - coded_keys - set(plain)
-    extra = set(plain) - set(state)
-    if missing or extra:
-        raise ArchitectureMismatchError(f"{path}: tensors differ from the model's: missing {sorted(missing)[:5]}, "
-                                        f"unexpected {sorted(extra)[:5]}")
-    with torch.no_grad():
-        for name, value in plain.items():
-            target = state[name]
-            if target.shape != value.shape or target.dtype != value.dtype:
-                raise ArchitectureMismatchError(f"{path}: tensor {name!r} is {value.dtype} of shape {tuple(value.shape)} "
-                                                f"in the artifact, {target.dtype} of shape {tuple(target.shape)} in the "
-                                                "model")
-            target.copy_(value)
-    gm.to(device)
+            layers = decoding.result()
+            passes = PassManager([InstallDecodedWeights(layers, reader.plain(), reader.path)])
+            if backend.use_triton != "never" and torch.device(device).type == "cuda":
+                passes.append(LowerKernels())
+            gm = passes(gm).graph_module
     header = {k: m[k] for k in ("capture", "fingerprint", "config", "passes", "fold_batchnorm", "original_nbytes", "torch")
               if k in m}
-    compiled = CompiledModel(gm, None, header)  # type: ignore[arg-type]
-    compiled.report = _report([info for info, *_ in layers], reader.target_cr, reader.file_nbytes,
+    compiled = CompiledModel(gm, None, header)
+    compiled.report = _report([layer.info for layer in layers], reader.target_cr, reader.file_nbytes,
                               reader.original_nbytes)
-    backend = backend or BackendConfig()
-    return lower(compiled, backend) if backend.use_triton != "never" and torch.device(device).type == "cuda" \
-        else compiled
+    return compiled
 
 
 def lower(compiled: CompiledModel, backend: BackendConfig | None = None) -> CompiledModel:
@@ -333,7 +277,15 @@ def lower(compiled: CompiledModel, backend: BackendConfig | None = None) -> Comp
 
     ``backend.use_triton``: "auto" (default) lowers layers that sit on a CUDA device when Triton
     imports; "always" lowers regardless (on CPU the op runs its torch reference); "never" copies.
+    ``compiled`` is not modified (its GraphModule is deep-copied; ``CodedInfo`` streams are
+    shared, being immutable). The header is kept, so ``artifact_bytes()`` of the result equals
+    the input's: lowering is a runtime choice made from the device, not part of the stored model.
     """
-    from l2fx.passes.lower_kernels import lower as _lower
-
-    return _lower(compiled, backend)
+    if not isinstance(compiled, CompiledModel):
+        raise ArtifactError(f"lower expects a CompiledModel from l2fx.compile/l2fx.load, got {type(compiled).__name__}")
+    gm = copy.deepcopy(compiled.graph_module)
+    with PassContext(backend=backend or BackendConfig(), verify=True):
+        gm = PassManager([LowerKernels()])(gm).graph_module
+    out = CompiledModel(gm, compiled.report, copy.deepcopy(compiled._header))
+    out.train(compiled.training)
+    return out

@@ -1,9 +1,11 @@
-"""Command line: ``l2fx compress`` and ``l2fx inspect``.
+"""Command line: ``l2fx compress``, ``l2fx inspect``, ``l2fx methods``, ``l2fx models``.
 
     l2fx compress efficientnet-lite0 --target-cr 12 -o lite0.l2fx
     l2fx compress mypkg.models:build --calib mypkg.data:calib --target-cr 10 -o m.l2fx
     l2fx compress fmnist-resnet --target-cr 15 --set reconstruction.distill_iters=200 --set seed=3
+    l2fx compress fmnist-resnet --target-cr 12 --method l2
     l2fx inspect lite0.l2fx
+    l2fx methods
 """
 from __future__ import annotations
 
@@ -15,7 +17,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from l2fx.errors import L2fxError
+from l2fx import api, zoo
+from l2fx.config import CompileConfig, ReconstructionConfig
+from l2fx.errors import ConfigError, L2fxError
+from l2fx.method import methods
+from l2fx.pipeline import Progress
+from l2fx.transform import TransformKind
 
 
 class CLIError(L2fxError):
@@ -38,8 +45,6 @@ def _import_callable(spec: str) -> Callable[..., Any]:
 
 def _resolve(model_spec: str, calib_spec: str | None, num_calib: int, batch_size: int, seed: int):
     """(model, calib batches, zoo entry or None) for a registry name or a module:function."""
-    from l2fx import zoo
-
     if model_spec in zoo.names():
         entry = zoo.get(model_spec)
         model = entry.build()
@@ -55,8 +60,6 @@ def apply_settings(config: Any, settings: list[str]) -> Any:
     """``config`` with ``KEY=VALUE`` settings applied: KEY a dotted path of config fields
     (``reconstruction.weight_iters``), VALUE JSON (``200``, ``true``, ``[0.5, 1.0]``) or a bare
     string (``joint``). Unknown keys and invalid values raise :class:`CLIError`."""
-    from l2fx.errors import ConfigError
-
     data = config.to_dict()
     for item in settings:
         key, sep, raw = item.partition("=")
@@ -84,20 +87,15 @@ def apply_settings(config: Any, settings: list[str]) -> Any:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    import l2fx
-    from l2fx.pipeline import Progress
-
     t0 = time.perf_counter()
     model, calib, entry = _resolve(args.model, args.calib, args.num_calib, args.batch_size, args.seed)
-    from l2fx.config import ReconstructionConfig
-
-    config = l2fx.CompileConfig(target_cr=args.target_cr, transform=l2fx.TransformKind(args.transform), seed=args.seed,
-                                reconstruction=ReconstructionConfig(enabled=not args.no_reconstruction))
+    config = CompileConfig(target_cr=args.target_cr, method=args.method, transform=TransformKind(args.transform),
+                           seed=args.seed, reconstruction=ReconstructionConfig(enabled=not args.no_reconstruction))
     config = apply_settings(config, args.set)
-    compiled = l2fx.compile(model, target_cr=config.target_cr, calib=calib, config=config,
-                            instruments=[] if args.quiet else [Progress()], verify=args.verify)
+    compiled = api.compile(model, target_cr=config.target_cr, calib=calib, config=config,
+                           instruments=[] if args.quiet else [Progress()], verify=args.verify)
     out = Path(args.output or f"{args.model.replace(':', '_').replace('.', '_')}-cr{config.target_cr:g}.l2fx")
-    nbytes = l2fx.save(compiled, out)
+    nbytes = api.save(compiled, out)
     print(compiled.report.table())
     print(f"wrote {out} ({nbytes:,} bytes) in {time.perf_counter() - t0:.1f} s")
     if entry is not None and not args.no_eval:
@@ -109,16 +107,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import l2fx
-
-    report = l2fx.inspect(args.artifact)
+    report = api.inspect(args.artifact)
     print(json.dumps(report.to_dict(), indent=1, default=str) if args.json else report.table())
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from l2fx import zoo
+def cmd_methods(args: argparse.Namespace) -> int:
+    for name, description in methods().items():
+        print(f"{name:<20} {description}")
+    return 0
 
+
+def cmd_models(args: argparse.Namespace) -> int:
     for name in zoo.names():
         print(f"{name:<20} {zoo.get(name).description}")
     return 0
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help="module:function returning calibration batches (default: the model's own)")
     c.add_argument("--num-calib", type=int, default=256, help="calibration samples for registered models")
     c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--method", default="l2", help="a registered method (see `l2fx methods`; default l2)")
     c.add_argument("--transform", default="joint", choices=["joint", "linear", "log", "exp", "prune"])
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("-o", "--output", help="artifact path (default <model>-cr<target>.l2fx)")
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
+    me = sub.add_parser("methods", help="list the registered compression methods")
+    me.set_defaults(func=cmd_methods)
     m = sub.add_parser("models", help="list the registered real models")
     m.set_defaults(func=cmd_models)
     return p

@@ -15,7 +15,7 @@ import typing
 from typing import Any, Mapping
 
 from l2fx.counter import CounterConfig
-from l2fx.errors import ConfigError
+from l2fx.errors import ConfigError, TargetCRError
 from l2fx.transform import TransformKind
 
 
@@ -214,9 +214,11 @@ class CompileConfig(_JsonConfig):
 
     ``target_cr`` is the compression ratio of the compressed parameters: their fp32 bytes over
     every byte written for them (payload, probability table, T parameters, header share).
+    ``method`` names a registered method (:func:`l2fx.methods`), the pipeline that runs.
     """
 
     target_cr: float = 10.0
+    method: str = "l2"
     transform: TransformKind = TransformKind.JOINT
     granularity: Granularity = Granularity.PER_CHANNEL
     plain_dtype: PlainDtype = PlainDtype.FLOAT16
@@ -234,9 +236,8 @@ class CompileConfig(_JsonConfig):
         _require(isinstance(self.target_cr, (int, float)) and math.isfinite(self.target_cr), n,
                  f"target_cr must be a finite number, got {self.target_cr!r}")
         if self.target_cr <= 1.0:
-            from l2fx.errors import TargetCRError
-
             raise TargetCRError(f"target_cr must be > 1 (fp32 is 1.0), got {self.target_cr}")
+        _require(isinstance(self.method, str) and bool(self.method), n, f"method must be a method's name, got {self.method!r}")
         _require(isinstance(self.transform, TransformKind), n, f"transform must be a TransformKind, got {self.transform!r}")
         _require(isinstance(self.granularity, Granularity), n, f"granularity must be a Granularity, got {self.granularity!r}")
         _require(isinstance(self.plain_dtype, PlainDtype), n, f"plain_dtype must be a PlainDtype, got {self.plain_dtype!r}")

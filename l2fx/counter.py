@@ -19,7 +19,7 @@ zone) at 3.4-4.5 bits/weight: +0.6 .. +2.4 %; JOINT at ~1.3 bits/weight: +5 .. +
 because the density of ``t`` jumps at the dead-zone edge +-0.5 and delta = 0.5 smears it.
 
 Measured on this project's 2-core CPU (torch 2.14, cosine kernel, qmax=15, Laplace
-weights, best of 5; ``python -m l2fx.counter`` re-measures), :func:`estimate_bits`
+weights, best of 5; ``python bench/counter.py`` re-measures), :func:`estimate_bits`
 forward + backward, "counter" with ``t`` a leaf, "T+counter" with T = LINEAR on ``w``:
 
     weights  max_samples   quiet machine (2 threads)      loaded, load avg ~4.7 (1 thread)
@@ -230,36 +230,3 @@ def empirical_bits(q: Tensor) -> float:
     _, counts = torch.unique(q.reshape(-1), return_counts=True)
     p = counts.to(torch.float64) / n
     return float(-(p * torch.log2(p)).sum() * n)
-
-
-def _benchmark() -> None:  # pragma: no cover - measurement helper for the module docstring
-    import time
-
-    from l2fx.transform import TransformKind, forward_t
-
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-
-    def best_ms(fn) -> float:
-        best = math.inf
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return best * 1e3
-
-    print(f"{'n':>9} {'max_samples':>11} {'counter ms':>10} {'T+counter ms':>12} {'bits/w':>7}")
-    for n, cfg in ((1_000_000, CounterConfig()), (11_700_000, CounterConfig()),
-                   (1_000_000, CounterConfig(max_samples=1 << 24))):
-        w = torch.distributions.Laplace(0.0, 0.02).sample((n,)).requires_grad_()
-        s = torch.tensor(0.01, requires_grad=True)
-        e = torch.tensor(0.005)
-        t_leaf = (w.detach() / s.detach()).requires_grad_()
-        only = best_ms(lambda: estimate_bits(t_leaf, 15, cfg, gen).backward())
-        full = best_ms(lambda: estimate_bits(forward_t(w, TransformKind.LINEAR, s, e), 15, cfg, gen).backward())
-        bits = float(estimate_bits(t_leaf, 15, cfg, gen).detach())
-        print(f"{n:>9} {cfg.max_samples:>11} {only:>10.1f} {full:>12.1f} {bits / n:>7.3f}")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _benchmark()

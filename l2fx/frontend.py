@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from l2fx.data import Batch
+from l2fx.data import Batch, call_model, clone_batch, output_vector
 from l2fx.errors import CaptureError
 
 
@@ -141,8 +141,6 @@ def _mismatch(model: torch.nn.Module, gm: fx.GraphModule, example: Batch | None)
     """
     if example is None:
         return None
-    from l2fx.data import call_model, clone_batch, output_vector
-
     def run(m: torch.nn.Module) -> torch.Tensor:
         with torch.no_grad():
             return output_vector(call_model(m, clone_batch(example))).double()

@@ -25,6 +25,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from l2fx.ir import owned_meta
+
 __all__ = ["written_arguments", "written_inputs", "clone_written_inputs", "is_impure"]
 
 _INPLACE_OPERATORS = {
@@ -128,7 +130,8 @@ def clone_written_inputs(gm: fx.GraphModule) -> list[fx.Node]:
         anchor = next(n for n in gm.graph.nodes if n.op != "placeholder")  # after every placeholder
         with gm.graph.inserting_before(anchor):
             copy = gm.graph.call_method("clone", (ph,))
-        copy.meta.update({k: v for k, v in ph.meta.items() if not k.startswith("l2fx.")})
+        owned = owned_meta(ph)  # entries of the passes' namespaces describe the input, not its copy
+        copy.meta.update({k: v for k, v in ph.meta.items() if k not in owned})
         for user in users:
             user.replace_input_with(ph, copy)
     return written

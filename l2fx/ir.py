@@ -41,6 +41,23 @@ def registered_meta_types() -> dict[str, type]:
     return dict(_META_TYPES)
 
 
+def namespace(key: str) -> str | None:
+    """The namespace of a ``node.meta`` key (``"l2fx"`` of ``"l2fx.site"``), None for fx's own keys."""
+    return key.split(".", 1)[0] if "." in key else None
+
+
+def registered_namespaces() -> set[str]:
+    """Namespaces some registered entry uses: ``l2fx`` and every user pass's (``mypass``)."""
+    return {namespace(k) for k in _META_TYPES}
+
+
+def owned_meta(node: fx.Node) -> dict[str, Any]:
+    """The node's meta entries in registered namespaces (built-in and user passes' alike):
+    what the verifier checks, ``DumpIR`` prints, and a rewrite carries to the node replacing it."""
+    spaces = registered_namespaces()
+    return {k: v for k, v in node.meta.items() if namespace(k) in spaces}
+
+
 def set_meta(node: fx.Node, value: Any) -> None:
     key = type(value).META_KEY
     if _META_TYPES.get(key) is not type(value):
@@ -203,6 +220,31 @@ class CodedInfo:
         return self.layer_bytes.total
 
 
+@meta_entry
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """The reconstruction block a node belongs to (set by ``block_partition``): ``index`` in
+    topological order, ``name`` (the block key of its first weight, e.g. ``"layer1.0"``)."""
+
+    META_KEY = "l2fx.block"
+    index: int
+    name: str
+
+
+@meta_entry
+@dataclasses.dataclass(frozen=True, eq=False)
+class Reference:
+    """The float32 value a tensor had before reconstruction moved it (set by ``keep_reference``
+    on compressed weights and on the plain parameters the blocks tune; read by
+    ``network_distillation``, whose targets come from the original model)."""
+
+    META_KEY = "l2fx.reference"
+    value: torch.Tensor
+
+    def __repr__(self) -> str:
+        return f"Reference({tuple(self.value.shape)}, {self.value.dtype})"
+
+
 # --------------------------------------------------------------------------------------------
 # Traversal helpers.
 
@@ -239,7 +281,7 @@ def replace_weight(gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module, r
     """Makes ``module()`` produce the weight that ``node`` produced, and drops the fp32 tensor.
 
     ``node`` is the weight's ``get_attr`` (or an earlier weight module's ``call_module``);
-    its ``l2fx.*`` meta moves to the returned node. The original tensor is deleted from its
+    its meta in every registered namespace (:func:`owned_meta`) moves to the returned node. The original tensor is deleted from its
     owner so that ``state_dict()`` holds only what runs. A caller replacing many weights
     passes ``recompile=False`` and calls ``gm.recompile()`` once at the end (a recompile
     costs ~30 ms on a transformer's graph).
@@ -252,7 +294,7 @@ def replace_weight(gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module, r
         return node
     with gm.graph.inserting_before(node):
         new = gm.graph.call_module(path)
-    new.meta.update({k: v for k, v in node.meta.items() if k.startswith("l2fx.")})
+    new.meta.update(owned_meta(node))
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     if node.op == "get_attr":

@@ -8,14 +8,28 @@ what runs:
   parameters; returns T^-1(round_ste(T(w))) (Eq. 11), differentiable for reconstruction.
 * :class:`CodedWeight` (after ``range_code``): the integer symbols and the stored T
   parameters; returns T^-1(q). No fp32 weight exists any more.
+
+and the runtime modules ``lower_kernels`` puts in place of a coded weight *and* the linear
+op reading it (:class:`DequantLinear`, :class:`DequantConv1x1`), which call the fused
+dequant-matmul kernel (``torch.ops.l2fx.dequant_matmul``, registered by importing
+:mod:`l2fx.triton_kernels.dequant_matmul`).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from l2fx.errors import ConfigError
+from l2fx.errors import BackendError, ConfigError
 from l2fx.transform import TransformKind, channel_view, fake_quant, inverse_t
+from l2fx.triton_kernels import dequant_matmul as _kernels  # registers torch.ops.l2fx.dequant_matmul
+from l2fx.triton_kernels.packing import pack_codes
+
+__all__ = ["TransformedWeight", "StoredParams", "CodedWeight", "DequantLinear", "DequantConv1x1", "KERNEL_KINDS",
+           "HAS_TRITON"]
+
+#: Transform kinds the fused kernel decodes, and whether Triton is importable here.
+KERNEL_KINDS = tuple(_kernels.KINDS)
+HAS_TRITON = _kernels.HAS_TRITON
 
 
 class TransformedWeight(nn.Module):
@@ -114,3 +128,67 @@ class CodedWeight(StoredParams):
     def extra_repr(self) -> str:
         dtype = "" if self.dtype == torch.float32 else f", dtype={str(self.dtype).replace('torch.', '')}"
         return f"kind={self.kind.value}, shape={tuple(self.codes.shape)}, axis={self.channel_axis}{dtype}"
+
+
+# --------------------------------------------------------------------------------------------
+# Lowered weight modules (``lower_kernels``): a coded weight fused with the linear op reading it.
+
+
+class DequantLinear(StoredParams):
+    """``y = x @ T^-1(q)^T + bias`` with ``q`` decoded in registers (``torch.ops.l2fx.dequant_matmul``).
+
+    Buffers (exactly what runs; ``state_dict()`` holds these and nothing else):
+
+    * ``words``: ``torch.int32 [N, ceil(K / F)]``, ``F = 32 // bits``: the codes ``q [N, K]``
+      packed along K (:mod:`l2fx.triton_kernels.packing`).
+    * ``step_s``: ``torch.float32 [N]`` (per output channel, ``channel_axis == 0``) or ``[1]``
+      (per tensor, ``channel_axis is None``; expanded to ``[N]`` as a view at call time): the
+      stored ``s`` of Eq. 13, the same values the artifact holds.
+    * ``threshold_e``: same shape and meaning for ``e``.
+
+    Attributes: ``kind`` (:class:`TransformKind`), ``bits`` (2..8), ``k`` (K), ``n`` (N),
+    ``channel_axis`` (0 or None, as the CodedWeight it replaces).
+
+    ``forward(x [..., K], bias [N] | None) -> [..., N]`` in ``x.dtype``.
+    """
+
+    def __init__(self, codes: torch.Tensor, kind: TransformKind, step_s: torch.Tensor,
+                 threshold_e: torch.Tensor, channel_axis: int | None, bits: int | None = None):
+        super().__init__()
+        if codes.dim() != 2:
+            raise BackendError(f"DequantLinear packs 2-D codes [N, K], got shape {tuple(codes.shape)}")
+        packed = pack_codes(codes, bits)
+        self.register_buffer("words", packed.words)
+        self.register_buffer("step_s", step_s.detach().float().reshape(-1).contiguous())
+        self.register_buffer("threshold_e", threshold_e.detach().float().reshape(-1).contiguous())
+        self.kind = TransformKind(kind)
+        self.bits = packed.bits
+        self.k = packed.k
+        self.n = packed.n
+        self.channel_axis = channel_axis
+
+    def _params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.step_s.expand(self.n), self.threshold_e.expand(self.n)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        s, e = self._params()
+        return torch.ops.l2fx.dequant_matmul(x, self.words, self.bits, self.k, s, e, self.kind.value, bias)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind.value}, n={self.n}, k={self.k}, bits={self.bits}, axis={self.channel_axis}"
+
+
+class DequantConv1x1(DequantLinear):
+    """A 1x1, stride-1, unpadded, ungrouped ``conv2d``: the same GEMM over channels.
+
+    Buffers as :class:`DequantLinear` with ``N = C_out``, ``K = C_in`` (the ``[C_out, C_in,
+    1, 1]`` codes flattened to ``[C_out, C_in]``). ``forward(x [B, C_in, H, W], bias [C_out] |
+    None) -> [B, C_out, H, W]``, computed as ``x`` in channels-last rows ``[B*H*W, C_in]``.
+    """
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        s, e = self._params()
+        b, _, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(b * h * w, self.k)
+        y = torch.ops.l2fx.dequant_matmul(rows, self.words, self.bits, self.k, s, e, self.kind.value, bias)
+        return y.reshape(b, h, w, self.n).permute(0, 3, 1, 2)

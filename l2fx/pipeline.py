@@ -31,8 +31,8 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from l2fx.config import BackendConfig, CompileConfig
-from l2fx.errors import PassError, VerifierError
-from l2fx.ir import registered_meta_types
+from l2fx.errors import CalibrationError, L2fxError, PassError, VerifierError
+from l2fx.ir import namespace, owned_meta, registered_meta_types, weight_sites
 
 __all__ = [
     "L2fxPass", "PassResult", "PassContext", "PassManager", "Instrument", "Timing", "DumpIR",
@@ -43,11 +43,22 @@ __all__ = [
 class L2fxPass(PassBase, abc.ABC):
     """Base of every l2fx pass. Subclasses set ``name`` and implement ``call``.
 
-    ``requires(gm)`` and ``ensures(gm)`` state the pass's pre- and postconditions and raise
+    Preconditions are declared where they are data, and checked by the manager before ``call``:
+
+    * ``requires_meta``: meta entry types every compressed weight must carry
+      (``(Allocation,)``: the allocation ran);
+    * ``requires_weight_modules``: module types every compressed weight must be produced by
+      (``(TransformedWeight,)``: weights are fake-quantised, not yet coded);
+    * ``requires_calib``: the context must hold calibration data.
+
+    ``requires(gm)`` and ``ensures(gm)`` state the rest of the pre- and postconditions and raise
     :class:`PassError` (use :meth:`fail`) when they do not hold.
     """
 
     name: str = ""
+    requires_meta: tuple[type, ...] = ()
+    requires_weight_modules: tuple[type, ...] = ()
+    requires_calib: bool = False
 
     def requires(self, graph_module: fx.GraphModule) -> None:  # noqa: D401 - PassBase API
         return None
@@ -120,7 +131,7 @@ class DumpIR(Instrument):
         path = Path(self.directory) / f"{self._index:02d}_{p.name}.txt"
         lines = [str(gm.graph)]
         for node in gm.graph.nodes:
-            entries = {k: v for k, v in node.meta.items() if k.startswith("l2fx.")}
+            entries = owned_meta(node)  # every registered namespace, the user passes' included
             if entries:
                 lines.append(f"# {node.name}: {entries}")
         path.write_text("\n".join(lines))
@@ -211,14 +222,15 @@ class PassContext:
 
 
 def _rule_meta_types(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Every key of a registered namespace (``l2fx.*`` and each user pass's) is a registered
+    entry holding its registered type; fx's own keys (``val``, ``stack_trace``) are not ours."""
     types = registered_meta_types()
-    for key, value in node.meta.items():
-        if key.startswith("l2fx."):
-            expected = types.get(key)
-            if expected is None:
-                return f"node.meta[{key!r}] is not a registered l2fx meta entry"
-            if not isinstance(value, expected):
-                return f"node.meta[{key!r}] holds {type(value).__name__}, expected {expected.__name__}"
+    for key, value in owned_meta(node).items():
+        expected = types.get(key)
+        if expected is None:
+            return f"node.meta[{key!r}] is not a registered meta entry of namespace {namespace(key)!r}"
+        if not isinstance(value, expected):
+            return f"node.meta[{key!r}] holds {type(value).__name__}, expected {expected.__name__}"
     return None
 
 
@@ -271,13 +283,34 @@ def verify(gm: fx.GraphModule, after: str = "?") -> None:
 # Manager
 
 
+def check_declared(p: L2fxPass, gm: fx.GraphModule, ctx: PassContext) -> None:
+    """The pass's declared preconditions (``requires_meta``, ``requires_weight_modules``,
+    ``requires_calib``); the failure names the pass and the first node that lacks one."""
+    if p.requires_calib and not ctx.calib:
+        raise CalibrationError(f"pass {p.name!r} needs calibration data in the PassContext")
+    if not (p.requires_meta or p.requires_weight_modules):
+        return
+    for node, _ in weight_sites(gm):
+        for cls in p.requires_meta:
+            if cls.META_KEY not in node.meta:
+                p.fail(f"needs node.meta[{cls.META_KEY!r}] ({cls.__name__}) on every compressed weight", node)
+        if p.requires_weight_modules:
+            module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+            if not isinstance(module, p.requires_weight_modules):
+                names = " or ".join(t.__name__ for t in p.requires_weight_modules)
+                p.fail(f"needs every compressed weight produced by a {names} module, found "
+                       f"{type(module).__name__ if module is not None else node.op}", node)
+
+
 class PassManager:
     """A named, ordered pipeline of passes.
 
     ``insert_before``/``insert_after`` place a user pass relative to a named one and return
     the manager (so calls chain). Running it applies, for each pass: instruments'
-    ``before_pass``, ``requires``, ``call``, ``ensures``, the verifier when the context asks
-    for it, then ``after_pass``.
+    ``before_pass``, the declared preconditions, ``requires``, ``call`` (an exception other than
+    an :class:`L2fxError` becomes a :class:`PassError` naming the pass and those before it), a
+    recompile when the pass says it modified the graph, ``ensures``, the verifier when the
+    context asks for it, then ``after_pass``.
     """
 
     def __init__(self, passes: Iterable[L2fxPass] = ()):
@@ -325,14 +358,24 @@ class PassManager:
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()
         modified = False
-        for p in self.passes:
+        for i, p in enumerate(self.passes):
             for inst in ctx.instruments:
                 inst.before_pass(p, gm)
+            check_declared(p, gm, ctx)
             p.requires(gm)
-            result = p.call(gm)
+            try:
+                result = p.call(gm)
+            except L2fxError:
+                raise
+            except Exception as exc:
+                before = ", ".join(q.name for q in self.passes[:i]) or "none"
+                raise PassError(f"pass {p.name!r} failed with {type(exc).__name__}: {exc} (passes run before it: "
+                                f"{before})") from exc
             if not isinstance(result, PassResult):
                 raise PassError(f"pass {p.name!r} returned {type(result).__name__}, expected PassResult")
             gm = result.graph_module
+            if result.modified:
+                gm.recompile()
             p.ensures(gm)
             if ctx.verify:
                 verify(gm, after=p.name)

@@ -21,10 +21,6 @@ from l2fx.ir import Allocation, Candidate, SensitivityCurve, get_meta, set_meta,
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 
 
-def budget_nbytes(gm: fx.GraphModule, target_cr: float) -> float:
-    return sum(4 * site.numel for _, site in weight_sites(gm)) / target_cr
-
-
 def lagrangian_pick(curves: list[tuple[Candidate, ...]], lam: float) -> list[Candidate]:
     return [min(c, key=lambda x: (x.distortion + lam * x.nbytes, x.nbytes)) for c in curves]
 
@@ -47,11 +43,7 @@ def allocate(curves: list[tuple[Candidate, ...]], budget: float) -> list[Candida
 
 class EntropyAllocation(L2fxPass):
     name = "entropy_allocation"
-
-    def requires(self, gm: fx.GraphModule) -> None:
-        for node, _ in weight_sites(gm):
-            if get_meta(node, SensitivityCurve) is None:
-                self.fail("weight has no rate-distortion curve: run sensitivity_analysis first", node)
+    requires_meta = (SensitivityCurve,)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()

@@ -13,12 +13,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from l2fx.errors import ConfigError
 from l2fx.ir import fetch_attr, replace_weight, weight_sites
 from l2fx.modules import TransformedWeight
-from l2fx.passes.mark_weights import MarkWeights
-from l2fx.passes.plain_storage import PlainStorage
-from l2fx.passes.range_code import RangeCode
-from l2fx.pipeline import L2fxPass, PassContext, PassManager, PassResult
+from l2fx.pipeline import L2fxPass, PassContext, PassResult
 from l2fx.transform import TransformKind
 
 
@@ -27,12 +25,8 @@ class RoundToNearest(L2fxPass):
 
     def __init__(self, bits: int, prune_fraction: float = 0.0):
         if not 2 <= bits <= 8:
-            from l2fx.errors import ConfigError
-
             raise ConfigError(f"RTN bits must be in 2..8, got {bits}")
         if not 0.0 <= prune_fraction < 1.0:
-            from l2fx.errors import ConfigError
-
             raise ConfigError(f"prune_fraction must be in [0, 1), got {prune_fraction}")
         self.bits, self.prune_fraction = bits, prune_fraction
 
@@ -55,12 +49,8 @@ class RoundToNearest(L2fxPass):
         gm.recompile()
         return PassResult(gm, True)
 
-
-def rtn_pipeline(bits: int, prune_fraction: float = 0.0, fold_batchnorm: bool = True) -> PassManager:
-    """RTN (optionally magnitude-pruned) per channel + range coding, in l2fx's accounting."""
-    from l2fx.passes import structural_pipeline
-
-    pm = structural_pipeline(fold_batchnorm)
-    for p in (MarkWeights(), PlainStorage(), RoundToNearest(bits, prune_fraction), RangeCode(check_target=False)):
-        pm.append(p)
-    return pm
+    def ensures(self, gm: fx.GraphModule) -> None:
+        for node, _ in weight_sites(gm):
+            m = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+            if not isinstance(m, TransformedWeight) or m.kind is not TransformKind.LINEAR:
+                self.fail("weight is not a LINEAR TransformedWeight", node)

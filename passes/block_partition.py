@@ -35,130 +35,35 @@ weight node belongs to exactly one block; each block holds at least one compress
 """
 from __future__ import annotations
 
-import dataclasses
-import re
-from typing import Any
-
 import networkx as nx
-import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
-from l2fx.ir import get_meta, meta_entry, set_meta, weight_sites
+from l2fx.blocks import block_key, is_state, side_nodes, tensor_valued
+from l2fx.data import to_device
+from l2fx.ir import Block, get_meta, set_meta, weight_sites
 from l2fx.modules import TransformedWeight
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 
-__all__ = ["Block", "BlockPartition", "block_key", "node_blocks", "side_nodes", "is_weight_node",
-           "tensor_valued"]
+__all__ = ["BlockPartition"]
 
 _SOURCE = "__l2fx_source__"
 
 
-@meta_entry
-@dataclasses.dataclass(frozen=True)
-class Block:
-    """The reconstruction block a node belongs to: ``index`` in topological order, ``name``
-    (the block key of its first weight, e.g. ``"layer1.0"``)."""
-
-    META_KEY = "l2fx.block"
-    index: int
-    name: str
-
-
-def is_weight_node(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A compressed weight: a zero-input call_module of a TransformedWeight."""
-    return (node.op == "call_module" and not node.all_input_nodes
-            and isinstance(gm.get_submodule(str(node.target)), TransformedWeight))
-
-
-def _is_state(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Nodes that are parameters, not data: get_attr and zero-input weight modules."""
-    return node.op == "get_attr" or is_weight_node(gm, node)
-
-
-_NUMERIC = re.compile(r"^\d+$")
-
-
-def block_key(param: str) -> str:
-    """The module path of ``param`` up to its first numeric component (else its module)."""
-    parts = param.split(".")[:-1] or [param]
-    for i, part in enumerate(parts):
-        if _NUMERIC.match(part):
-            return ".".join(parts[: i + 1])
-    return ".".join(parts)
-
-
-def tensor_valued(gm: fx.GraphModule, calib: Any = None) -> dict[fx.Node, bool]:
-    """Whether each node's value holds a Tensor (False for sizes, dtypes, None).
-
-    Read from ``meta["val"]`` (torch.export) when present, else measured by interpreting the
-    graph once on ``calib`` (one calibration batch), else assumed True.
-    """
-    out: dict[fx.Node, bool] = {}
-    missing = False
-    for node in gm.graph.nodes:
-        val = node.meta.get("val", node.meta.get("example_value"))
-        if val is None:
-            missing = True
-            continue
-        out[node] = any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(val))
-    if missing and calib is not None:
-        from l2fx.passes.block_reconstruction import placeholder_values  # shared input binding
-
-        env: dict[fx.Node, Any] = {}
-
-        class _Record(fx.Interpreter):
-            def run_node(self, n):
-                value = super().run_node(n)
-                env[n] = any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value))
-                return value
-
-        with torch.no_grad():
-            _Record(gm).run(*placeholder_values(gm, calib), enable_io_processing=False)
-        for node, is_tensor in env.items():
-            out.setdefault(node, is_tensor)
-    for node in gm.graph.nodes:
-        out.setdefault(node, True)
-    return out
-
-
-def side_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes whose value depends on no compressed weight (placeholders and what they feed)."""
-    main: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output") or _is_state(gm, node):
-            continue
-        if any(is_weight_node(gm, a) or a in main for a in node.all_input_nodes):
-            main.add(node)
-    return {n for n in gm.graph.nodes
-            if n not in main and n.op != "output" and not _is_state(gm, n)}
-
-
-def node_blocks(gm: fx.GraphModule) -> dict[fx.Node, Block]:
-    return {n: b for n in gm.graph.nodes if (b := get_meta(n, Block)) is not None}
-
-
 class BlockPartition(L2fxPass):
     name = "block_partition"
-
-    def requires(self, gm: fx.GraphModule) -> None:
-        for node, _ in weight_sites(gm):
-            if not is_weight_node(gm, node):
-                self.fail("expects TransformedWeight modules: run insert_transforms first", node)
+    requires_weight_modules = (TransformedWeight,)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()
         calib = ctx.calib[0] if ctx.calib else None
         if calib is not None:
-            from l2fx.data import to_device
-
             calib = to_device(calib, ctx.device)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         side = side_nodes(gm)
         is_tensor = tensor_valued(gm, calib)
         output = next(n for n in gm.graph.nodes if n.op == "output")
         main = [n for n in gm.graph.nodes
-                if n not in side and n.op not in ("placeholder", "output") and not _is_state(gm, n)]
+                if n not in side and n.op not in ("placeholder", "output") and not is_state(gm, n)]
         main_set = set(main)
 
         g = nx.DiGraph()

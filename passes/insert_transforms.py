@@ -19,20 +19,16 @@ from __future__ import annotations
 import torch.fx as fx
 
 from l2fx.config import Granularity
-from l2fx.ir import Allocation, fetch_attr, get_meta, replace_weight, require_meta, weight_sites
+from l2fx.ir import Allocation, fetch_attr, get_meta, replace_weight, weight_sites
 from l2fx.modules import TransformedWeight
-from l2fx.passes.sensitivity import channel_ratio
-from l2fx.passes.sensitivity import per_channel as stored_vector
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
+from l2fx.tparams import channel_ratio, stored_vector
 from l2fx.transform import TransformKind
 
 
 class InsertTransforms(L2fxPass):
     name = "insert_transforms"
-
-    def requires(self, gm: fx.GraphModule) -> None:
-        for node, _ in weight_sites(gm):
-            require_meta(node, Allocation, self.name)
+    requires_meta = (Allocation,)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         cfg = PassContext.current().config

@@ -14,13 +14,10 @@ A 1x1, stride-1, unpadded, undilated, ungrouped ``conv2d`` is the same GEMM over
 channels and is lowered to :class:`DequantConv1x1`. Every other layer (embeddings, k x k and
 depthwise convs, conv1d, a weight also read by a non-linear op) keeps its ``CodedWeight``:
 the torch reference path. The new module takes the CodedWeight's path, so ``state_dict()``
-keys keep their prefix and the artifact still strips them as coded; the weight node's
-``l2fx.*`` meta (``WeightSite``, ``CodedInfo``, ...) moves onto the (first) new node, so
-``artifact.serialize`` writes the same layers from the same ``CodedInfo.stream``. (It writes
-them in graph order, and a lowered node sits where its consumer was: where a front-end hoists
-weight nodes in another order than their consumers run, as torch.export does for models whose
-layers are registered out of execution order, the lowered model's artifact lists the same
-layers in another order, so its bytes differ though it loads to the same model.)
+keys keep their prefix and the artifact still strips them as coded; the weight node's meta in
+every registered namespace (``WeightSite``, ``CodedInfo``, a user pass's entries) moves onto
+the (first) new node, so ``artifact.serialize`` writes the same layers from the same
+``CodedInfo.stream``, in the same (name) order: a lowered model saves the same bytes.
 
 When (``BackendConfig.use_triton``): ``"never"`` lowers nothing; ``"auto"`` lowers a layer
 whose codes sit on a CUDA device when Triton imports; ``"always"`` lowers regardless of the
@@ -37,108 +34,21 @@ DequantLinear node has one or two inputs (x, bias) and its module's buffers are 
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
 
+from l2fx.accounting import bits_for_magnitude
 from l2fx.config import BackendConfig
-from l2fx.errors import PassError
-from l2fx.ir import arg_of, weight_consumers, weight_sites
-from l2fx.modules import CodedWeight, StoredParams
-from l2fx.pipeline import L2fxPass, PassContext, PassManager, PassResult
-from l2fx.transform import TransformKind
-from l2fx.triton_kernels.packing import WORD_BITS, choose_bits, pack_codes
+from l2fx.ir import arg_of, owned_meta, weight_consumers, weight_sites
+from l2fx.modules import HAS_TRITON, KERNEL_KINDS, CodedWeight, DequantConv1x1, DequantLinear
+from l2fx.pipeline import L2fxPass, PassContext, PassResult
+from l2fx.triton_kernels.packing import WORD_BITS
 
-if TYPE_CHECKING:
-    from l2fx.api import CompiledModel
-
-__all__ = ["LowerKernels", "DequantLinear", "DequantConv1x1", "lower"]
-
-
-def _kernels():
-    """The kernel module, imported on first use, not when ``l2fx.passes`` is imported.
-
-    Importing it registers ``torch.ops.l2fx.dequant_matmul`` and decorates the Triton kernels,
-    which reads ``TRITON_INTERPRET`` once; the kernel tests set that variable before their own
-    import, so an earlier import through ``l2fx.passes`` would make them skip.
-    """
-    from l2fx.triton_kernels import dequant_matmul
-
-    return dequant_matmul
-
-
-# --------------------------------------------------------------------------------------------
-# Lowered weight modules
-
-
-class DequantLinear(StoredParams):
-    """``y = x @ T^-1(q)^T + bias`` with ``q`` decoded in registers (``torch.ops.l2fx.dequant_matmul``).
-
-    Buffers (exactly what runs; ``state_dict()`` holds these and nothing else):
-
-    * ``words``: ``torch.int32 [N, ceil(K / F)]``, ``F = 32 // bits``: the codes ``q [N, K]``
-      packed along K (:mod:`l2fx.triton_kernels.packing`).
-    * ``step_s``: ``torch.float32 [N]`` (per output channel, ``channel_axis == 0``) or ``[1]``
-      (per tensor, ``channel_axis is None``; expanded to ``[N]`` as a view at call time): the
-      stored ``s`` of Eq. 13, the same values the artifact holds.
-    * ``threshold_e``: same shape and meaning for ``e``.
-
-    Attributes: ``kind`` (:class:`TransformKind`), ``bits`` (2..8), ``k`` (K), ``n`` (N),
-    ``channel_axis`` (0 or None, as the CodedWeight it replaces).
-
-    ``forward(x [..., K], bias [N] | None) -> [..., N]`` in ``x.dtype``.
-    """
-
-    def __init__(self, codes: torch.Tensor, kind: TransformKind, step_s: torch.Tensor,
-                 threshold_e: torch.Tensor, channel_axis: int | None, bits: int | None = None):
-        super().__init__()
-        _kernels()  # the op this module calls
-        if codes.dim() != 2:
-            raise PassError(f"DequantLinear packs 2-D codes [N, K], got shape {tuple(codes.shape)}")
-        packed = pack_codes(codes, bits)
-        self.register_buffer("words", packed.words)
-        self.register_buffer("step_s", step_s.detach().float().reshape(-1).contiguous())
-        self.register_buffer("threshold_e", threshold_e.detach().float().reshape(-1).contiguous())
-        self.kind = TransformKind(kind)
-        self.bits = packed.bits
-        self.k = packed.k
-        self.n = packed.n
-        self.channel_axis = channel_axis
-
-    def __setstate__(self, state: dict) -> None:  # unpickling in a fresh process needs the op too
-        _kernels()
-        super().__setstate__(state)
-
-    def _params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.step_s.expand(self.n), self.threshold_e.expand(self.n)
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        s, e = self._params()
-        return torch.ops.l2fx.dequant_matmul(x, self.words, self.bits, self.k, s, e, self.kind.value, bias)
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind.value}, n={self.n}, k={self.k}, bits={self.bits}, axis={self.channel_axis}"
-
-
-class DequantConv1x1(DequantLinear):
-    """A 1x1, stride-1, unpadded, ungrouped ``conv2d``: the same GEMM over channels.
-
-    Buffers as :class:`DequantLinear` with ``N = C_out``, ``K = C_in`` (the ``[C_out, C_in,
-    1, 1]`` codes flattened to ``[C_out, C_in]``). ``forward(x [B, C_in, H, W], bias [C_out] |
-    None) -> [B, C_out, H, W]``, computed as ``x`` in channels-last rows ``[B*H*W, C_in]``.
-    """
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        s, e = self._params()
-        b, _, h, w = x.shape
-        rows = x.permute(0, 2, 3, 1).reshape(b * h * w, self.k)
-        y = torch.ops.l2fx.dequant_matmul(rows, self.words, self.bits, self.k, s, e, self.kind.value, bias)
-        return y.reshape(b, h, w, self.n).permute(0, 3, 1, 2)
+__all__ = ["LowerKernels", "LoweringRule", "LOWERING_RULES"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,13 +116,7 @@ class _Plan:
 
 class LowerKernels(L2fxPass):
     name = "lower_kernels"
-
-    def requires(self, gm: fx.GraphModule) -> None:
-        PassContext.current()  # fails with a clear message outside `with PassContext(...)`
-        for node, _ in weight_sites(gm):
-            mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-            if not isinstance(mod, (CodedWeight, DequantLinear)):
-                self.fail("expects CodedWeight modules: run range_code first", node)
+    requires_weight_modules = (CodedWeight, DequantLinear)
 
     @torch.no_grad()
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -242,12 +146,11 @@ class LowerKernels(L2fxPass):
         """How ``node``'s weight lowers under ``backend``, or why it stays a CodedWeight."""
         if backend.use_triton == "never":
             return "use_triton='never'"
-        kernels = _kernels()
-        if backend.use_triton == "auto" and not (module.codes.is_cuda and kernels.HAS_TRITON):
+        if backend.use_triton == "auto" and not (module.codes.is_cuda and HAS_TRITON):
             return "use_triton='auto' and the layer is not on CUDA with Triton importable"
         if module.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"kernel computes in float16/bfloat16/float32, the model's weight is {module.dtype}"
-        if module.kind.value not in kernels.KINDS:
+        if module.kind.value not in KERNEL_KINDS:
             return f"kernel has no decoder for kind {module.kind.value!r}"
         if module.channel_axis not in (0, None):
             return f"parameters run along axis {module.channel_axis}, the kernel needs output channels (axis 0)"
@@ -264,7 +167,7 @@ class LowerKernels(L2fxPass):
             reason = rule.reason(consumer, module.codes)
             if reason is not None:
                 return reason
-        needed = choose_bits(module.codes)
+        needed = bits_for_magnitude(int(module.codes.abs().max()) if module.codes.numel() else 0)
         bits = min((b for b in backend.supported_bits if b >= needed), default=None)
         if bits is None:
             return f"codes need {needed} bits; backend supports {list(backend.supported_bits)}"
@@ -280,14 +183,14 @@ class LowerKernels(L2fxPass):
         # Same path: state_dict keys keep the coded prefix the artifact strips, and no orphan
         # CodedWeight (with its int8 codes) stays registered.
         gm.add_submodule(path, new_module)
-        l2fx_meta = {k: v for k, v in node.meta.items() if k.startswith("l2fx.")}
+        carried = owned_meta(node)  # every registered namespace: the built-in passes' and users' alike
         for i, consumer in enumerate(plan.consumers):
             bias = arg_of(consumer, 2)
             with gm.graph.inserting_before(consumer):
                 new = gm.graph.call_module(path, (consumer.args[0],) if bias is None else (consumer.args[0], bias))
             new.meta.update(consumer.meta)  # val / stack_trace / nn_module_stack describe the same output
             if i == 0:
-                new.meta.update(l2fx_meta)  # the layer is serialised once, from the first call
+                new.meta.update(carried)  # the layer is serialised once, from the first call
             consumer.replace_all_uses_with(new)
             gm.graph.erase_node(consumer)
         gm.graph.erase_node(node)
@@ -319,28 +222,3 @@ class LowerKernels(L2fxPass):
 
 def _uses(consumer: fx.Node, node: fx.Node) -> int:
     return sum(1 for a in consumer.args if a is node) + sum(1 for a in consumer.kwargs.values() if a is node)
-
-
-# --------------------------------------------------------------------------------------------
-# Public entry point
-
-
-def lower(compiled: "CompiledModel", backend: BackendConfig | None = None) -> "CompiledModel":
-    """A new :class:`CompiledModel` whose supported layers run the fused dequant-matmul kernel.
-
-    ``compiled`` is not modified (its GraphModule is deep-copied; ``CodedInfo`` streams are
-    shared, being immutable). ``backend`` defaults to ``BackendConfig()`` (``use_triton="auto"``:
-    lowers only layers on CUDA with Triton available). The header is kept as is, so
-    ``artifact_bytes()`` of the result equals the input's: lowering is a runtime choice made
-    from the device, not part of the stored model.
-    """
-    from l2fx.api import CompiledModel
-
-    if not isinstance(compiled, CompiledModel):
-        raise PassError(f"lower expects a CompiledModel from l2fx.compile/l2fx.load, got {type(compiled).__name__}")
-    gm = copy.deepcopy(compiled.graph_module)
-    with PassContext(backend=backend or BackendConfig(), verify=True):
-        gm = PassManager([LowerKernels()])(gm).graph_module
-    out = CompiledModel(gm, compiled.report, copy.deepcopy(compiled._header))
-    out.train(compiled.training)
-    return out

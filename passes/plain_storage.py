@@ -13,36 +13,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from l2fx.accounting import FP16_MAX
+from l2fx.accounting import round_to_fp16
 from l2fx.config import PlainDtype
 from l2fx.ir import weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
-
-
-def fits_fp16(t: torch.Tensor) -> bool:
-    """Whether float16 holds ``t``: every value within its range, and the rounding error's RMS
-    within 2^-10 of the tensor's RMS. Normal float16 numbers err by at most 2^-11 relative, so
-    only a tensor whose values lie mostly below float16's normal range (6.1e-5) fails the
-    second test: biases of a model at 1e-7 scale lost their digits to subnormals (relative
-    output error 6e4 before any weight was compressed), while a tensor at unit scale with a
-    few tiny entries passes, as it should."""
-    a = t.detach().float()
-    if a.numel() == 0:
-        return True
-    if float(a.abs().max()) > FP16_MAX:
-        return False
-    err = (a - a.to(torch.float16).float()).pow(2).mean()
-    return bool(err <= a.pow(2).mean() * 2.0 ** -20)
-
-
-@torch.no_grad()
-def round_to_fp16(t: torch.Tensor) -> bool:
-    """Rounds ``t`` in place to float16-representable values when they fit float16's range;
-    returns whether it did (otherwise the tensor is stored as float32, unchanged)."""
-    if not fits_fp16(t):
-        return False
-    t.copy_(t.to(torch.float16).to(t.dtype))
-    return True
 
 
 class PlainStorage(L2fxPass):

@@ -19,14 +19,12 @@ decode from its stream; the compressed-parameter CR is within ``cr_tolerance`` o
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.fx as fx
 
 from l2fx import coding
-from l2fx.accounting import layer_nbytes, manifest_entry, round_params
+from l2fx.accounting import bits_for_magnitude, layer_nbytes, manifest_entry, round_params
 from l2fx.errors import PassError
 from l2fx.ir import CodedInfo, get_meta, set_meta, weight_sites
 from l2fx.modules import CodedWeight, TransformedWeight
@@ -34,28 +32,13 @@ from l2fx.pipeline import L2fxPass, PassContext, PassResult
 from l2fx.transform import channel_view, encode
 
 
-def bits_needed(q: torch.Tensor) -> int:
-    """Smallest b in 2..8 with every symbol in [-(2^(b-1) - 1), 2^(b-1) - 1]."""
-    return bits_for_magnitude(int(q.abs().max()) if q.numel() else 0)
-
-
-def bits_for_magnitude(amax: int) -> int:
-    """Smallest b >= 2 with ``amax <= 2^(b-1) - 1``."""
-    return max(2, int(math.ceil(math.log2(amax + 1))) + 1)
-
-
 class RangeCode(L2fxPass):
     name = "range_code"
+    requires_weight_modules = (TransformedWeight, CodedWeight)
 
     def __init__(self, check_target: bool = True):
         # Baseline pipelines (fixed bit width, no allocation) reach whatever CR they reach.
         self.check_target = check_target
-
-    def requires(self, gm: fx.GraphModule) -> None:
-        for node, _ in weight_sites(gm):
-            mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-            if not isinstance(mod, (TransformedWeight, CodedWeight)):
-                self.fail("expects TransformedWeight modules: run insert_transforms first", node)
 
     @torch.no_grad()
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -81,7 +64,7 @@ class RangeCode(L2fxPass):
             gm.add_submodule(str(node.target), coded)
             set_meta(node, CodedInfo(
                 param=site.param, stream=stream, entry=entry, layer_bytes=lb,
-                shannon_bits=coding.shannon_bits(flat), bits=bits_needed(q),
+                shannon_bits=coding.shannon_bits(flat), bits=bits_for_magnitude(int(q.abs().max()) if q.numel() else 0),
                 sparsity=float((q == 0).float().mean()) if q.numel() else 0.0))
             modified = True
         return PassResult(gm, modified)

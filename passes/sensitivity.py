@@ -29,10 +29,10 @@ import torch.fx as fx
 from l2fx.accounting import predict_layer_nbytes
 from l2fx.config import CompileConfig, Granularity
 from l2fx.data import output_vector, relative_error, take_samples, to_device
-from l2fx.errors import CalibrationError
 from l2fx.evaluate import DownstreamRunner
-from l2fx.ir import Candidate, SensitivityCurve, WeightSite, fetch_attr, get_meta, set_meta, weight_sites
+from l2fx.ir import Candidate, SensitivityCurve, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
+from l2fx.tparams import channel_ratio, stored_vector
 from l2fx.transform import TransformKind, channel_view, decode, encode
 
 def candidate_params(w: torch.Tensor, kind: TransformKind, cfg: CompileConfig) -> list[tuple[float, float]]:
@@ -118,28 +118,12 @@ def _decoded(w: torch.Tensor, kind: TransformKind, st: torch.Tensor, et: torch.T
     return lambda: decode(encode(w, kind, st, et, qmax), kind, st, et).to(w.dtype)
 
 
-def channel_ratio(w: torch.Tensor, site: WeightSite) -> torch.Tensor:
-    """r_c = max|w_c| / max|w| per channel (1 for an all-zero channel), shape [C]."""
-    dims = [d for d in range(w.dim()) if d != site.channel_axis % w.dim()]
-    amax_c = w.detach().abs().amax(dim=dims) if dims else w.detach().abs()
-    amax = amax_c.max().clamp_min(1e-30)
-    return torch.where(amax_c > 0, (amax_c / amax).clamp_min(1e-4), torch.ones_like(amax_c)).float()
-
-
-def per_channel(value: float, site: WeightSite, cfg: CompileConfig, ratio: torch.Tensor | None = None) -> torch.Tensor:
-    """The stored parameter vector: one value per channel ([C]) or per tensor ([1])."""
-    if ratio is not None:
-        return float(value) * ratio
-    n = site.channels if cfg.granularity is Granularity.PER_CHANNEL else 1
-    return torch.full((n,), float(value))
-
-
 class SensitivityAnalysis(L2fxPass):
     name = "sensitivity_analysis"
 
+    requires_calib = True
+
     def requires(self, gm: fx.GraphModule) -> None:
-        if not PassContext.current().calib:
-            raise CalibrationError("sensitivity_analysis needs calibration data in the PassContext")
         if not any(True for _ in weight_sites(gm)):
             self.fail("no weight carries l2fx.site: run mark_weights first")
 
@@ -174,7 +158,7 @@ class SensitivityAnalysis(L2fxPass):
                 ratios.append(channel_ratio(w, site))
             for ratio in ratios:
                 for s, e in candidate_params(w, kind, cfg):
-                    sv, ev = per_channel(s, site, cfg, ratio), per_channel(e, site, cfg, ratio)
+                    sv, ev = stored_vector(s, site, cfg, ratio), stored_vector(e, site, cfg, ratio)
                     st = channel_view(sv, w, site.channel_axis) if ratio is not None else torch.tensor(s)
                     et = channel_view(ev, w, site.channel_axis) if ratio is not None else torch.tensor(e)
                     q = encode(w, kind, st, et, cfg.coding.qmax)

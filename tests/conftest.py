@@ -1,7 +1,17 @@
-"""Hypothesis profiles: ``ci`` is derandomized (set env CI), ``dev`` is the default."""
+"""Hypothesis profiles: ``ci`` is derandomized (set env CI), ``dev`` is the default.
+
+``TRITON_INTERPRET=1`` is set here, before anything imports l2fx: importing l2fx imports its
+kernel module, and Triton reads the variable when ``@triton.jit`` decorates a kernel. Only
+where there is no GPU to run Triton on (``setdefault`` keeps an explicit choice).
+"""
 import os
 
-from hypothesis import settings
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60)
 settings.register_profile("dev", deadline=None, max_examples=30)

@@ -6,7 +6,7 @@ import torch
 from l2fx.data import call_model, call_model_with, output_vector
 from l2fx.evaluate import DownstreamRunner
 from l2fx.frontend import capture
-from l2fx.passes import structural_pipeline
+from l2fx.method import structural_pipeline
 from l2fx.pipeline import PassContext
 
 from conftest import DictInputNet

@@ -11,7 +11,8 @@ import l2fx
 from l2fx.errors import PassError, VerifierError
 from l2fx.frontend import capture
 from l2fx.ir import WeightSite, meta_entry, set_meta, weight_sites
-from l2fx.passes import default_pipeline
+from l2fx.method import default_pipeline, structural_pipeline
+from l2fx.passes import MarkWeights, Normalize
 from l2fx.pipeline import DumpIR, L2fxPass, PassContext, PassManager, PassResult, Timing, verify
 
 
@@ -83,7 +84,6 @@ class BreakGraph(L2fxPass):
                                           (BreakGraph(), "does not exist")])
 def test_verifier_names_pass_and_node(tiny_convnet, bad, message):
     gm = fx.symbolic_trace(tiny_convnet)
-    from l2fx.passes import Normalize
 
     pm = PassManager([Normalize(), bad])
     with PassContext(verify=True):
@@ -94,14 +94,12 @@ def test_verifier_names_pass_and_node(tiny_convnet, bad, message):
 
 
 def test_passes_need_a_context(tiny_convnet):
-    from l2fx.passes import MarkWeights
 
     with pytest.raises(PassError, match="PassContext"):
         MarkWeights().call(fx.symbolic_trace(tiny_convnet))
 
 
 def test_structural_passes_are_idempotent(tiny_convnet):
-    from l2fx.passes import structural_pipeline
 
     gm, _ = capture(tiny_convnet, None)
     with PassContext(verify=True):
@@ -114,7 +112,6 @@ def test_structural_passes_are_idempotent(tiny_convnet):
 
 
 def test_fold_batchnorm_preserves_outputs(tiny_convnet):
-    from l2fx.passes import structural_pipeline
 
     x = torch.randn(4, 1, 28, 28)
     gm, _ = capture(tiny_convnet, x)  # a deep copy: passes rewrite parameters

@@ -28,6 +28,7 @@ import dataclasses
 
 import torch
 
+from l2fx.accounting import bits_for_magnitude
 from l2fx.errors import BackendError
 
 #: Bit widths the kernels support.
@@ -97,28 +98,10 @@ class PackedCodes:
         return PackedCodes(self.words.to(device), self.bits, self.k)
 
 
-def choose_bits(q: torch.Tensor) -> int:
-    """Smallest ``b`` in 2..8 with ``2**(b-1) - 1 >= max|q|``.
-
-    Raises:
-        BackendError: if ``max|q| > 127`` (needs more than 8 bits).
-    """
-    max_abs = int(q.abs().max()) if q.numel() else 0
-    if max_abs > MAX_ABS_CODE:
-        raise BackendError(
-            f"codes up to |q|={max_abs} need more than {MAX_BITS} bits; the packed format "
-            f"supports |q| <= {MAX_ABS_CODE}"
-        )
-    bits = MIN_BITS
-    while (1 << (bits - 1)) - 1 < max_abs:
-        bits += 1
-    return bits
-
-
 def pack_codes(q: torch.Tensor, bits: int | None = None) -> PackedCodes:
     """Pack integer codes ``q [N, K]`` (any integer dtype) at ``bits`` bits per code.
 
-    ``bits=None`` uses :func:`choose_bits`.  Raises :class:`BackendError` if a code does not
+    ``bits=None`` takes the fewest that hold them (:func:`l2fx.accounting.bits_for_magnitude`).  Raises :class:`BackendError` if a code does not
     fit in ``bits`` bits (``|q| > 2**(bits-1) - 1``) or ``q`` is not a 2-D integer tensor.
     """
     if q.dim() != 2 or q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
@@ -126,7 +109,7 @@ def pack_codes(q: torch.Tensor, bits: int | None = None) -> PackedCodes:
             f"pack_codes expects a 2-D integer tensor [N, K], got {q.dtype} {tuple(q.shape)}"
         )
     if bits is None:
-        bits = choose_bits(q)
+        bits = bits_for_magnitude(int(q.abs().max()) if q.numel() else 0)
     _check_bits(bits)
     qmax = (1 << (bits - 1)) - 1
     if q.numel() and int(q.abs().max()) > qmax:

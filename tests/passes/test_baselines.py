@@ -6,7 +6,8 @@ import torch
 
 import l2fx
 from l2fx.errors import ConfigError
-from l2fx.passes.baselines import RoundToNearest, rtn_pipeline
+from l2fx.method import rtn_pipeline
+from l2fx.passes.baselines import RoundToNearest
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -8,8 +8,10 @@ from torch import nn
 
 from l2fx.config import CompileConfig
 from l2fx.ir import Allocation, get_meta, set_meta, weight_sites
-from l2fx.passes import BlockPartition, InsertTransforms, MarkWeights, structural_pipeline
-from l2fx.passes.block_partition import Block, block_key, is_weight_node, side_nodes
+from l2fx.method import structural_pipeline
+from l2fx.passes import BlockPartition, InsertTransforms, MarkWeights
+from l2fx.blocks import block_key, is_weight_node, side_nodes
+from l2fx.ir import Block
 from l2fx.frontend import capture
 from l2fx.pipeline import PassContext, PassManager
 

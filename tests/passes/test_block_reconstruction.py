@@ -11,8 +11,10 @@ from l2fx.config import CompileConfig, ReconstructionConfig, SensitivityConfig
 from l2fx.counter import CounterConfig
 from l2fx.data import relative_error
 from l2fx.errors import ConfigError
-from l2fx.passes import BlockPartition, BlockReconstruction, default_pipeline
-from l2fx.passes.block_reconstruction import build_programs, placeholder_values
+from l2fx.method import default_pipeline
+from l2fx.passes import BlockPartition, BlockReconstruction, KeepReference, NetworkDistillation, RateFit
+from l2fx.blocks import build_network_programs, build_programs, placeholder_values, plain_parameters
+from l2fx.bytefit import clipped_at, finest_log2_factor
 from l2fx.pipeline import PassContext, PassManager
 
 from conftest import make_tiny_convnet
@@ -93,19 +95,21 @@ def test_block_programs_compose_to_the_model_on_an_exported_graph():
 
 
 def _reconstruct_encoder(**options) -> dict:
-    """block_reconstruction's records on a 2-layer exported encoder (a mask as side input)."""
+    """The records of the L2 method's reconstruction passes on a 2-layer exported encoder (a
+    mask as side input)."""
     torch.manual_seed(0)
     model = TinyEncoder(n=2).eval()
     calib = [encoder_batch(n=8, seed=s) for s in range(2)]
     cfg = CompileConfig(reconstruction=ReconstructionConfig(batch_size=4, **options))
     gm = transformed(model, calib[0], cfg)
     with PassContext(config=cfg, calib=calib, verify=True) as ctx:
-        PassManager([BlockPartition(), BlockReconstruction()])(gm)
-    return ctx.records["block_reconstruction"]
+        PassManager([BlockPartition(), RateFit("rate_prefill"), KeepReference(), BlockReconstruction(),
+                     NetworkDistillation()])(gm)
+    return ctx.records
 
 
 def test_reconstruction_runs_on_exported_graph_with_side_inputs():
-    blocks = _reconstruct_encoder(transform_iters=3, weight_iters=3, qdrop_prob=0.5)["blocks"]
+    blocks = _reconstruct_encoder(transform_iters=3, weight_iters=3, qdrop_prob=0.5)["block_reconstruction"]["blocks"]
     assert [b["name"] for b in blocks] == ["emb", "layers.0", "layers.1", "head"]
     assert all(b["cached"] == b["inputs"] for b in blocks)
 
@@ -125,6 +129,12 @@ def test_pipeline_includes_reconstruction_only_when_enabled():
     on = default_pipeline(CompileConfig()).names
     assert on.index("insert_transforms") < on.index("block_partition") < on.index("block_reconstruction") \
         < on.index("rate_fit")
+    assert on.index("block_partition") < on.index("rate_prefill") < on.index("block_reconstruction") \
+        < on.index("snap_weights") < on.index("rate_fit")
+    assert "keep_reference" not in on and "network_distillation" not in on
+    distill = default_pipeline(CompileConfig(reconstruction=ReconstructionConfig(distill_iters=5))).names
+    assert distill.index("keep_reference") < distill.index("block_reconstruction") \
+        < distill.index("network_distillation") < distill.index("snap_weights")
     off = default_pipeline(CompileConfig(reconstruction=ReconstructionConfig(enabled=False))).names
     assert "block_partition" not in off and "block_reconstruction" not in off
 
@@ -132,7 +142,6 @@ def test_pipeline_includes_reconstruction_only_when_enabled():
 def test_network_programs_reproduce_the_model_and_its_block_outputs():
     """build_network_programs: the quant program's leading output is the graph's output, the
     fp32 program's is the original model's, and the block outputs follow."""
-    from l2fx.passes.block_reconstruction import build_network_programs
 
     model, batch, gm, programs = _partitioned_encoder()
     quant, fp32, n_final = build_network_programs(gm, programs)
@@ -151,7 +160,7 @@ def test_network_distillation_starts_snapped_and_does_no_harm():
     cfg = CompileConfig(sensitivity=SensitivityConfig(num_samples=8, num_steps=12),
                         reconstruction=dataclasses.replace(FAST, distill_iters=40))
     compiled = l2fx.compile(model, 14, calib, config=cfg, verify=True)
-    rec = compiled.report.records["block_reconstruction"]["distill"]
+    rec = compiled.report.records["network_distillation"]
     # The network output, then the outputs of blocks c2 and fc (block "out" produces the network output).
     assert rec["iters"] == 40 and rec["network_outputs"] == 1 and rec["outputs"] == 3
     # It starts from snapped weights and does no harm to its objective (network output plus
@@ -162,7 +171,7 @@ def test_network_distillation_starts_snapped_and_does_no_harm():
 
 
 def test_distillation_runs_on_exported_graph_with_side_inputs():
-    assert _reconstruct_encoder(transform_iters=2, weight_iters=2, distill_iters=3)["distill"]["iters"] == 3
+    assert _reconstruct_encoder(transform_iters=2, weight_iters=2, distill_iters=3)["network_distillation"]["iters"] == 3
 
 
 def test_distillation_config_is_validated():
@@ -177,7 +186,7 @@ def test_blocks_stay_on_budget_and_weights_are_snapped(compiled_pair):
     their symbols' centres (T(w) an integer), where a later rounding of T cannot flip them."""
     _, _, recon = compiled_pair
     rec = recon.report.records
-    assert rec["block_reconstruction"]["snapped"] is True
+    assert rec["snap_weights"]["snapped"] is True
     assert rec["rate_fit"]["factor"] == 1.0
     blocks = rec["block_reconstruction"]["blocks"]
     budget = sum(b["budget_nbytes"] for b in blocks)
@@ -214,7 +223,6 @@ def test_snapped_weights_keep_their_symbols_under_small_rescales():
 def test_plain_parameters_are_tuned_rounded_and_owned_by_one_block():
     """Biases read only inside one block are tuned (and rounded back to float16, as stored);
     the caller's model is untouched; tune_plain=False leaves them as folded."""
-    from l2fx.passes.block_reconstruction import plain_parameters
 
     model = make_tiny_convnet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -278,7 +286,6 @@ def test_reconstruction_fits_calibration_near_eight_bits(target):
 
 def test_finest_factor_stops_where_symbols_start_to_saturate():
     from l2fx.modules import TransformedWeight
-    from l2fx.passes.rate_fit import clipped_at, finest_log2_factor
     from l2fx.transform import TransformKind
 
     w = torch.linspace(-1.0, 1.0, 255).reshape(5, 51)

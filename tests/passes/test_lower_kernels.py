@@ -18,7 +18,9 @@ import l2fx
 from l2fx.config import BackendConfig, CompileConfig, ReconstructionConfig, SensitivityConfig
 from l2fx.ir import CodedInfo, WeightSite, get_meta, replace_weight, set_meta
 from l2fx.modules import CodedWeight
-from l2fx.passes.lower_kernels import DequantConv1x1, DequantLinear, LowerKernels, lower
+from l2fx.api import lower
+from l2fx.modules import DequantConv1x1, DequantLinear
+from l2fx.passes.lower_kernels import LowerKernels
 from l2fx.pipeline import PassContext, PassManager
 from l2fx.transform import TransformKind
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings, strategies as st
 
-from l2fx.passes.plain_storage import fits_fp16, round_to_fp16
+from l2fx.accounting import fits_fp16, round_to_fp16
 
 
 def test_float16_must_hold_range_and_precision():

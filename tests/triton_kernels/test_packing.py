@@ -4,10 +4,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from l2fx.accounting import bits_for_magnitude
 from l2fx.errors import BackendError
 from l2fx.triton_kernels.packing import (
     PackedCodes,
-    choose_bits,
     fields_per_word,
     pack_codes,
     unpack_codes,
@@ -65,15 +65,15 @@ def test_layout_is_documented_one():
 @pytest.mark.parametrize(
     "max_abs, bits", [(0, 2), (1, 2), (2, 3), (3, 3), (4, 4), (7, 4), (8, 5), (63, 7), (64, 8), (127, 8)]
 )
-def test_choose_bits_is_smallest_that_fits(max_abs, bits):
+def test_default_bits_are_the_smallest_that_fit(max_abs, bits):
     q = torch.tensor([[0, -max_abs, 1 if max_abs else 0]])
-    assert choose_bits(q) == bits
+    assert bits_for_magnitude(max_abs) == bits and pack_codes(q).bits == bits
     assert torch.equal(unpack_codes(pack_codes(q)), q.to(torch.int16))
 
 
 def test_errors():
-    with pytest.raises(BackendError, match="more than 8 bits"):
-        choose_bits(torch.tensor([[128]]))
+    with pytest.raises(BackendError, match="bit widths 2..8"):
+        pack_codes(torch.tensor([[128]]))
     with pytest.raises(BackendError, match="do not fit in 3 bits"):
         pack_codes(torch.tensor([[4]]), 3)
     with pytest.raises(BackendError, match="bit widths 2..8"):

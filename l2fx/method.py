@@ -1,0 +1,142 @@
+"""Methods: named pipelines over the shared passes, registered the way a user registers their own.
+
+A method is a short list of passes: the shared front (``normalize``, ``fold_batchnorm``,
+``prune_unused_state``, ``mark_weights``, ``plain_storage``), whatever the method does to choose
+and round each weight, and the shared back (``rate_fit``, ``range_code``, ``lower_kernels``), so
+that every method's artifact is counted, written, loaded and run the same way and one table
+compares them honestly. ``l2fx.compile(model, target_cr, method="l2")`` (or
+``CompileConfig.method``) picks one; :func:`methods` lists them.
+
+A user method::
+
+    def my_pipeline(config: l2fx.CompileConfig) -> l2fx.PassManager:
+        return l2fx.method.pipeline("l2", config).insert_after("insert_transforms", MyPass())
+
+    l2fx.register_method("l2+mine", my_pipeline, "L2 with my pass after T-insertion")
+    l2fx.compile(model, 12, calib, method="l2+mine")
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from l2fx.config import CompileConfig
+from l2fx.errors import ConfigError
+from l2fx.passes import (BlockPartition, BlockReconstruction, EntropyAllocation, FoldBatchNorm, InsertTransforms,
+                         KeepReference, LowerKernels, MarkWeights, NetworkDistillation, Normalize, PlainStorage,
+                         PruneUnusedState, RangeCode, RateFit, RoundToNearest, SensitivityAnalysis, SnapWeights)
+from l2fx.pipeline import PassManager
+
+__all__ = ["Method", "register_method", "methods", "get_method", "pipeline", "default_pipeline",
+           "structural_pipeline", "front_pipeline", "rtn_pipeline"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A registered method: its name, a one-line description, and the function building its
+    pipeline for a :class:`CompileConfig`."""
+
+    name: str
+    description: str
+    build: Callable[[CompileConfig], PassManager]
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, build: Callable[[CompileConfig], PassManager], description: str, *,
+                    replace: bool = False) -> Method:
+    """Registers ``build(config) -> PassManager`` as method ``name`` (what the built-ins use too)."""
+    if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+        raise ConfigError(f"a method name must be a non-empty string without spaces, got {name!r}")
+    if not callable(build):
+        raise ConfigError(f"method {name!r}: build must be callable, got {type(build).__name__}")
+    if name in _METHODS and not replace:
+        raise ConfigError(f"method {name!r} is already registered (pass replace=True to redefine it)")
+    _METHODS[name] = Method(name, description, build)
+    return _METHODS[name]
+
+
+def methods() -> dict[str, str]:
+    """Registered methods: name -> description."""
+    return {name: m.description for name, m in _METHODS.items()}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; registered: {sorted(_METHODS)}") from None
+
+
+def pipeline(method: str, config: CompileConfig | None = None) -> PassManager:
+    """The pipeline of ``method`` for ``config`` (default ``CompileConfig()``)."""
+    config = config or CompileConfig()
+    pm = get_method(method).build(config)
+    if not isinstance(pm, PassManager):
+        raise ConfigError(f"method {method!r} built a {type(pm).__name__}, not a PassManager")
+    return pm
+
+
+def default_pipeline(config: CompileConfig | None = None) -> PassManager:
+    """The pipeline :func:`l2fx.compile` runs for ``config``: that of ``config.method``."""
+    config = config or CompileConfig()
+    return pipeline(config.method, config)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared parts
+
+
+def structural_pipeline(fold_batchnorm: bool = True) -> PassManager:
+    """Passes that only reshape the graph; :func:`l2fx.load` replays them on the user's model."""
+    return PassManager([Normalize()] + ([FoldBatchNorm()] if fold_batchnorm else []) + [PruneUnusedState()])
+
+
+def front_pipeline(config: CompileConfig) -> PassManager:
+    """What every method starts with: the structural passes, which weights are compressed, and
+    the plain tensors rounded to their storage dtype."""
+    return structural_pipeline(config.fold_batchnorm).append(MarkWeights()).append(PlainStorage())
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in methods
+
+
+def l2_pipeline(config: CompileConfig) -> PassManager:
+    """L2 (Shi et al.): measured rate-distortion curves, equal-slope allocation, joint T
+    insertion, block reconstruction (T under Eq. 10, then weights), the common rate fit, range
+    coding, lowering."""
+    pm = front_pipeline(config)
+    for p in (SensitivityAnalysis(), EntropyAllocation(), InsertTransforms()):
+        pm.append(p)
+    rec = config.reconstruction
+    if rec.enabled:
+        pm.append(BlockPartition())
+        if rec.transform_iters or rec.weight_iters:
+            # Every block starts on its budget (block_reconstruction's docstring says why).
+            pm.append(RateFit("rate_prefill"))
+            if rec.distill_iters:
+                pm.append(KeepReference())
+            pm.append(BlockReconstruction())
+            if rec.distill_iters:
+                pm.append(NetworkDistillation())
+            pm.append(SnapWeights())
+    # LowerKernels is last: it swaps supported layers for the fused kernel when the backend
+    # config and the device allow it (on CPU with use_triton="auto" it changes nothing).
+    for p in (RateFit(), RangeCode(), LowerKernels()):
+        pm.append(p)
+    return pm
+
+
+register_method("l2", l2_pipeline, "L2 (Shi et al.): learned joint pruning + quantisation transform T, block "
+                                   "reconstruction under a differentiable entropy estimate, range coding")
+
+
+def rtn_pipeline(bits: int, prune_fraction: float = 0.0, fold_batchnorm: bool = True) -> PassManager:
+    """Baseline, not a method (it reaches whatever CR ``bits`` gives): RTN per channel,
+    optionally after magnitude pruning, then range coding in l2fx's byte accounting."""
+    pm = structural_pipeline(fold_batchnorm)
+    for p in (MarkWeights(), PlainStorage(), RoundToNearest(bits, prune_fraction), RangeCode(check_target=False)):
+        pm.append(p)
+    return pm
