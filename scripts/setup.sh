@@ -19,3 +19,7 @@ PY=${PYTHON:-python3}
 # torch 2.14.1 / torchvision 0.29.1 are on this machine's disk; the project itself accepts torch>=2.4.
 "$PY" -c "import torch, torchvision" 2>/dev/null || "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
 "$PY" -m pip install -q -e ".[models,bench,test,triton,fast]"
+# The zoo's 20 labelled ImageNet photos (and CIFAR/MNIST samples) are files inside foolbox's
+# wheel; the zoo reads foolbox/data/ without importing foolbox, so none of its dependencies.
+"$PY" -c "import importlib.metadata as m; assert m.version('foolbox') == '3.3.4'" 2>/dev/null \
+  || "$PY" -m pip install -q --no-deps foolbox==3.3.4

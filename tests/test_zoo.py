@@ -12,6 +12,8 @@ import torch
 
 from l2fx import zoo
 from l2fx.errors import CalibrationError, L2fxError
+from l2fx.zoo import fmnist, photos, pydocs
+from l2fx.zoo.common import data_root
 
 
 def _or_skip(fn, *args):
@@ -81,6 +83,20 @@ def test_fmnist_arrays_shapes_and_labels():
         zoo.fmnist_arrays("val")
 
 
+def test_fmnist_folder_comes_from_the_environment(tmp_path, monkeypatch):
+    images, labels = _or_skip(zoo.fmnist_arrays, "test")
+    source = data_root(fmnist.ENV_VAR, fmnist.DEFAULT_DIR)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / name).symlink_to(source / name)
+    monkeypatch.setenv("L2FX_FASHION_MNIST", str(tmp_path))
+    # __wrapped__: the uncached function, so the shared cache is neither used nor changed.
+    got_images, got_labels = zoo.fmnist_arrays.__wrapped__("test")
+    assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
+    # The train files are not there: the error names the apt package and the variable.
+    with pytest.raises(zoo.ZooError, match=r"apt-get install -y dataset-fashion-mnist.*\$L2FX_FASHION_MNIST"):
+        zoo.fmnist_arrays.__wrapped__("train")
+
+
 def test_fmnist_calib_comes_from_train_split():
     train_x, _ = _or_skip(zoo.fmnist_tensors, "train")
     batches = zoo.get("fmnist-cnn").calib(10, 4, seed=3)
@@ -131,6 +147,22 @@ def test_lite0_eval_photos_are_never_calibration_photos():
         other = eval_shapes.get(img.shape)
         assert other is None or not np.array_equal(other, img)
     assert len(calib_photos) >= 10
+
+
+def test_foolbox_samples_are_read_from_the_installed_package_without_importing_it():
+    import sys
+
+    cifar = _or_skip(photos.foolbox_samples, "cifar10")
+    assert "foolbox" not in sys.modules
+    assert len(cifar) == 20 and all(img.shape == (32, 32, 3) and 0 <= label < 10 for _, label, img in cifar)
+    with pytest.raises(zoo.ZooError, match="kind"):
+        photos.foolbox_samples("svhn")
+
+
+def test_missing_foolbox_names_the_install(monkeypatch):
+    monkeypatch.setattr(photos.importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(zoo.ZooError, match=r"pip install --no-deps foolbox==3\.3\.4"):
+        photos.foolbox_data_dir()
 
 
 def test_lite0_folds_split_the_labelled_photos_and_crop_only_their_own():
@@ -190,6 +222,16 @@ def test_doc_paragraphs_are_clean_prose():
     for p in paragraphs[::50]:
         assert len(p.split()) >= 30
         assert "``" not in p and ":func:`" not in p and ">>>" not in p and not p.endswith("::")
+
+
+def test_doc_sources_come_from_the_environment(tmp_path, monkeypatch):
+    prose = " ".join(f"word{i}" for i in range(pydocs.MIN_WORDS))
+    (tmp_path / "a.rst.txt").write_text(f"Title\n=====\n\n{prose} with ``literal``.\n\n.. code-block:: python\n\n   {prose}\n")
+    monkeypatch.setenv("L2FX_PYDOC_SOURCES", str(tmp_path))
+    assert zoo.doc_paragraphs.__wrapped__() == (f"{prose} with literal.",)
+    monkeypatch.setenv("L2FX_PYDOC_SOURCES", str(tmp_path / "missing"))
+    with pytest.raises(zoo.ZooError, match=r"apt-get install -y python3\.11-doc.*\$L2FX_PYDOC_SOURCES"):
+        zoo.doc_paragraphs.__wrapped__()
 
 
 def test_minilm_eval_and_calib_paragraphs_are_disjoint():
