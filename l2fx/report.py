@@ -101,8 +101,12 @@ class CompressionReport:
 
 
 def original_nbytes(model: torch.nn.Module) -> int:
-    """fp32 size of every parameter and buffer (state_dict) of the user's model."""
-    total = 0
-    for t in model.state_dict().values():
+    """fp32 size of every parameter and buffer (state_dict) of the user's model, each tensor
+    once (a tied embedding and LM head are one tensor under two names)."""
+    total, seen = 0, set()
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
         total += 4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
     return total

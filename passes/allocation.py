@@ -52,8 +52,11 @@ class EntropyAllocation(L2fxPass):
         curves = [get_meta(node, SensitivityCurve).candidates for node, _ in sites]
         fp32 = sum(4 * site.numel for _, site in sites)
         budget = fp32 / target
-        smallest = sum(min(c.nbytes for c in curve) for curve in curves)
-        largest = sum(max(c.nbytes for c in curve) for curve in curves)
+        # A candidate of infinite distortion is never picked (unless every one is): the range
+        # is what the finite ones reach.
+        usable = [[c for c in curve if math.isfinite(c.distortion)] or list(curve) for curve in curves]
+        smallest = sum(min(c.nbytes for c in curve) for curve in usable)
+        largest = sum(max(c.nbytes for c in curve) for curve in usable)
         lo_cr, hi_cr = fp32 / largest, fp32 / smallest
         # rate_fit can move every step by a common factor, which widens the range a little;
         # the grid's ends are what the curves vouch for.

@@ -11,7 +11,7 @@ After::
 
 The folded weights are what gets compressed (fewer tensors to store, and the stored weights
 are the ones that run). Pre: ``normalize`` ran. Post: no batch_norm call_function whose input
-is a conv/linear output used only by it. The conv's ``bias`` parameter is created if absent;
+is a conv/linear output used only by it, whose weight (and bias) tensor no other node reads. The conv's ``bias`` parameter is created if absent;
 the BatchNorm's tensors are deleted by ``prune_unused_state``. Idempotent.
 """
 from __future__ import annotations
@@ -41,13 +41,22 @@ def _match(gm: fx.GraphModule, bn: fx.Node):
     stats = bn.args[1:5]
     training = bn.args[5] if len(bn.args) > 5 else bn.kwargs.get("training", False)
     eps = bn.args[7] if len(bn.args) > 7 else bn.kwargs.get("eps", 1e-5)
-    if training or not isinstance(w_node, fx.Node) or w_node.op != "get_attr" or len(w_node.users) != 1:
+    if training or not isinstance(w_node, fx.Node) or w_node.op != "get_attr" or _reads(gm, w_node) != 1:
         return None
     if not all(s is None or (isinstance(s, fx.Node) and s.op == "get_attr") for s in stats):
         return None
-    if b_node is not None and (not isinstance(b_node, fx.Node) or b_node.op != "get_attr"):
+    if b_node is not None and (not isinstance(b_node, fx.Node) or b_node.op != "get_attr" or _reads(gm, b_node) != 1):
         return None
     return producer, op, w_node, b_node, stats, eps
+
+
+def _reads(gm: fx.GraphModule, attr: fx.Node) -> int:
+    """How many nodes read the *tensor* ``attr`` fetches, through any get_attr node: folding
+    rescales the tensor in place, so one read elsewhere (a conv module called twice gets a
+    get_attr per call; a tensor tied under two names) would change what that read sees."""
+    tensor = fetch_attr(gm, str(attr.target))
+    return sum(len(n.users) for n in gm.graph.nodes
+               if n.op == "get_attr" and (n is attr or fetch_attr(gm, str(n.target)) is tensor))
 
 
 class FoldBatchNorm(L2fxPass):

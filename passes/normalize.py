@@ -12,9 +12,11 @@ After::
     rm   = get_attr[features.1.running_mean] ...
     bn   = call_function[F.batch_norm](conv, rm, rv, g, b, False, momentum, eps)
 
-Dead code (nodes the output does not depend on) is removed.
+Dead code (nodes the output does not depend on) is removed. A tensor registered under several
+names (tied weights) is read through the first of them in ``state_dict()`` order.
 
-Pre: a GraphModule. Post: no dead node (in-place ops count as live); no graph input is
+Pre: a GraphModule. Post: no dead node (in-place ops count as live); every tensor read by
+get_attr nodes under one name; no graph input is
 written in place (such a graph reads ``input.clone()``: the calibration batches it runs on
 again and again stay as they were); no call_module node targets an ``nn.Linear``/``nn.Conv1d``/
 ``nn.Conv2d`` (zero padding)/``nn.Embedding``/eval-mode ``nn.BatchNorm2d``; the owning
@@ -25,11 +27,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from l2fx.inplace import clone_written_inputs, is_impure, written_inputs
+from l2fx.ir import fetch_attr
 from l2fx.pipeline import L2fxPass, PassResult
 
 
@@ -67,6 +71,26 @@ def _eligible(mod: nn.Module) -> Callable | None:
     return None
 
 
+def _read_tied_tensors_by_one_name(gm: fx.GraphModule) -> bool:
+    """A tensor registered under several names (tied embeddings: ``lm_head.weight is
+    embed.weight``) is read through one: the first of its names in ``state_dict()`` order, which
+    the same architecture always gives. Its other names are then read by nothing, and
+    ``prune_unused_state`` drops them: the tensor is compressed, stored and counted once."""
+    canonical: dict[int, str] = {}
+    for name, t in gm.state_dict(keep_vars=True).items():
+        canonical.setdefault(id(t), name)
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        t = fetch_attr(gm, str(node.target))
+        first = canonical.get(id(t)) if isinstance(t, torch.Tensor) else None
+        if first is not None and first != str(node.target):
+            node.target = first
+            changed = True
+    return changed
+
+
 class Normalize(L2fxPass):
     name = "normalize"
 
@@ -89,6 +113,7 @@ class Normalize(L2fxPass):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             modified = True
+        modified |= _read_tied_tensors_by_one_name(gm)
         # Drop what the output does not depend on (e.g. BERT's pooler under a mean-pooling
         # wrapper): its weights would otherwise be stored, and reconstructed against nothing.
         # In-place ops stay although nothing reads their result (fx's own pass drops
@@ -105,6 +130,12 @@ class Normalize(L2fxPass):
         return PassResult(gm, modified)
 
     def ensures(self, gm: fx.GraphModule) -> None:
+        names: dict[int, str] = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                t = fetch_attr(gm, str(node.target))
+                if names.setdefault(id(t), str(node.target)) != str(node.target):
+                    self.fail(f"a tensor is read under two names ({names[id(t)]!r})", node)
         for node in gm.graph.nodes:
             if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
                 if _eligible(gm.get_submodule(str(node.target))) is not None:
