@@ -128,6 +128,7 @@ def main() -> None:
             errors[detail.split(":")[1].strip()] += 1
         if is_failure(cls, result) or result == "hang":
             failures.append({"seed": seed, "class": cls, "mutation": what, "outcome": result, "detail": detail})
+            print(f"FAILURE seed {seed}: {cls} ({what}): {result}: {detail}", flush=True)
         if (i + 1) % 5000 == 0:
             print(f"{i + 1} mutations, {len(failures)} failures, {time.perf_counter() - t_start:.0f} s, "
                   f"data size {_data_size() >> 20} MiB", flush=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from l2fx.api import CompiledModel, compile, inspect, load, lower, save
 from l2fx.method import Method, methods, register_method
-from l2fx.config import (BackendConfig, CodingConfig, CompileConfig, Granularity, PlainDtype, ReconstructionConfig,
-                         SensitivityConfig)
+from l2fx.config import (BackendConfig, CodingConfig, CompileConfig, Granularity, LayerRule, PlainDtype,
+                         ReconstructionConfig, SensitivityConfig)
 from l2fx.errors import L2fxError
 from l2fx.pipeline import DumpIR, L2fxPass, PassContext, PassManager, PassResult, PeakMemory, Progress, Timing
 from l2fx.report import CompressionReport
@@ -19,6 +19,6 @@ from l2fx.transform import TransformKind
 __version__ = "0.1.0"
 __all__ = [
     "compile", "save", "load", "inspect", "lower", "CompiledModel", "methods", "register_method", "Method", "CompressionReport", "L2fxError", "CompileConfig",
-    "SensitivityConfig", "ReconstructionConfig", "CodingConfig", "BackendConfig", "Granularity", "PlainDtype", "TransformKind", "L2fxPass",
+    "SensitivityConfig", "ReconstructionConfig", "LayerRule", "CodingConfig", "BackendConfig", "Granularity", "PlainDtype", "TransformKind", "L2fxPass",
     "PassResult", "PassContext", "PassManager", "Timing", "DumpIR", "PeakMemory", "Progress", "__version__",
 ]

@@ -6,7 +6,8 @@ A compressed weight writes, in the artifact (``docs/format.md``):
 * its probability table: ``ntab`` uint16 frequencies,
 * its chunk index: per chunk a uint32 byte length and a uint32 CRC-32,
 * its T parameters: ``step_s`` and (except for the linear kind) ``threshold_e``, one per
-  channel (or one per tensor), as float16 when every value is a normal float16, else float32,
+  channel, per group of ``g`` elements of a row, or per tensor, as float16 when every value is a
+  normal float16, else float32,
 * its entry in the JSON manifest (:func:`manifest_entry`), byte for byte as uncompressed JSON
   (the artifact zlib-compresses the manifest, so the file holds less: a conservative count).
 
@@ -85,12 +86,17 @@ def round_params(kind: TransformKind, step_s: torch.Tensor, threshold_e: torch.T
 
 
 def manifest_entry(param: str, kind: TransformKind, shape: tuple[int, ...], axis: int | None, qmin: int,
-                   ntab: int, nchunks: int, chunk_size: int, pdtype: torch.dtype) -> dict:
-    return {
+                   ntab: int, nchunks: int, chunk_size: int, pdtype: torch.dtype, group: int | None = None) -> dict:
+    """The layer's manifest entry (``docs/format.md``); ``group`` only for a per-group layer
+    (format version 3), so per-channel and per-tensor entries are those of version 2."""
+    entry = {
         "param": param, "kind": TransformKind(kind).value, "shape": list(shape), "axis": axis,
         "qmin": int(qmin), "ntab": int(ntab), "nchunks": int(nchunks), "chunk": int(chunk_size),
         "pdtype": "f16" if pdtype == torch.float16 else "f32",
     }
+    if group is not None:
+        entry["group"] = int(group)
+    return entry
 
 
 def entry_nbytes(entry: dict) -> int:
@@ -113,13 +119,13 @@ class LayerBytes:
 
 def layer_nbytes(param: str, kind: TransformKind, shape: tuple[int, ...], axis: int | None,
                  table: coding.FrequencyTable, payload_nbytes: int, chunk_size: int,
-                 step_s: torch.Tensor, threshold_e: torch.Tensor) -> LayerBytes:
+                 step_s: torch.Tensor, threshold_e: torch.Tensor, group: int | None = None) -> LayerBytes:
     numel = math.prod(shape)
     nchunks = max(1, -(-numel // chunk_size))
     params = stored_params(kind, step_s, threshold_e)
     pdtype = param_dtype_for(*params)
     itemsize = 2 if pdtype == torch.float16 else 4
-    entry = manifest_entry(param, kind, shape, axis, table.qmin, table.freqs.size, nchunks, chunk_size, pdtype)
+    entry = manifest_entry(param, kind, shape, axis, table.qmin, table.freqs.size, nchunks, chunk_size, pdtype, group)
     return LayerBytes(
         payload=int(payload_nbytes),
         table=2 * int(table.freqs.size),  # uint16 each; qmin lives in the manifest entry
@@ -130,8 +136,10 @@ def layer_nbytes(param: str, kind: TransformKind, shape: tuple[int, ...], axis: 
 
 
 def predict_layer_nbytes(param: str, kind: TransformKind, symbols: torch.Tensor, axis: int | None,
-                         chunk_size: int, step_s: torch.Tensor, threshold_e: torch.Tensor) -> LayerBytes:
+                         chunk_size: int, step_s: torch.Tensor, threshold_e: torch.Tensor,
+                         group: int | None = None) -> LayerBytes:
     """Bytes the layer would take with these symbols, without range coding them."""
     flat = symbols.reshape(-1).numpy().astype(np.int16, copy=False)
     table, payload = coding.predict_coding(flat, chunk_size)
-    return layer_nbytes(param, kind, tuple(symbols.shape), axis, table, payload, chunk_size, step_s, threshold_e)
+    return layer_nbytes(param, kind, tuple(symbols.shape), axis, table, payload, chunk_size, step_s, threshold_e,
+                        group)

@@ -19,7 +19,8 @@ from l2fx.artifact import ArtifactReader, check_fingerprint, coded_layers, write
 from l2fx.compiled import CompiledModel
 from l2fx.config import BackendConfig, CompileConfig
 from l2fx.data import cast_floats, check_runs, normalize_calib
-from l2fx.errors import ArchitectureMismatchError, ArtifactError, CalibrationError, CorruptArtifactError, L2fxError
+from l2fx.errors import (ArchitectureMismatchError, ArtifactError, CalibrationError, CorruptArtifactError, L2fxError,
+                         NonFiniteWeightError)
 from l2fx.frontend import capture, graph_fingerprint, recapture
 from l2fx.ir import CodedInfo
 from l2fx.manifest import INSPECT_SYMBOLS_PER_BYTE, LayerEntry
@@ -64,6 +65,9 @@ def compile(
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     gm, info = capture(model, batches[0])
+    for name, t in gm.state_dict().items():  # before any pass (the verifier would name it first)
+        if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
+            raise NonFiniteWeightError(f"parameter {name!r} holds NaN or inf values")
     check_runs(gm, batches[0])
     fingerprint = graph_fingerprint(gm)
     dtypes = float_dtypes(gm)
@@ -143,7 +147,7 @@ def _layer_info(reader: ArtifactReader, entry: LayerEntry, counts: np.ndarray) -
     stream = reader.stream(entry)
     s, e = (torch.from_numpy(a) for a in reader.tparams(entry))
     lb = layer_nbytes(entry.param, entry.kind, entry.shape, entry.axis, stream.table, stream.payload_nbytes,
-                      entry.chunk, s, e)
+                      entry.chunk, s, e, entry.group)
     hist = coding.SymbolHistogram(entry.qmin, counts.astype(np.int64))
     present = np.flatnonzero(counts)
     amax = max(abs(entry.qmin + int(present[0])), abs(entry.qmin + int(present[-1]))) if present.size else 0

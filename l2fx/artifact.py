@@ -46,9 +46,12 @@ from l2fx.transform import TransformKind
 FORMAT = "l2fx"
 # Version 2: the manifest is zlib-compressed (level 9) and the plain tensors are packed per dtype.
 # Fashion-MNIST ResNet at CR 20: file 37,538 -> 34,005 bytes (whole-file CR 17.76 -> 19.60);
-# EfficientNet-Lite0 at CR 10: manifest 12.9 -> 2.0 kB of 1.89 MB. Version 1 is still read.
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# EfficientNet-Lite0 at CR 10: manifest 12.9 -> 2.0 kB of 1.89 MB. Version 3: a layer may hold T
+# parameters per group of ``group`` elements of each row. A file is written in the lowest version
+# that holds its layers (3 only with a per-group layer), so readers of version 2 still read what
+# they can; versions 1 and 2 are still read.
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 # Refuse to inflate a manifest beyond this (a decompression bomb is a corrupt file, not a hang).
 # An honest manifest takes ~100 bytes per layer and ~50 per plain tensor (EfficientNet-Lite0:
 # 12.9 kB; a 1 B-parameter Llama: ~100 kB): 16 MiB leaves room for 100,000s of tensors while
@@ -107,9 +110,9 @@ def serialize(gm: fx.GraphModule, header: dict[str, Any]) -> bytes:
             chunk_index.extend((len(c), crc))
         tables.append(stream.table.freqs.astype(np.uint16))
         dtype = np.float16 if info.entry["pdtype"] == "f16" else np.float32
-        tparams[info.entry["pdtype"]].append(module.step_s.cpu().numpy().astype(dtype))
+        tparams[info.entry["pdtype"]].append(module.step_s.cpu().numpy().astype(dtype).reshape(-1))
         if module.kind is not TransformKind.LINEAR:
-            tparams[info.entry["pdtype"]].append(module.threshold_e.cpu().numpy().astype(dtype))
+            tparams[info.entry["pdtype"]].append(module.threshold_e.cpu().numpy().astype(dtype).reshape(-1))
         entries.append(info.entry)
     arrays: dict[str, np.ndarray] = {
         PAYLOAD: np.concatenate(payload) if payload else np.zeros(0, np.uint8),
@@ -136,10 +139,11 @@ def serialize(gm: fx.GraphModule, header: dict[str, Any]) -> bytes:
     for key, parts in packs.items():
         arrays[PLAIN_PREFIX + key] = np.concatenate(parts)
     crcs = {k: _crc(v) for k, v in arrays.items() if k != PAYLOAD}
-    manifest = {"format": FORMAT, "version": VERSION, **header, "layers": entries, "plain": plain_dtypes,
+    version = 3 if any("group" in e for e in entries) else 2
+    manifest = {"format": FORMAT, "version": version, **header, "layers": entries, "plain": plain_dtypes,
                 "crc32": crcs}
-    arrays[MANIFEST] = np.frombuffer(encode_manifest(manifest, VERSION), dtype=np.uint8)
-    return safetensors_bytes(arrays, {"format": FORMAT, "version": str(VERSION),
+    arrays[MANIFEST] = np.frombuffer(encode_manifest(manifest, version), dtype=np.uint8)
+    return safetensors_bytes(arrays, {"format": FORMAT, "version": str(version),
                                       "manifest_crc32": str(_crc(arrays[MANIFEST]))})
 
 
@@ -298,7 +302,7 @@ class ArtifactReader:
                  "tables": self.arrays.get(TABLES, _EMPTY[TABLES]).size,
                  "f16": self.arrays.get(TPARAMS["f16"], _EMPTY[TPARAMS["f16"]]).size,
                  "f32": self.arrays.get(TPARAMS["f32"], _EMPTY[TPARAMS["f32"]]).size}
-        self.layers = parse_layers(m["layers"], sizes)
+        self.layers = parse_layers(m["layers"], sizes, self.version)
         self._locate_payload()
         self._tables = {e.param: self._table(e) for e in self.layers}
         self._tparams = {e.param: check_tparams(e, self._array(TPARAMS[e.pdtype])[e.tparam_start:
@@ -398,7 +402,7 @@ class ArtifactReader:
                                   tuple(int(c) for c in rows[:, 1]))
 
     def tparams(self, e: LayerEntry) -> tuple[np.ndarray, np.ndarray]:
-        """(step_s, threshold_e) as stored (float32 arrays of ``e.channels`` values)."""
+        """(step_s, threshold_e) as stored: float32 arrays of shape ``e.param_shape``."""
         return self._tparams[e.param]
 
     def streams(self) -> list[tuple[dict, coding.CodedStream, np.ndarray, np.ndarray]]:

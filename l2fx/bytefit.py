@@ -16,14 +16,18 @@ import torch.fx as fx
 from l2fx.accounting import predict_layer_nbytes, round_params
 from l2fx.ir import weight_sites
 from l2fx.modules import TransformedWeight
-from l2fx.transform import TransformKind, channel_view, encode
+from l2fx.transform import TransformKind, encode
 
 __all__ = ["scaled", "within_tolerance", "symbols_at", "layer_bytes_at", "clipped_at", "finest_log2_factor",
            "total_nbytes", "budget_nbytes", "fit_log2_factor", "block_nbytes", "fit_block_nbytes", "apply_factor"]
 
 
 def scaled(module: TransformedWeight, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's (s, e) with its grid scaled by ``factor``: a fixed grid (a user's bits) is
+    never scaled; the PRUNE kind scales only its threshold (its step is the alphabet's finest)."""
     s, e = module.step_s.detach(), module.threshold_e.detach()
+    if module.fixed:
+        return s, e
     if module.kind is TransformKind.PRUNE:
         return s, torch.maximum(e * factor, 0.5 * s)
     return s * factor, e * factor
@@ -41,14 +45,15 @@ def symbols_at(module: TransformedWeight, factor: float) -> tuple[torch.Tensor, 
     s, e = scaled(module, factor)
     s, e, _ = round_params(module.kind, s, e)
     w = module.weight.detach()
-    q = encode(w, module.kind, channel_view(s, w, module.channel_axis), channel_view(e, w, module.channel_axis),
+    q = encode(w, module.kind, module.view(s), module.view(e),
                module.qmax)
     return q, s, e
 
 
 def layer_bytes_at(module: TransformedWeight, param: str, factor: float, chunk_size: int) -> int:
     q, s, e = symbols_at(module, factor)
-    return predict_layer_nbytes(param, module.kind, q.cpu(), module.channel_axis, chunk_size, s, e).total
+    return predict_layer_nbytes(param, module.kind, q.cpu(), module.channel_axis, chunk_size, s, e,
+                                module.group_size).total
 
 
 def clipped_at(module: TransformedWeight, factor: float) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from l2fx import api, zoo
-from l2fx.config import CompileConfig, ReconstructionConfig
+from l2fx.config import CompileConfig, LayerRule, ReconstructionConfig
 from l2fx.errors import ConfigError, L2fxError
 from l2fx.method import methods
 from l2fx.pipeline import Progress
@@ -86,12 +86,38 @@ def apply_settings(config: Any, settings: list[str]) -> Any:
         raise CLIError(f"--set: invalid value: {exc}") from exc
 
 
+def parse_layer_rule(text: str) -> LayerRule:
+    """``--layer 'PATTERN [keep] [bits=8] [kind=linear] [granularity=per_group] [group_size=64]'``:
+    a :class:`LayerRule`; values are JSON or bare strings. Bad fields raise :class:`CLIError`."""
+    pattern, *fields = text.split()
+    if not fields:
+        raise CLIError(f"--layer {text!r}: give the pattern, then keep or KEY=VALUE fields (e.g. 'lm_head bits=8')")
+    data: dict[str, Any] = {"pattern": pattern}
+    for item in fields:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            data[key] = True
+            continue
+        try:
+            data[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            data[key] = raw
+    try:
+        return LayerRule.from_dict(data)
+    except ConfigError as exc:
+        raise CLIError(f"--layer {text!r}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--layer {text!r}: invalid value: {exc}") from exc
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, calib, entry = _resolve(args.model, args.calib, args.num_calib, args.batch_size, args.seed)
     config = CompileConfig(target_cr=args.target_cr, method=args.method, transform=TransformKind(args.transform),
                            seed=args.seed, reconstruction=ReconstructionConfig(enabled=not args.no_reconstruction))
     config = apply_settings(config, args.set)
+    if args.layer:
+        config = config.replace(layers=config.layers + tuple(parse_layer_rule(r) for r in args.layer))
     compiled = api.compile(model, target_cr=config.target_cr, calib=calib, config=config,
                            instruments=[] if args.quiet else [Progress()], verify=args.verify)
     out = Path(args.output or f"{args.model.replace(':', '_').replace('.', '_')}-cr{config.target_cr:g}.l2fx")
@@ -144,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify", action="store_true", help="run the IR verifier after every pass")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any CompileConfig field, e.g. reconstruction.distill_iters=200 (repeatable)")
+    c.add_argument("--layer", action="append", default=[], metavar="'PATTERN FIELDS'",
+                   help="a per-layer rule, first match wins: 'lm_head|conv1 bits=8', 'classifier keep', "
+                        "'layers\\.0\\..* granularity=per_group group_size=64' (repeatable)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_compress)
     i = sub.add_parser("inspect", help="per-layer report of an artifact")

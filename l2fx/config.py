@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import json
 import math
+import re
 import typing
 from typing import Any, Mapping
 
@@ -20,9 +21,11 @@ from l2fx.transform import TransformKind
 
 
 class Granularity(str, enum.Enum):
-    """How many (threshold_e, step_s) pairs a weight gets: one per output channel, or one."""
+    """How many (threshold_e, step_s) pairs a weight gets: one per output channel, one per group
+    of ``CompileConfig.group_size`` consecutive elements of each row, or one."""
 
     PER_CHANNEL = "per_channel"
+    PER_GROUP = "per_group"
     PER_TENSOR = "per_tensor"
 
 
@@ -209,18 +212,80 @@ class ReconstructionConfig(_JsonConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class LayerRule(_JsonConfig):
+    """What the user wants of the compressible weights whose name matches ``pattern``.
+
+    ``pattern`` is a regular expression matched in full against the weight's module path
+    (``"features.0"``) or its parameter name (``"features.0.weight"``); in
+    ``CompileConfig.layers`` the first rule that matches a weight decides for it, and a field
+    left None takes the global setting. ``keep``: the weight is not compressed (stored as a
+    plain tensor, float16 where exact). ``bits``: the weight gets a fixed grid of ``2^bits - 1``
+    levels per output channel (RTN steps ``max|w_c| / (2^(bits-1) - 1)``, LINEAR), range coded
+    like every layer but never re-allocated or rescaled to meet the target: the target counts
+    its bytes and the other layers share the rest. ``kind``, ``granularity``, ``group_size``:
+    this layer's transform and T-parameter layout. ``options``: ``(name, value)`` pairs a method
+    reads for this layer (e.g. a one-shot method's per-layer settings); a method names the
+    options it understands in its docstring.
+
+    "Keep ``lm_head`` and the first conv at 8 bits" is
+    ``CompileConfig(layers=(LayerRule(r"lm_head|conv1", bits=8),))``.
+    """
+
+    pattern: str
+    keep: bool = False
+    bits: int | None = None
+    kind: TransformKind | None = None
+    granularity: Granularity | None = None
+    group_size: int | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        n = f"{type(self).__name__}({self.pattern!r})"
+        _require(isinstance(self.pattern, str) and bool(self.pattern), n, "pattern must be a non-empty regular expression")
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise ConfigError(f"{n}: pattern is not a regular expression: {exc}") from exc
+        _require(isinstance(self.keep, bool), n, f"keep must be a bool, got {self.keep!r}")
+        _require(self.bits is None or (isinstance(self.bits, int) and not isinstance(self.bits, bool)
+                                       and 2 <= self.bits <= 8), n, f"bits must be None or in 2..8, got {self.bits!r}")
+        _require(self.kind is None or isinstance(self.kind, TransformKind), n, f"kind must be a TransformKind, got {self.kind!r}")
+        _require(self.granularity is None or isinstance(self.granularity, Granularity), n,
+                 f"granularity must be a Granularity, got {self.granularity!r}")
+        _require(self.group_size is None or (isinstance(self.group_size, int) and not isinstance(self.group_size, bool)
+                                             and self.group_size >= 1), n,
+                 f"group_size must be None or an int >= 1, got {self.group_size!r}")
+        _require(not (self.keep and (self.bits or self.kind or self.granularity or self.group_size or self.options)),
+                 n, "a kept (uncompressed) layer takes no bits, kind, granularity, group_size or options")
+        _require(not (self.bits is not None and self.kind not in (None, TransformKind.LINEAR)), n,
+                 "a fixed-bits layer uses the LINEAR grid; kind must be None or linear")
+        opts = tuple(tuple(o) for o in self.options)
+        _require(all(len(o) == 2 and isinstance(o[0], str) for o in opts), n,
+                 f"options must be (name, value) pairs, got {self.options!r}")
+        object.__setattr__(self, "options", opts)
+
+    def matches(self, param: str) -> bool:
+        module = param.rsplit(".", 1)[0] if "." in param else param
+        return re.fullmatch(self.pattern, module) is not None or re.fullmatch(self.pattern, param) is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class CompileConfig(_JsonConfig):
     """What the user asks of :func:`l2fx.compile`.
 
     ``target_cr`` is the compression ratio of the compressed parameters: their fp32 bytes over
     every byte written for them (payload, probability table, T parameters, header share).
     ``method`` names a registered method (:func:`l2fx.methods`), the pipeline that runs.
+    ``layers``: per-layer intent (:class:`LayerRule`), first match wins.
     """
 
     target_cr: float = 10.0
     method: str = "l2"
     transform: TransformKind = TransformKind.JOINT
     granularity: Granularity = Granularity.PER_CHANNEL
+    # Per-group granularity: T parameters for every group_size consecutive elements of each row
+    # (GPTQ's g128, MX's 32-element blocks); a shorter last group when it does not divide K.
+    group_size: int = 128
     plain_dtype: PlainDtype = PlainDtype.FLOAT16
     fold_batchnorm: bool = True
     compress_embeddings: bool = True
@@ -230,6 +295,7 @@ class CompileConfig(_JsonConfig):
     coding: CodingConfig = CodingConfig()
     seed: int = 0
     reconstruction: ReconstructionConfig = ReconstructionConfig()
+    layers: tuple[LayerRule, ...] = ()
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -240,9 +306,17 @@ class CompileConfig(_JsonConfig):
         _require(isinstance(self.method, str) and bool(self.method), n, f"method must be a method's name, got {self.method!r}")
         _require(isinstance(self.transform, TransformKind), n, f"transform must be a TransformKind, got {self.transform!r}")
         _require(isinstance(self.granularity, Granularity), n, f"granularity must be a Granularity, got {self.granularity!r}")
+        _require(isinstance(self.group_size, int) and not isinstance(self.group_size, bool) and self.group_size >= 1,
+                 n, f"group_size must be an int >= 1, got {self.group_size!r}")
         _require(isinstance(self.plain_dtype, PlainDtype), n, f"plain_dtype must be a PlainDtype, got {self.plain_dtype!r}")
         _require(self.min_numel >= 1, n, f"min_numel must be >= 1, got {self.min_numel}")
         _require(0 < self.cr_tolerance < 0.5, n, f"cr_tolerance must be in (0, 0.5), got {self.cr_tolerance}")
+        _require(isinstance(self.layers, tuple) and all(isinstance(r, LayerRule) for r in self.layers), n,
+                 f"layers must be a tuple of LayerRule, got {self.layers!r}")
+
+    def rule_for(self, param: str) -> LayerRule | None:
+        """The first of ``layers`` that matches the weight ``param``, or None."""
+        return next((r for r in self.layers if r.matches(param)), None)
 
     def replace(self, **changes: Any) -> "CompileConfig":
         return dataclasses.replace(self, **changes)

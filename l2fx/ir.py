@@ -155,6 +155,26 @@ class WeightSite:
 
 @meta_entry
 @dataclasses.dataclass(frozen=True)
+class LayerIntent:
+    """What the user wants for one compressed weight (set by ``mark_weights`` from the global
+    config and the first matching ``CompileConfig.layers`` rule, ``rule``: its index or None):
+    the transform ``kind``, the T-parameter layout (``granularity``, ``group_size``), a fixed
+    grid of ``bits`` (None: allocated), and the method options of the rule."""
+
+    META_KEY = "l2fx.intent"
+    kind: str
+    granularity: str
+    group_size: int
+    bits: int | None = None
+    options: tuple = ()
+    rule: int | None = None
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return next((v for k, v in self.options if k == name), default)
+
+
+@meta_entry
+@dataclasses.dataclass(frozen=True)
 class Candidate:
     """One point of a layer's rate-distortion curve: a T setting, its exact bytes, its error.
 

@@ -13,7 +13,8 @@ What is checked:
   ``1 <= chunk <= MAX_CHUNK``, ``nchunks == ceil(numel / chunk)``, a table of
   ``1 <= ntab <= 255`` symbols from ``qmin`` inside ``[-127, 127]`` (the int8 codes that
   hold them in memory), a known transform ``kind``, ``axis`` None or a dim of the shape, a
-  known ``pdtype``;
+  known ``pdtype``; from version 3 an optional ``group`` (``1 <= group <= K``, ``axis`` 0: T
+  parameters per group of ``group`` consecutive elements of each row);
 * exact accounting: the layers' chunk counts, table sizes and T parameter counts add up to
   exactly the entries of ``l2fx.chunks``, ``l2fx.tables`` and ``l2fx.tparams16/32``; the chunk
   lengths add up to exactly the payload; the plain tensors to exactly their packs; every
@@ -37,7 +38,7 @@ import numpy as np
 
 from l2fx.errors import CorruptArtifactError
 from l2fx.frontend import CaptureInfo
-from l2fx.transform import TransformKind
+from l2fx.transform import TransformKind, param_shape
 
 __all__ = [
     "MAX_NDIM", "MAX_NUMEL", "MAX_CHUNK", "MAX_NAME", "MAX_TABLE", "SYMBOL_LIMIT", "INSPECT_SYMBOLS_PER_BYTE",
@@ -70,6 +71,8 @@ MAX_EXAMPLE_NUMEL = 1 << 24
 PLAIN_DTYPES = ("float16", "bfloat16", "float32", "float64", "uint8", "int8", "int16", "int32", "int64", "bool")
 _PDTYPES = ("f16", "f32")
 _LAYER_KEYS = ("param", "kind", "shape", "axis", "qmin", "ntab", "nchunks", "chunk", "pdtype")
+#: Optional layer fields, by the first format version that has them.
+_OPTIONAL_KEYS = {"group": 3}
 
 
 def require(cond: bool, where: str, message: str) -> None:
@@ -123,6 +126,7 @@ class LayerEntry:
     nchunks: int
     chunk: int
     pdtype: str
+    group: int | None = None
     chunk_start: int = 0
     table_start: int = 0
     tparam_start: int = 0
@@ -132,8 +136,14 @@ class LayerEntry:
         return math.prod(self.shape)
 
     @property
+    def param_shape(self) -> tuple[int, ...]:
+        """Shape of the stored ``step_s`` (and ``threshold_e``): [1], [C] or [rows, groups]."""
+        return param_shape(self.shape, self.axis, self.group)
+
+    @property
     def channels(self) -> int:
-        return 1 if self.axis is None else self.shape[self.axis]
+        """How many (step_s, threshold_e) pairs the layer stores."""
+        return math.prod(self.param_shape)
 
     @property
     def nparams(self) -> int:
@@ -141,20 +151,25 @@ class LayerEntry:
         return self.channels * (1 if self.kind is TransformKind.LINEAR else 2)
 
     def to_dict(self) -> dict:
-        return {"param": self.param, "kind": self.kind.value, "shape": list(self.shape), "axis": self.axis,
-                "qmin": self.qmin, "ntab": self.ntab, "nchunks": self.nchunks, "chunk": self.chunk,
-                "pdtype": self.pdtype}
+        out = {"param": self.param, "kind": self.kind.value, "shape": list(self.shape), "axis": self.axis,
+               "qmin": self.qmin, "ntab": self.ntab, "nchunks": self.nchunks, "chunk": self.chunk,
+               "pdtype": self.pdtype}
+        if self.group is not None:
+            out["group"] = self.group
+        return out
 
 
-def _layer(raw: Any, index: int) -> LayerEntry:
+def _layer(raw: Any, index: int, version: int) -> LayerEntry:
     where = f"layer {index}"
     require(isinstance(raw, dict), where, f"entry must be an object, got {_show(raw)}")
     param = raw.get("param")
     if isinstance(param, str):
         where = f"layer {index} ({param[:80]!r})"
     keys = set(raw)
-    require(keys == set(_LAYER_KEYS), where, f"fields must be {list(_LAYER_KEYS)}: missing "
-            f"{sorted(set(_LAYER_KEYS) - keys)}, unknown {sorted(k[:40] for k in keys - set(_LAYER_KEYS))}")
+    allowed = set(_LAYER_KEYS) | {k for k, since in _OPTIONAL_KEYS.items() if version >= since}
+    require(set(_LAYER_KEYS) <= keys <= allowed, where, f"fields must be {list(_LAYER_KEYS)} (and, from format "
+            f"version 3, 'group'): missing {sorted(set(_LAYER_KEYS) - keys)}, unknown "
+            f"{sorted(k[:40] for k in keys - allowed)}")
     param = _name(param, where, "field 'param'")
     kind = raw["kind"]
     require(kind in [k.value for k in TransformKind], where,
@@ -175,10 +190,14 @@ def _layer(raw: Any, index: int) -> LayerEntry:
             f"field 'nchunks' = {nchunks}, but {numel} symbols in chunks of {chunk} need {-(-numel // chunk)}")
     pdtype = raw["pdtype"]
     require(pdtype in _PDTYPES, where, f"field 'pdtype' = {_show(pdtype)} is not one of {list(_PDTYPES)}")
-    return LayerEntry(param, TransformKind(kind), shape, axis, qmin, ntab, nchunks, chunk, pdtype)
+    group = None
+    if "group" in raw:
+        group = int_field(raw, "group", where, 1, max(1, numel // shape[0]))
+        require(axis == 0, where, f"a per-group layer runs along its rows: field 'axis' must be 0, got {axis}")
+    return LayerEntry(param, TransformKind(kind), shape, axis, qmin, ntab, nchunks, chunk, pdtype, group)
 
 
-def parse_layers(raw: Any, sizes: Mapping[str, int]) -> tuple[LayerEntry, ...]:
+def parse_layers(raw: Any, sizes: Mapping[str, int], version: int) -> tuple[LayerEntry, ...]:
     """The validated layer entries, with their offsets into the packed arrays.
 
     ``sizes``: entries in the file of ``"chunks"`` (index rows), ``"tables"``, ``"f16"`` and
@@ -188,7 +207,7 @@ def parse_layers(raw: Any, sizes: Mapping[str, int]) -> tuple[LayerEntry, ...]:
     out: list[LayerEntry] = []
     cursor = {"chunks": 0, "tables": 0, "f16": 0, "f32": 0}
     for i, item in enumerate(raw):
-        e = _layer(item, i)
+        e = _layer(item, i, version)
         if out:
             require(e.param > out[-1].param, f"layer {i} ({e.param[:80]!r})",
                     f"layers must be sorted by name and unique; it follows {out[-1].param[:80]!r}")
@@ -291,8 +310,8 @@ def check_tparams(entry: LayerEntry, params: np.ndarray) -> tuple[np.ndarray, np
     require(params.size == entry.nparams, where, "T parameters are truncated")
     p = params.astype(np.float32)
     require(bool(np.isfinite(p).all() and (p > 0).all()), where, "T parameters are not finite and > 0")
-    s = p[:entry.channels]
-    e = p[entry.channels:] if entry.kind is not TransformKind.LINEAR else np.float32(0.5) * s
+    s = p[:entry.channels].reshape(entry.param_shape)
+    e = p[entry.channels:].reshape(entry.param_shape) if entry.kind is not TransformKind.LINEAR else np.float32(0.5) * s
     amax = max(abs(entry.qmin), abs(entry.qmin + entry.ntab - 1))
     with np.errstate(over="ignore", invalid="ignore"):
         q = np.float32(amax)

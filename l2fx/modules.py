@@ -33,22 +33,31 @@ HAS_TRITON = _kernels.HAS_TRITON
 
 
 class TransformedWeight(nn.Module):
-    """Fake-quantised weight: ``weight`` [shape], ``step_s`` and ``threshold_e`` [C] or []."""
+    """Fake-quantised weight: ``weight`` [shape]; ``step_s`` and ``threshold_e`` [1] per tensor,
+    [C] per channel, or [rows, groups] per group of ``group_size`` (:func:`l2fx.transform.channel_view`)."""
 
     def __init__(self, weight: torch.Tensor, kind: TransformKind, step_s: torch.Tensor,
-                 threshold_e: torch.Tensor, channel_axis: int | None, qmax: int):
+                 threshold_e: torch.Tensor, channel_axis: int | None, qmax: int, group_size: int | None = None,
+                 fixed: bool = False):
+        """``fixed``: the grid is the user's (a ``layers`` rule's bits): T is neither trained nor
+        rescaled by the byte fits (:func:`l2fx.bytefit.scaled`); the weights may still be tuned."""
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone().float())
         self.step_s = nn.Parameter(step_s.detach().clone().float())
         self.threshold_e = nn.Parameter(threshold_e.detach().clone().float())
         self.kind = TransformKind(kind)
         self.channel_axis = channel_axis
+        self.group_size = group_size
         self.qmax = int(qmax)
+        self.fixed = bool(fixed)
+        channel_view(self.step_s, self.weight, channel_axis, group_size)  # validates the layout
+
+    def view(self, p: torch.Tensor) -> torch.Tensor:
+        """A parameter of this layer's layout, broadcast against the weight."""
+        return channel_view(p, self.weight, self.channel_axis, self.group_size)
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        s = channel_view(self.step_s, self.weight, self.channel_axis)
-        e = channel_view(self.threshold_e, self.weight, self.channel_axis)
-        return s, e
+        return self.view(self.step_s), self.view(self.threshold_e)
 
     def forward(self) -> torch.Tensor:
         s, e = self.params()
@@ -68,7 +77,10 @@ class TransformedWeight(nn.Module):
         self.weight.copy_(self.forward())
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind.value}, shape={tuple(self.weight.shape)}, axis={self.channel_axis}, qmax={self.qmax}"
+        group = f", group={self.group_size}" if self.group_size else ""
+        fixed = ", fixed" if self.fixed else ""
+        return (f"kind={self.kind.value}, shape={tuple(self.weight.shape)}, axis={self.channel_axis}{group}, "
+                f"qmax={self.qmax}{fixed}")
 
 
 class StoredParams(nn.Module):
@@ -94,7 +106,8 @@ class StoredParams(nn.Module):
 
 
 class CodedWeight(StoredParams):
-    """Decoded-on-the-fly weight: ``codes`` int8 [shape]; ``step_s``/``threshold_e`` fp32 [C] or [].
+    """Decoded-on-the-fly weight: ``codes`` int8 [shape]; ``step_s``/``threshold_e`` fp32 in the
+    layout of :class:`TransformedWeight` ([1], [C] or [rows, groups]).
 
     The T parameters hold exactly the values stored in the artifact (fp16-representable when
     stored as fp16), so a loaded model computes bit-identical weights. The weight is decoded
@@ -103,7 +116,8 @@ class CodedWeight(StoredParams):
     """
 
     def __init__(self, codes: torch.Tensor, kind: TransformKind, step_s: torch.Tensor,
-                 threshold_e: torch.Tensor, channel_axis: int | None, dtype: torch.dtype = torch.float32):
+                 threshold_e: torch.Tensor, channel_axis: int | None, dtype: torch.dtype = torch.float32,
+                 group_size: int | None = None):
         super().__init__()
         if not dtype.is_floating_point:
             raise ConfigError(f"CodedWeight: dtype must be a floating dtype, got {dtype}")
@@ -115,11 +129,13 @@ class CodedWeight(StoredParams):
         self.register_buffer("threshold_e", threshold_e.detach().float().contiguous())
         self.kind = TransformKind(kind)
         self.channel_axis = channel_axis
+        self.group_size = group_size
         self.dtype = dtype
+        channel_view(self.step_s, self.codes, channel_axis, group_size)  # validates the layout
 
     def forward(self) -> torch.Tensor:
-        s = channel_view(self.step_s, self.codes, self.channel_axis)
-        e = channel_view(self.threshold_e, self.codes, self.channel_axis)
+        s = channel_view(self.step_s, self.codes, self.channel_axis, self.group_size)
+        e = channel_view(self.threshold_e, self.codes, self.channel_axis, self.group_size)
         # inverse_t, not decode: decode's positivity check reads tensor values (a graph break
         # under torch.compile). s, e > 0 is checked once, where they are created or loaded.
         w = inverse_t(self.codes.to(torch.float32), self.kind, s, e)
@@ -127,7 +143,8 @@ class CodedWeight(StoredParams):
 
     def extra_repr(self) -> str:
         dtype = "" if self.dtype == torch.float32 else f", dtype={str(self.dtype).replace('torch.', '')}"
-        return f"kind={self.kind.value}, shape={tuple(self.codes.shape)}, axis={self.channel_axis}{dtype}"
+        group = f", group={self.group_size}" if self.group_size else ""
+        return f"kind={self.kind.value}, shape={tuple(self.codes.shape)}, axis={self.channel_axis}{group}{dtype}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,41 +158,52 @@ class DequantLinear(StoredParams):
 
     * ``words``: ``torch.int32 [N, ceil(K / F)]``, ``F = 32 // bits``: the codes ``q [N, K]``
       packed along K (:mod:`l2fx.triton_kernels.packing`).
-    * ``step_s``: ``torch.float32 [N]`` (per output channel, ``channel_axis == 0``) or ``[1]``
-      (per tensor, ``channel_axis is None``; expanded to ``[N]`` as a view at call time): the
-      stored ``s`` of Eq. 13, the same values the artifact holds.
+    * ``step_s``: ``torch.float32 [N]`` (per output channel, ``channel_axis == 0``), ``[1]``
+      (per tensor, ``channel_axis is None``; expanded to ``[N]`` as a view at call time) or
+      ``[N, ceil(K / group_size)]`` (per group of ``group_size`` consecutive codes of a row):
+      the stored ``s`` of Eq. 13, the same values the artifact holds.
     * ``threshold_e``: same shape and meaning for ``e``.
 
     Attributes: ``kind`` (:class:`TransformKind`), ``bits`` (2..8), ``k`` (K), ``n`` (N),
-    ``channel_axis`` (0 or None, as the CodedWeight it replaces).
+    ``channel_axis`` (0 or None, as the CodedWeight it replaces), ``group_size`` (None or g).
 
     ``forward(x [..., K], bias [N] | None) -> [..., N]`` in ``x.dtype``.
     """
 
     def __init__(self, codes: torch.Tensor, kind: TransformKind, step_s: torch.Tensor,
-                 threshold_e: torch.Tensor, channel_axis: int | None, bits: int | None = None):
+                 threshold_e: torch.Tensor, channel_axis: int | None, bits: int | None = None,
+                 group_size: int | None = None):
         super().__init__()
         if codes.dim() != 2:
             raise BackendError(f"DequantLinear packs 2-D codes [N, K], got shape {tuple(codes.shape)}")
         packed = pack_codes(codes, bits)
+        shape = (-1,) if group_size is None else tuple(step_s.shape)
         self.register_buffer("words", packed.words)
-        self.register_buffer("step_s", step_s.detach().float().reshape(-1).contiguous())
-        self.register_buffer("threshold_e", threshold_e.detach().float().reshape(-1).contiguous())
+        self.register_buffer("step_s", step_s.detach().float().reshape(shape).contiguous())
+        self.register_buffer("threshold_e", threshold_e.detach().float().reshape(shape).contiguous())
         self.kind = TransformKind(kind)
         self.bits = packed.bits
         self.k = packed.k
         self.n = packed.n
         self.channel_axis = channel_axis
+        self.group_size = group_size
 
     def _params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.group_size is not None:
+            return self.step_s, self.threshold_e
         return self.step_s.expand(self.n), self.threshold_e.expand(self.n)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         s, e = self._params()
-        return torch.ops.l2fx.dequant_matmul(x, self.words, self.bits, self.k, s, e, self.kind.value, bias)
+        return torch.ops.l2fx.dequant_matmul(x, self.words, self.bits, self.k, s, e, self.kind.value, bias,
+                                             self.group_size or 0)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self._matmul(x, bias)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind.value}, n={self.n}, k={self.k}, bits={self.bits}, axis={self.channel_axis}"
+        group = f", group={self.group_size}" if self.group_size else ""
+        return f"kind={self.kind.value}, n={self.n}, k={self.k}, bits={self.bits}, axis={self.channel_axis}{group}"
 
 
 class DequantConv1x1(DequantLinear):
@@ -187,8 +215,6 @@ class DequantConv1x1(DequantLinear):
     """
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        s, e = self._params()
         b, _, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(b * h * w, self.k)
-        y = torch.ops.l2fx.dequant_matmul(rows, self.words, self.bits, self.k, s, e, self.kind.value, bias)
-        return y.reshape(b, h, w, self.n).permute(0, 3, 1, 2)
+        return self._matmul(rows, bias).reshape(b, h, w, self.n).permute(0, 3, 1, 2)

@@ -1,32 +1,86 @@
-"""The stored T parameter vectors of a layer: one per tensor, per output channel (or per group).
+"""The stored T parameters of a layer: one per tensor, per output channel, or per group.
 
 A per-tensor candidate ``(step_s, threshold_e)`` of sensitivity analysis becomes the stored
-vector of the layer's granularity, either as is (one step for every channel) or scaled per
-channel by the channel's range (:func:`channel_ratio`: every channel keeps the same relative
-precision). Shared by ``sensitivity_analysis`` (which measures both) and ``insert_transforms``
-(which installs the one allocated).
+parameters of the layer's granularity, either as is (one step everywhere) or scaled by the
+range of each channel or group (:func:`scale_ratio`: every channel or group keeps the same
+relative precision). Shared by ``sensitivity_analysis`` (which measures both) and
+``insert_transforms`` (which installs the one allocated).
+
+Layouts (the weight's :class:`~l2fx.ir.LayerIntent`: ``CompileConfig.granularity`` unless a
+``layers`` rule says otherwise; :func:`l2fx.transform.channel_view` broadcasts them):
+
+=============  ===========================  ============================================
+granularity    (axis, group)                stored shape
+=============  ===========================  ============================================
+per_tensor     (None, None)                 [1]
+per_channel    (site.channel_axis, None)    [C]: C = shape[axis] (output channels; an
+                                            embedding's hidden dimension)
+per_group      (0, min(group_size, K))      [rows, ceil(K / g)]: g consecutive elements of
+                                            each row of the weight viewed as [rows, K]
+=============  ===========================  ============================================
 """
 from __future__ import annotations
 
 import torch
 
-from l2fx.config import CompileConfig, Granularity
-from l2fx.ir import WeightSite
+from l2fx.config import Granularity
+from l2fx.ir import LayerIntent, WeightSite
+from l2fx.transform import param_shape
 
-__all__ = ["channel_ratio", "stored_vector"]
+__all__ = ["layout", "fixed_qmax", "channel_ratio", "group_ratio", "scale_ratio", "stored_vector"]
+
+
+def layout(site: WeightSite, intent: LayerIntent) -> tuple[int | None, int | None]:
+    """(channel axis, group size) of the site's stored T parameters under its intent's
+    granularity; a group longer than the weight's rows is one group per row."""
+    granularity = Granularity(intent.granularity)
+    if granularity is Granularity.PER_GROUP:
+        return 0, min(intent.group_size, max(1, site.numel // site.shape[0]))
+    if granularity is Granularity.PER_CHANNEL:
+        return site.channel_axis, None
+    return None, None
+
+
+def fixed_qmax(intent: LayerIntent) -> int | None:
+    """The largest symbol of a fixed-bits layer's grid (``2^(bits-1) - 1``), None if allocated."""
+    return None if intent.bits is None else (1 << (intent.bits - 1)) - 1
+
+
+def _ratio(amax_part: torch.Tensor) -> torch.Tensor:
+    amax = amax_part.max().clamp_min(1e-30)
+    return torch.where(amax_part > 0, (amax_part / amax).clamp_min(1e-4), torch.ones_like(amax_part)).float()
 
 
 def channel_ratio(w: torch.Tensor, site: WeightSite) -> torch.Tensor:
     """r_c = max|w_c| / max|w| per channel (1 for an all-zero channel), shape [C]."""
     dims = [d for d in range(w.dim()) if d != site.channel_axis % w.dim()]
-    amax_c = w.detach().abs().amax(dim=dims) if dims else w.detach().abs()
-    amax = amax_c.max().clamp_min(1e-30)
-    return torch.where(amax_c > 0, (amax_c / amax).clamp_min(1e-4), torch.ones_like(amax_c)).float()
+    return _ratio(w.detach().abs().amax(dim=dims) if dims else w.detach().abs())
 
 
-def stored_vector(value: float, site: WeightSite, cfg: CompileConfig, ratio: torch.Tensor | None = None) -> torch.Tensor:
-    """The stored parameter vector: one value per channel ([C]) or per tensor ([1])."""
+def group_ratio(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """r = max|w_group| / max|w| per group of ``group_size`` elements of each row (1 for an
+    all-zero group), shape [rows, ceil(K / group_size)]."""
+    rows = w.detach().abs().reshape(w.shape[0], -1)
+    k = rows.shape[1]
+    groups = -(-k // group_size)
+    padded = torch.nn.functional.pad(rows, (0, groups * group_size - k))
+    return _ratio(padded.reshape(w.shape[0], groups, group_size).amax(dim=2))
+
+
+def scale_ratio(w: torch.Tensor, site: WeightSite, intent: LayerIntent) -> torch.Tensor | None:
+    """The range ratios of the site's layout (per channel or per group), or None when there is
+    only one scale (per tensor, or a single channel)."""
+    axis, group = layout(site, intent)
+    if group is not None:
+        return group_ratio(w, group)
+    if axis is not None and site.channels > 1:
+        return channel_ratio(w, site)
+    return None
+
+
+def stored_vector(value: float, site: WeightSite, intent: LayerIntent,
+                  ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """The stored parameters: ``value`` everywhere in the site's layout, or ``value * ratio``."""
     if ratio is not None:
         return float(value) * ratio
-    n = site.channels if cfg.granularity is Granularity.PER_CHANNEL else 1
-    return torch.full((n,), float(value))
+    return torch.full(param_shape(site.shape, *layout(site, intent)), float(value))

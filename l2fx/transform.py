@@ -26,7 +26,8 @@ Kinds (Figure 3 of the paper):
   ``T^-1(t) = sign(t) e ln(1 + |t| s/e)``. Finer steps at large magnitudes.
 
 All arithmetic is float32 (inputs are converted). ``step_s`` and ``threshold_e`` must be
-tensors broadcastable to ``w`` (see :func:`channel_view`). Positivity of ``s`` and ``e``
+tensors broadcastable to ``w`` (see :func:`channel_view`: one per tensor, per output channel,
+or per group of ``g`` consecutive elements of each row). Positivity of ``s`` and ``e``
 is a precondition of the differentiable functions (checking it there would force a
 device sync every training step); :func:`encode` and :func:`decode`, which sit on the
 export path, check it.
@@ -34,6 +35,7 @@ export path, check it.
 from __future__ import annotations
 
 import enum
+import math
 
 import torch
 from torch import Tensor
@@ -43,6 +45,8 @@ from l2fx.errors import ConfigError
 __all__ = [
     "TransformKind",
     "channel_view",
+    "param_shape",
+    "group_count",
     "forward_t",
     "inverse_t",
     "round_ste",
@@ -107,15 +111,45 @@ def _odd(g, x: Tensor) -> Tensor:
     return torch.where(x < 0, neg, pos)
 
 
-def channel_view(p: Tensor, like: Tensor, channel_axis: int | None) -> Tensor:
+def group_count(shape: tuple[int, ...] | torch.Size, group_size: int) -> int:
+    """Groups per row of a weight of ``shape`` viewed as ``[shape[0], K]``: ``ceil(K / group_size)``."""
+    k = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return -(-k // group_size)
+
+
+def param_shape(shape: tuple[int, ...] | torch.Size, channel_axis: int | None,
+                group_size: int | None = None) -> tuple[int, ...]:
+    """The stored shape of a layer's ``step_s`` (and ``threshold_e``): ``[1]`` per tensor,
+    ``[C]`` per channel (``C = shape[channel_axis]``), ``[rows, groups]`` per group."""
+    if group_size is not None:
+        return (shape[0], group_count(shape, group_size))
+    return (1,) if channel_axis is None else (shape[channel_axis],)
+
+
+def channel_view(p: Tensor, like: Tensor, channel_axis: int | None, group_size: int | None = None) -> Tensor:
     """Reshape a parameter so it broadcasts against ``like``.
 
     ``channel_axis=None`` (per tensor): ``p`` holds one element and is returned 0-d.
+    ``group_size=g`` (per group; ``channel_axis`` must be 0): ``like`` is viewed as rows
+    ``[R, K]`` (``R = like.shape[0]``, ``K`` the rest flattened in C order) split into groups of
+    ``g`` consecutive elements of each row (the last one shorter when ``g`` does not divide
+    ``K``); ``p`` has shape ``[R, ceil(K / g)]`` and is returned expanded to ``like``'s shape.
     Otherwise ``p`` holds ``like.shape[channel_axis]`` elements (shape ``[C]``) and is
     returned with shape ``[1, .., C, .., 1]`` (``C`` at ``channel_axis``).
     """
     if not isinstance(p, Tensor):
         raise ConfigError(f"parameter must be a Tensor, got {type(p).__name__}")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ConfigError(f"group_size must be a positive int, got {group_size!r}")
+        if channel_axis != 0 or like.dim() < 1:
+            raise ConfigError(f"per-group parameters run along the rows (axis 0), got axis {channel_axis!r}")
+        expected = param_shape(tuple(like.shape), 0, group_size)
+        if tuple(p.shape) != expected:
+            raise ConfigError(f"per-group parameter must have shape {list(expected)} (groups of {group_size} of "
+                              f"{tuple(like.shape)}), got {tuple(p.shape)}")
+        k = like.numel() // like.shape[0] if like.shape[0] else 0
+        return p.repeat_interleave(group_size, dim=1)[:, :k].reshape(like.shape)
     if channel_axis is None:
         if p.numel() != 1:
             raise ConfigError(f"per-tensor parameter must hold 1 element, got shape {tuple(p.shape)}")

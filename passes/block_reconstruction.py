@@ -59,7 +59,7 @@ from l2fx.ir import Allocation, Block
 from l2fx.modules import TransformedWeight
 from l2fx.optim import Adam, Sampler, finetune_weights, float_leaves, nbytes_of, relative_mse
 from l2fx.pipeline import L2fxPass, PassContext, PassResult, peak_rss_mib
-from l2fx.transform import TransformKind, channel_view, forward_t
+from l2fx.transform import TransformKind, forward_t
 
 __all__ = ["BlockReconstruction", "BlockRecord"]
 
@@ -79,9 +79,12 @@ class _RateTerm:
     def of(cls, prog: BlockProgram, cfg: ReconstructionConfig, generator: torch.Generator) -> "_RateTerm":
         """Log-space copies of the block's T parameters, trainable where the kind uses them."""
         ms = [m for _, m, _ in prog.weights]
+        # A fixed grid (a user's bits) is not trained.
         return cls([(m, str(n.target)) for n, m, _ in prog.weights],
-                   [m.step_s.detach().log().clone().requires_grad_(m.kind is not TransformKind.PRUNE) for m in ms],
-                   [m.threshold_e.detach().log().clone().requires_grad_(m.kind is not TransformKind.LINEAR) for m in ms],
+                   [m.step_s.detach().log().clone().requires_grad_(m.kind is not TransformKind.PRUNE and not m.fixed)
+                    for m in ms],
+                   [m.threshold_e.detach().log().clone().requires_grad_(m.kind is not TransformKind.LINEAR
+                                                                        and not m.fixed) for m in ms],
                    1.0, cfg, generator)
 
     def trainable(self) -> list[torch.Tensor]:
@@ -107,7 +110,7 @@ class _RateTerm:
         for i, (m, _) in enumerate(self.weights):
             s, e = self.params(i)
             w = m.weight.detach()
-            t = forward_t(w, m.kind, channel_view(s, w, m.channel_axis), channel_view(e, w, m.channel_axis))
+            t = forward_t(w, m.kind, m.view(s), m.view(e))
             total.append(estimate_bits(t, m.qmax, self.cfg.counter, self.generator))
         return torch.stack(total).sum()
 

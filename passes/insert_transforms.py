@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from l2fx.config import Granularity
-from l2fx.ir import Allocation, fetch_attr, get_meta, replace_weight, weight_sites
+from l2fx.ir import Allocation, LayerIntent, fetch_attr, get_meta, replace_weight, weight_sites
 from l2fx.modules import TransformedWeight
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
-from l2fx.tparams import channel_ratio, stored_vector
+from l2fx.tparams import fixed_qmax, layout, scale_ratio, stored_vector
 from l2fx.transform import TransformKind
 
 
 class InsertTransforms(L2fxPass):
     name = "insert_transforms"
-    requires_meta = (Allocation,)
+    requires_meta = (Allocation, LayerIntent)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         cfg = PassContext.current().config
@@ -38,12 +37,13 @@ class InsertTransforms(L2fxPass):
                 continue
             alloc = get_meta(node, Allocation)
             w = fetch_attr(gm, str(node.target)).detach()
-            per_channel = cfg.granularity is Granularity.PER_CHANNEL
-            ratio = channel_ratio(w, site) if per_channel and alloc.channel_scaled else None
+            intent = get_meta(node, LayerIntent)
+            axis, group = layout(site, intent)
+            ratio = scale_ratio(w, site, intent) if alloc.channel_scaled else None
             module = TransformedWeight(
-                w, TransformKind(alloc.kind), stored_vector(alloc.step_s, site, cfg, ratio),
-                stored_vector(alloc.threshold_e, site, cfg, ratio),
-                site.channel_axis if per_channel else None, cfg.coding.qmax).to(w.device)
+                w, TransformKind(alloc.kind), stored_vector(alloc.step_s, site, intent, ratio),
+                stored_vector(alloc.threshold_e, site, intent, ratio), axis,
+                fixed_qmax(intent) or cfg.coding.qmax, group, fixed=intent.bits is not None).to(w.device)
             replace_weight(gm, node, module, recompile=False)
             modified = True
         if modified:

@@ -75,7 +75,8 @@ class InstallDecodedWeights(L2fxPass):
             if not dtype.is_floating_point:
                 raise ArchitectureMismatchError(f"{self.source}: layer {entry['param']!r} is {dtype} in the model, "
                                                 "not floating point")
-            module = CodedWeight(codes, TransformKind(entry["kind"]), layer.step_s, layer.threshold_e, axis, dtype)
+            module = CodedWeight(codes, TransformKind(entry["kind"]), layer.step_s, layer.threshold_e, axis, dtype,
+                                 entry.get("group"))
             set_meta(replace_weight(gm, node, module, recompile=False), layer.info)
         state = gm.state_dict(keep_vars=True)
         coded = {k for k in state if k.startswith("l2fx_weights.")}

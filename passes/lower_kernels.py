@@ -178,7 +178,7 @@ class LowerKernels(L2fxPass):
         path = str(node.target)
         codes = module.codes.reshape(module.codes.shape[0], -1)  # conv [N, K, 1, 1] -> [N, K]
         new_module = plan.rule.module(codes, module.kind, module.step_s, module.threshold_e,
-                                      module.channel_axis, plan.bits)
+                                      module.channel_axis, plan.bits, module.group_size)
         new_module.dtype = module.dtype
         # Same path: state_dict keys keep the coded prefix the artifact strips, and no orphan
         # CodedWeight (with its int8 codes) stays registered.
@@ -214,8 +214,10 @@ class LowerKernels(L2fxPass):
                 self.fail(f"words {mod.words.dtype} {tuple(mod.words.shape)} do not pack [N, K] = "
                           f"[{mod.n}, {mod.k}] at {mod.bits} bits", node)
             for pname in ("step_s", "threshold_e"):
-                if getattr(mod, pname).numel() not in (1, mod.n):
-                    self.fail(f"{pname} must hold 1 or N={mod.n} values", node)
+                shape = tuple(getattr(mod, pname).shape)
+                ok = shape == (mod.n, -(-mod.k // mod.group_size)) if mod.group_size else shape in ((1,), (mod.n,))
+                if not ok:
+                    self.fail(f"{pname} of shape {list(shape)} is not [1], [N={mod.n}] or [N, ceil(K / group)]", node)
             if sites.get(str(node.target), 0) != 1:
                 self.fail("lowered layer must carry its l2fx.site meta on exactly one node", node)
 

@@ -5,17 +5,40 @@ in :data:`l2fx.ir.WEIGHTED_OPS` (Linear, Conv1d/2d, Embedding), only as weights,
 least ``config.min_numel`` elements (smaller tensors cost more in tables than they save;
 they are stored plainly). Embedding tables are skipped when ``compress_embeddings`` is off.
 
-Pre: ``normalize`` ran. Post: at least one node carries ``l2fx.site``; no two get_attr nodes
-read the same tensor; every parameter is finite (else NonFiniteWeightError naming it).
+Each site also gets its :class:`~l2fx.ir.LayerIntent` (``l2fx.intent``): the global config's
+transform and layout, overridden by the first ``CompileConfig.layers`` rule matching the weight;
+a weight a rule keeps is not a site (it stays a plain tensor, recorded as ``kept_by_rule``).
+
+Pre: ``normalize`` ran. Post: at least one node carries ``l2fx.site``, and every site an
+``l2fx.intent``; no two get_attr nodes read the same tensor; every parameter is finite (else
+NonFiniteWeightError naming it).
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from l2fx.errors import NoCompressibleLayersError, NonFiniteWeightError
-from l2fx.ir import WeightSite, fetch_attr, set_meta, weight_consumers, weight_sites
+from l2fx.config import CompileConfig, LayerRule
+from l2fx.ir import LayerIntent, WeightSite, fetch_attr, set_meta, weight_consumers, weight_sites
+from l2fx.transform import TransformKind
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
+
+
+def intent_of(cfg: CompileConfig, rule: LayerRule | None) -> LayerIntent:
+    """The weight's intent: the rule's fields where it sets them, the global config's elsewhere."""
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(rule, name) if rule is not None else None
+        return default if value is None else value
+
+    bits = rule.bits if rule is not None else None
+    kind = TransformKind.LINEAR if bits is not None else pick("kind", cfg.transform)
+    return LayerIntent(kind=TransformKind(kind).value, granularity=pick("granularity", cfg.granularity).value,
+                       group_size=pick("group_size", cfg.group_size), bits=bits,
+                       options=rule.options if rule is not None else (),
+                       rule=cfg.layers.index(rule) if rule is not None else None)
 
 
 class MarkWeights(L2fxPass):
@@ -39,6 +62,7 @@ class MarkWeights(L2fxPass):
                 gm.graph.erase_node(node)
             else:
                 first[target] = node
+        kept: list[str] = []
         for target, node in first.items():
             tensor = fetch_attr(gm, target)
             consumers = weight_consumers(node)
@@ -53,11 +77,20 @@ class MarkWeights(L2fxPass):
             family = families.pop()
             if family == "embedding" and not cfg.compress_embeddings:
                 continue
+            rule = cfg.rule_for(target)
+            if rule is not None and rule.keep:
+                kept.append(target)
+                continue
             set_meta(node, WeightSite(param=target, family=family, channel_axis=axes.pop(), shape=tuple(tensor.shape)))
+            set_meta(node, intent_of(cfg, rule))
+        PassContext.current().records[self.name] = {"kept_by_rule": kept}
         gm.recompile()
         return PassResult(gm, True)
 
     def ensures(self, gm: fx.GraphModule) -> None:
+        for node, _ in weight_sites(gm):
+            if LayerIntent.META_KEY not in node.meta:
+                self.fail("compressed weight without an l2fx.intent", node)
         if not any(True for _ in weight_sites(gm)):
             raise NoCompressibleLayersError(
                 "the model has no Conv/Linear/Embedding weight l2fx can compress "

@@ -29,7 +29,7 @@ from l2fx.errors import PassError
 from l2fx.ir import CodedInfo, get_meta, set_meta, weight_sites
 from l2fx.modules import CodedWeight, TransformedWeight
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
-from l2fx.transform import channel_view, encode
+from l2fx.transform import encode
 
 
 class RangeCode(L2fxPass):
@@ -52,15 +52,14 @@ class RangeCode(L2fxPass):
             ctx.log(self.name, site.param)
             s, e, pdtype = round_params(module.kind, module.step_s, module.threshold_e)
             w = module.weight.detach()
-            q = encode(w, module.kind, channel_view(s.to(w.device), w, module.channel_axis),
-                       channel_view(e.to(w.device), w, module.channel_axis), module.qmax).cpu()
+            q = encode(w, module.kind, module.view(s.to(w.device)), module.view(e.to(w.device)), module.qmax).cpu()
             flat = q.reshape(-1).numpy().astype(np.int16)
             stream = coding.encode_symbols(flat, chunk_size=chunk_size)
             lb = layer_nbytes(site.param, module.kind, site.shape, module.channel_axis, stream.table,
-                              stream.payload_nbytes, chunk_size, s, e)
+                              stream.payload_nbytes, chunk_size, s, e, module.group_size)
             entry = manifest_entry(site.param, module.kind, site.shape, module.channel_axis, stream.table.qmin,
-                                   stream.table.freqs.size, stream.num_chunks, chunk_size, pdtype)
-            coded = CodedWeight(q, module.kind, s, e, module.channel_axis).to(w.device)
+                                   stream.table.freqs.size, stream.num_chunks, chunk_size, pdtype, module.group_size)
+            coded = CodedWeight(q, module.kind, s, e, module.channel_axis, group_size=module.group_size).to(w.device)
             gm.add_submodule(str(node.target), coded)
             set_meta(node, CodedInfo(
                 param=site.param, stream=stream, entry=entry, layer_bytes=lb,

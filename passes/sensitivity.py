@@ -27,12 +27,12 @@ import torch
 import torch.fx as fx
 
 from l2fx.accounting import predict_layer_nbytes
-from l2fx.config import CompileConfig, Granularity
+from l2fx.config import CompileConfig
 from l2fx.data import output_vector, relative_error, take_samples, to_device
 from l2fx.evaluate import DownstreamRunner
-from l2fx.ir import Candidate, SensitivityCurve, fetch_attr, get_meta, set_meta, weight_sites
+from l2fx.ir import Candidate, LayerIntent, SensitivityCurve, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
-from l2fx.tparams import channel_ratio, stored_vector
+from l2fx.tparams import fixed_qmax, layout, scale_ratio, stored_vector
 from l2fx.transform import TransformKind, channel_view, decode, encode
 
 def candidate_params(w: torch.Tensor, kind: TransformKind, cfg: CompileConfig) -> list[tuple[float, float]]:
@@ -120,7 +120,7 @@ def _decoded(w: torch.Tensor, kind: TransformKind, st: torch.Tensor, et: torch.T
 
 class SensitivityAnalysis(L2fxPass):
     name = "sensitivity_analysis"
-
+    requires_meta = (LayerIntent,)
     requires_calib = True
 
     def requires(self, gm: fx.GraphModule) -> None:
@@ -131,7 +131,6 @@ class SensitivityAnalysis(L2fxPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()
         cfg = ctx.config
-        kind = cfg.transform
         batch = to_device(take_samples(list(ctx.calib), cfg.sensitivity.num_samples), ctx.device)
         runner = DownstreamRunner(gm, batch)
         reference = output_vector(runner.output)
@@ -151,22 +150,31 @@ class SensitivityAnalysis(L2fxPass):
             # a 64 MB model; VGG-11's 392 MB classifier layer was killed at 24 GB).
             points = []
             # Two step families: one step for the whole tensor (MSE-optimal under entropy
-            # coding), and steps proportional to each channel's range (no channel is rounded
-            # away: BN folding leaves depthwise convs with channels 100x apart).
-            ratios = [None]
-            if cfg.granularity is Granularity.PER_CHANNEL and site.channels > 1:
-                ratios.append(channel_ratio(w, site))
+            # coding), and steps proportional to each channel's (or group's) range (no channel
+            # is rounded away: BN folding leaves depthwise convs with channels 100x apart).
+            intent = get_meta(node, LayerIntent)
+            kind = TransformKind(intent.kind)
+            qmax = fixed_qmax(intent) or cfg.coding.qmax
+            axis, group = layout(site, intent)
+            ratio = scale_ratio(w, site, intent)
+            if intent.bits is not None:
+                # A fixed grid (a layers rule's bits): one candidate, RTN steps max|w_c| / qmax
+                # per channel (or group), so the allocation takes it as it is.
+                amax = float(w.abs().max()) or 1.0
+                ratios, params = [ratio], [(amax / qmax, 0.5 * amax / qmax)]
+            else:
+                ratios, params = [None] + ([ratio] if ratio is not None else []), candidate_params(w, kind, cfg)
             for ratio in ratios:
-                for s, e in candidate_params(w, kind, cfg):
-                    sv, ev = stored_vector(s, site, cfg, ratio), stored_vector(e, site, cfg, ratio)
-                    st = channel_view(sv, w, site.channel_axis) if ratio is not None else torch.tensor(s)
-                    et = channel_view(ev, w, site.channel_axis) if ratio is not None else torch.tensor(e)
-                    q = encode(w, kind, st, et, cfg.coding.qmax)
-                    nbytes = predict_layer_nbytes(site.param, kind, q.cpu(), site.channel_axis,
-                                                  cfg.coding.chunk_size, sv, ev).total
+                for s, e in params:
+                    sv, ev = stored_vector(s, site, intent, ratio), stored_vector(e, site, intent, ratio)
+                    st = channel_view(sv, w, axis, group) if ratio is not None else torch.tensor(s)
+                    et = channel_view(ev, w, axis, group) if ratio is not None else torch.tensor(e)
+                    q = encode(w, kind, st, et, qmax)
+                    nbytes = predict_layer_nbytes(site.param, kind, q.cpu(), axis, cfg.coding.chunk_size,
+                                                  sv, ev, group).total
                     mse = float((decode(q, kind, st, et) - w).pow(2).mean())
                     del q
-                    points.append((s, e, nbytes, mse, _decoded(w, kind, st, et, cfg.coding.qmax), ratio is not None))
+                    points.append((s, e, nbytes, mse, _decoded(w, kind, st, et, qmax), ratio is not None))
             distortions = estimate_distortions(points, cfg.sensitivity.measured_points, output_error)
             measured += sum(1 for _, exact in distortions if exact)
             candidates = sorted((Candidate(kind.value, s, e, nbytes, d, scaled) for (s, e, nbytes, _, _, scaled), (d, _)

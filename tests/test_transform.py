@@ -16,8 +16,10 @@ from l2fx.transform import (
     encode,
     fake_quant,
     forward_t,
+    group_count,
     init_threshold_for_linear,
     inverse_t,
+    param_shape,
     round_ste,
 )
 
@@ -209,3 +211,42 @@ def test_validation_errors():
         decode(torch.zeros(3), TransformKind.JOINT, s, e)
     # a string that names a kind is accepted
     assert torch.equal(forward_t(w, "joint", s, e), forward_t(w, TransformKind.JOINT, s, e))
+
+
+# Per-group layouts: (weight shape, group size); groups of g consecutive elements of each row of
+# the weight viewed as [rows, K], a shorter last group when g does not divide K.
+GROUP_LAYOUTS = [((12, 20), 8), ((6, 5, 3, 3), 16), ((4, 7), 7), ((3, 10), 64), ((5, 32), 32)]
+
+
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(KINDS), layout=st.sampled_from(GROUP_LAYOUTS),
+       qmax=st.sampled_from([1, 7, 127]))
+def test_group_parameters_act_elementwise_and_keep_the_projection(seed, kind, layout, qmax):
+    shape, group = layout
+    g = torch.Generator().manual_seed(seed)
+    rows, k = shape[0], math.prod(shape[1:])
+    groups = -(-k // group)
+    s = 10.0 ** (torch.rand(rows, groups, generator=g) * 3 - 3)
+    e = s * 10.0 ** (torch.rand(rows, groups, generator=g) * 2 - 0.5)
+    if kind is TransformKind.LOG:
+        e = torch.maximum(e, s * qmax / 60)
+    like = torch.empty(shape)
+    s_v, e_v = channel_view(s, like, 0, group), channel_view(e, like, 0, group)
+    # Element (r, j) of the row view takes the parameters of group j // group.
+    cols = torch.arange(k) // group
+    assert torch.equal(s_v.reshape(rows, k), s[:, cols]) and torch.equal(e_v.reshape(rows, k), e[:, cols])
+    w = inverse_t((torch.rand(shape, generator=g) * 2 - 1) * 1.5 * qmax, kind, s_v, e_v)
+    q = encode(w, kind, s_v, e_v, qmax)
+    w_hat = decode(q, kind, s_v, e_v)
+    assert torch.equal(encode(w_hat, kind, s_v, e_v, qmax), q)
+    assert torch.equal(decode(encode(w_hat, kind, s_v, e_v, qmax), kind, s_v, e_v), w_hat)
+    assert param_shape(shape, 0, group) == (rows, groups) and group_count(shape, group) == groups
+
+
+def test_channel_view_group_validation():
+    w = torch.empty(6, 10)
+    with pytest.raises(ConfigError, match=r"shape \[6, 2\]"):
+        channel_view(torch.ones(6, 3), w, 0, 5)
+    with pytest.raises(ConfigError, match="rows"):
+        channel_view(torch.ones(6, 2), w, 1, 5)
+    with pytest.raises(ConfigError, match="positive int"):
+        channel_view(torch.ones(6, 2), w, 0, 0)

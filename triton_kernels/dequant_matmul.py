@@ -1,6 +1,10 @@
 """Fused dequantise + matmul: ``y[M, N] = x[M, K] @ W[N, K]^T + bias`` with ``W`` decoded in
-registers from packed integer codes (see :mod:`.packing`) and per-output-channel ``step_s``,
-``threshold_e``.
+registers from packed integer codes (see :mod:`.packing`) and ``step_s``, ``threshold_e`` per
+output channel (``[N]``) or per group of ``g`` consecutive codes of each row (``[N, ceil(K/g)]``,
+``group=g``: loaded with each weight tile; the "linear" kind then decodes in the tile too).
+
+One kernel family per file (STYLE.md), in the fixed order below; that is why it runs past 400
+lines.
 
 Decoding ``W = T^-1(q)`` (the inverse transforms of the paper, Eq. 13 for "joint"), with
 ``s = step_s[n]``, ``e = threshold_e[n]`` of the weight's output row ``n``:
@@ -118,7 +122,7 @@ if HAS_TRITON:
 else:  # pragma: no cover
     GEMM_CONFIGS = GEMV_CONFIGS = INTERPRET_CONFIGS = []
 
-_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "KIND", "BITS", "SPLIT_K"]
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "KIND", "BITS", "SPLIT_K", "GROUP"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,10 +175,11 @@ if HAS_TRITON:
     @triton.jit
     def _dequant_matmul_kernel(
         x_ptr, words_ptr, s_ptr, e_ptr, bias_ptr, out_ptr,
-        M, N, K, M_BUCKET,
+        M, N, K, M_BUCKET, N_GROUPS,
         stride_xm, stride_xk,
         stride_wn, stride_ww,
         stride_os, stride_om, stride_on,
+        GROUP: tl.constexpr,         # 0: s, e per output channel [N]; g: per g codes of a row [N, N_GROUPS]
         KIND: tl.constexpr,          # 0 linear, 1 joint/prune, 2 log, 3 exp (see KINDS)
         BITS: tl.constexpr,          # field width b of the packed codes, 2..8
         HAS_BIAS: tl.constexpr,
@@ -204,12 +209,14 @@ if HAS_TRITON:
         mask_m = offs_m < M
         mask_n = offs_n < N
 
-        # Per-output-channel transform parameters, hoisted out of the K loop.
-        s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        e = tl.load(e_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)
-        s_col = s[:, None]
-        e_col = e[:, None]
-        s_row = s[None, :]
+        # Per-output-channel transform parameters, hoisted out of the K loop (per group: loaded
+        # with each weight tile below).
+        if GROUP == 0:
+            s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            e = tl.load(e_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)
+            s_col = s[:, None]
+            e_col = e[:, None]
+            s_row = s[None, :]
 
         # This program's K range: SPLIT_K contiguous chunks of whole BLOCK_K tiles.
         k_tiles = tl.cdiv(K, BLOCK_K)
@@ -234,7 +241,16 @@ if HAS_TRITON:
                 other=0,
             )
             q = ((w >> ((offs_k % FIELDS) * BITS)[None, :]) & MASK) - OFFSET
-            if KIND == 0:
+            if GROUP > 0:  # the [BLOCK_N, BLOCK_K] tile of each weight's group parameters
+                g_ptrs = offs_n[:, None] * N_GROUPS + (offs_k // GROUP)[None, :]
+                g_mask = mask_n[:, None] & mask_k[None, :]
+                s_t = tl.load(s_ptr + g_ptrs, mask=g_mask, other=0.0).to(tl.float32)
+                e_t = tl.load(e_ptr + g_ptrs, mask=g_mask, other=1.0).to(tl.float32)
+                if KIND == 0:
+                    wt = q.to(tl.float32) * s_t
+                else:
+                    wt = _decode_magnitudes(q, s_t, e_t, KIND)
+            elif KIND == 0:
                 wt = q.to(tl.float32)  # scaled by s in the epilogue
             else:
                 wt = _decode_magnitudes(q, s_col, e_col, KIND)
@@ -242,7 +258,7 @@ if HAS_TRITON:
             # the same rounding a plain torch fp16/bf16 linear applies to its weight.
             acc += tl.dot(x, tl.trans(wt.to(x.dtype)), input_precision=INPUT_PRECISION)
 
-        if KIND == 0:
+        if KIND == 0 and GROUP == 0:
             acc = acc * s_row
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -261,9 +277,9 @@ if HAS_TRITON:
     @triton.jit
     def _dequantize_kernel(
         words_ptr, s_ptr, e_ptr, out_ptr,
-        N, K,
+        N, K, N_GROUPS,
         stride_wn, stride_ww, stride_on, stride_ok,
-        KIND: tl.constexpr, BITS: tl.constexpr,
+        GROUP: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """``out[N, K] = T^-1(q)`` in out's dtype: one [BLOCK_N, BLOCK_K] tile per program,
@@ -275,8 +291,13 @@ if HAS_TRITON:
         offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_n = offs_n < N
         mask = mask_n[:, None] & (offs_k < K)[None, :]
-        s_col = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-        e_col = tl.load(e_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)[:, None]
+        if GROUP > 0:
+            g_ptrs = offs_n[:, None] * N_GROUPS + (offs_k // GROUP)[None, :]
+            s_col = tl.load(s_ptr + g_ptrs, mask=mask, other=0.0).to(tl.float32)
+            e_col = tl.load(e_ptr + g_ptrs, mask=mask, other=1.0).to(tl.float32)
+        else:
+            s_col = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            e_col = tl.load(e_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)[:, None]
         w = tl.load(words_ptr + offs_n[:, None] * stride_wn + (offs_k // FIELDS)[None, :] * stride_ww,
                     mask=mask, other=0)
         q = ((w >> ((offs_k % FIELDS) * BITS)[None, :]) & MASK) - OFFSET
@@ -298,6 +319,7 @@ def _check_inputs(
     threshold_e: torch.Tensor,
     kind: str,
     bias: Optional[torch.Tensor],
+    group: int = 0,
 ) -> None:
     """Shared validation of the launcher and the reference; raises BackendError."""
     if kind not in KINDS:
@@ -312,9 +334,13 @@ def _check_inputs(
             f"x.shape[-1] must equal K={packed.k}"
         )
     n = packed.n
+    if not isinstance(group, int) or isinstance(group, bool) or group < 0:
+        raise BackendError(f"group must be 0 (per channel) or a group size >= 1, got {group!r}")
+    want = (n,) if group == 0 else (n, -(-packed.k // group))
     for name, t in (("step_s", step_s), ("threshold_e", threshold_e)):
-        if t.dim() != 1 or t.shape[0] != n:
-            raise BackendError(f"{name} must have shape [N] = [{n}], got {tuple(t.shape)}")
+        if tuple(t.shape) != want:
+            raise BackendError(f"{name} must have shape {list(want)} ({'[N]' if group == 0 else '[N, ceil(K / group)]'}), "
+                               f"got {tuple(t.shape)}")
         if t.dtype != torch.float32:
             raise BackendError(f"{name} must be float32, got {t.dtype}")
     if bias is not None:
@@ -344,11 +370,11 @@ def _default_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     return max(1, min(16, (2 * _num_sms(device)) // n_tiles, -(-k // 256)))
 
 
-def _check_launch(x, packed, step_s, threshold_e, kind, bias, what: str) -> None:
+def _check_launch(x, packed, step_s, threshold_e, kind, bias, what: str, group: int = 0) -> None:
     """Inputs, Triton and device checks of the launchers; raises BackendError."""
     if not HAS_TRITON:
         raise BackendError(f"{what} needs triton; install l2fx[triton] or use the torch path")
-    _check_inputs(x, packed, step_s, threshold_e, kind, bias)
+    _check_inputs(x, packed, step_s, threshold_e, kind, bias, group)
     if x.device.type != "cuda" and not _INTERPRET:
         raise BackendError(
             f"the Triton {what} kernel needs CUDA tensors, got them on {x.device} "
@@ -362,9 +388,12 @@ def dequantize(
     threshold_e: torch.Tensor,
     kind: str,
     dtype: torch.dtype = torch.float32,
+    group: int = 0,
 ) -> torch.Tensor:
     """Triton launcher: the dense weight ``T^-1(q)`` as ``[N, K]`` in ``dtype`` (decoded in
     fp32, rounded once). Its torch reference is ``_decode_torch(unpack_codes(packed), ...)``.
+    ``group``: 0 for ``step_s``/``threshold_e`` per output channel ``[N]``, else the group size
+    ``g`` of parameters ``[N, ceil(K / g)]``.
 
     Raises:
         BackendError: as :func:`dequant_matmul`; ``dtype`` must be float16, bfloat16 or float32.
@@ -373,7 +402,7 @@ def dequantize(
         raise BackendError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     probe = torch.empty((0, packed.k) if isinstance(packed, PackedCodes) else (0, 0),
                         dtype=dtype, device=step_s.device)
-    _check_launch(probe, packed, step_s, threshold_e, kind, None, "dequantize")
+    _check_launch(probe, packed, step_s, threshold_e, kind, None, "dequantize", group)
     n, k = packed.shape
     out = torch.empty((n, k), dtype=dtype, device=step_s.device)
     if n == 0 or k == 0:
@@ -382,9 +411,9 @@ def dequantize(
     block_n, block_k = (16, 32) if _INTERPRET else (32, 128)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequantize_kernel[grid](
-        words, step_s.contiguous(), threshold_e.contiguous(), out, n, k,
+        words, step_s.contiguous(), threshold_e.contiguous(), out, n, k, -(-k // group) if group else 1,
         words.stride(0), words.stride(1), out.stride(0), out.stride(1),
-        KIND=KINDS[kind], BITS=packed.bits, BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP=group, KIND=KINDS[kind], BITS=packed.bits, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return out
 
@@ -399,6 +428,7 @@ def dequant_matmul(
     *,
     split_k: Optional[int] = None,
     method: Optional[str] = None,
+    group: int = 0,
 ) -> torch.Tensor:
     """Triton launcher: ``x[..., K] @ T^-1(q)[N, K]^T + bias`` -> ``[..., N]`` in ``x.dtype``.
 
@@ -412,14 +442,14 @@ def dequant_matmul(
       decoded on every call and freed after it, so memory holds only the packed codes between
       calls.
 
-    Runs on CUDA tensors, or on CPU tensors when Triton runs in interpreter mode
-    (``TRITON_INTERPRET=1`` set before this module is imported).
+    ``group`` as :func:`dequantize`. Runs on CUDA tensors, or on CPU tensors when Triton runs in
+    interpreter mode (``TRITON_INTERPRET=1`` set before this module is imported).
 
     Raises:
         BackendError: Triton missing, wrong device, unknown method, or inconsistent
         shapes/dtypes/devices.
     """
-    _check_launch(x, packed, step_s, threshold_e, kind, bias, "dequant_matmul")
+    _check_launch(x, packed, step_s, threshold_e, kind, bias, "dequant_matmul", group)
     if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
         raise BackendError(f"split_k must be a positive int, got {split_k!r}")
     if method not in (None, "fused", "decode"):
@@ -434,7 +464,7 @@ def dequant_matmul(
     if method == "decode":
         if split_k not in (None, 1):
             raise BackendError(f"split_k={split_k} applies to method='fused' only")
-        w = dequantize(packed, step_s, threshold_e, kind, x.dtype)
+        w = dequantize(packed, step_s, threshold_e, kind, x.dtype, group)
         return F.linear(x2, w, None if bias is None else bias.to(x.dtype)).reshape(*lead, n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -456,11 +486,11 @@ def dequant_matmul(
     )
     kernel[grid](
         x2, words, step_s, threshold_e, bias if bias is not None else step_s, dest,
-        m, n, k, 1 << max(0, (m - 1).bit_length()),
+        m, n, k, 1 << max(0, (m - 1).bit_length()), -(-k // group) if group else 1,
         x2.stride(0), x2.stride(1),
         words.stride(0), words.stride(1),
         dest.stride(0) if split_k > 1 else 0, dest.stride(-2), dest.stride(-1),
-        KIND=KINDS[kind], BITS=packed.bits, HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        GROUP=group, KIND=KINDS[kind], BITS=packed.bits, HAS_BIAS=bias is not None, SPLIT_K=split_k,
         INPUT_PRECISION=precision,
     )
     if split_k > 1:
@@ -472,16 +502,22 @@ def dequant_matmul(
 # 4. Pure-torch reference
 # --------------------------------------------------------------------------------------------
 def _decode_torch(
-    q: torch.Tensor, kind: str, step_s: torch.Tensor, threshold_e: torch.Tensor
+    q: torch.Tensor, kind: str, step_s: torch.Tensor, threshold_e: torch.Tensor, group: int = 0
 ) -> torch.Tensor:
-    """``T^-1(q)`` for codes ``q [N, K]`` in the dtype of ``step_s`` (see the table above).
+    """``T^-1(q)`` for codes ``q [N, K]`` in the dtype of ``step_s`` (see the table above);
+    ``group`` as :func:`dequantize`.
 
     Kept private so this file does not depend on ``l2fx.transform``; the tests check the two
     agree when both exist.
     """
     dtype = step_s.dtype
-    s = step_s[:, None]
-    e = threshold_e.to(dtype)[:, None]
+    if group:
+        k = q.shape[1]
+        s = step_s.repeat_interleave(group, dim=1)[:, :k]
+        e = threshold_e.to(dtype).repeat_interleave(group, dim=1)[:, :k]
+    else:
+        s = step_s[:, None]
+        e = threshold_e.to(dtype)[:, None]
     a = q.abs().to(dtype)
     sign = torch.sign(q).to(dtype)
     if kind == "linear":
@@ -502,10 +538,11 @@ def dequant_matmul_ref(
     threshold_e: torch.Tensor,
     kind: str,
     bias: Optional[torch.Tensor] = None,
+    group: int = 0,
 ) -> torch.Tensor:
     """Pure-torch reference: unpack, decode and ``F.linear`` in fp32, cast to ``x.dtype``."""
-    _check_inputs(x, packed, step_s, threshold_e, kind, bias)
-    w = _decode_torch(unpack_codes(packed), kind, step_s, threshold_e)
+    _check_inputs(x, packed, step_s, threshold_e, kind, bias, group)
+    w = _decode_torch(unpack_codes(packed), kind, step_s, threshold_e, group)
     y = F.linear(x.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype)
 
@@ -523,8 +560,9 @@ def _dequant_matmul_op(
     threshold_e: torch.Tensor,
     kind: str,
     bias: Optional[torch.Tensor],
+    group: int = 0,
 ) -> torch.Tensor:
-    """``torch.ops.l2fx.dequant_matmul(x, words, bits, k, step_s, threshold_e, kind, bias)``.
+    """``torch.ops.l2fx.dequant_matmul(x, words, bits, k, step_s, threshold_e, kind, bias, group=0)``.
 
     The PackedCodes fields are passed flat because custom-op schemas take tensors and
     scalars only.  CUDA tensors (with Triton installed) run the kernel; everything else runs
@@ -532,12 +570,12 @@ def _dequant_matmul_op(
     """
     packed = PackedCodes(words, bits, k)
     if x.device.type == "cuda" and HAS_TRITON:
-        return dequant_matmul(x, packed, step_s, threshold_e, kind, bias)
-    return dequant_matmul_ref(x, packed, step_s, threshold_e, kind, bias)
+        return dequant_matmul(x, packed, step_s, threshold_e, kind, bias, group=group)
+    return dequant_matmul_ref(x, packed, step_s, threshold_e, kind, bias, group)
 
 
 @_dequant_matmul_op.register_fake
-def _dequant_matmul_fake(x, words, bits, k, step_s, threshold_e, kind, bias):
+def _dequant_matmul_fake(x, words, bits, k, step_s, threshold_e, kind, bias, group=0):
     return x.new_empty((*x.shape[:-1], words.shape[0]))
 
 
@@ -548,10 +586,11 @@ def dequant_matmul_op(
     threshold_e: torch.Tensor,
     kind: str,
     bias: Optional[torch.Tensor] = None,
+    group: int = 0,
 ) -> torch.Tensor:
     """Convenience wrapper calling the registered op with a :class:`PackedCodes`."""
     return torch.ops.l2fx.dequant_matmul(
-        x, packed.words, packed.bits, packed.k, step_s, threshold_e, kind, bias
+        x, packed.words, packed.bits, packed.k, step_s, threshold_e, kind, bias, group
     )
 
 
@@ -565,6 +604,7 @@ def dequant_conv2d_1x1(
     threshold_e: torch.Tensor,
     kind: str,
     bias: Optional[torch.Tensor] = None,
+    group: int = 0,
 ) -> torch.Tensor:
     """1x1 conv (stride 1, no padding, groups 1) ``x[B, C_in, H, W]`` -> ``[B, C_out, H, W]``
     with the weight packed as ``[C_out, C_in]`` codes; runs through the registered op."""
@@ -574,5 +614,5 @@ def dequant_conv2d_1x1(
         )
     b, c, h, w = x.shape
     x2 = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
-    y = dequant_matmul_op(x2, packed, step_s, threshold_e, kind, bias)
+    y = dequant_matmul_op(x2, packed, step_s, threshold_e, kind, bias, group)
     return y.reshape(b, h, w, packed.n).permute(0, 3, 1, 2)
