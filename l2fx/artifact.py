@@ -1,5 +1,8 @@
 """The artifact: a safetensors file holding the range-coded weights and everything else.
 
+(Past 400 lines on purpose: the writer and the reader of one format side by side, so that a
+change to one is seen next to the other; the reader's field checks live in l2fx/manifest.py.)
+
 Layout (``docs/format.md`` is the normative description):
 
 * ``l2fx.manifest`` (uint8): compact JSON, zlib-compressed (format version 2; version 1 stored

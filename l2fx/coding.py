@@ -1,5 +1,9 @@
 """Lossless range coding of integer weight symbols (the "lossless" half of L2).
 
+(Past 400 lines on purpose: the frequency table, the encoder, the exact payload prediction and
+the stream arrays are one format, and the prediction must mirror the coder operation for
+operation; split, they would drift apart.)
+
 One :class:`CodedStream` per weight tensor: the tensor's integer symbols (flattened in C
 order, values in ``[-qmax, qmax]`` with ``qmax <= 127``) are entropy coded with a static,
 per-tensor 16-bit :class:`FrequencyTable` using constriction's range coder, in independent

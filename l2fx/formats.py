@@ -1,5 +1,8 @@
 """Block number formats: OCP Microscaling (MX) v1.0 and hybrid block floating point (HBFP).
 
+(Past 400 lines on purpose: every decision on a point the spec leaves open is stated here,
+beside the code that makes it.)
+
 A block format stores a tensor as blocks of ``k`` consecutive elements along one axis (the
 reduction axis of the layer). Each block has one shared power-of-two scale ``2^X`` and each
 element a narrow code ``P_i``; the value is ``v_i = P_i * 2^X`` (OCP MX v1.0).

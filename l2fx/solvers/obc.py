@@ -1,5 +1,8 @@
 """Optimal Brain Compression (Frantar & Alistarh, NeurIPS 2022): exact greedy OBS per row.
 
+(Just past 400 lines: OBS pruning, its N:M and block variants and OBQ share the row-batched
+inverse-Hessian updates, which one file keeps in one place.)
+
 The layer loss ``tr(dW H dW^T)`` splits into one quadratic per row (all rows share ``H``), so
 every row is compressed on its own, removing (or quantising) one weight at a time: the weight
 ``q`` with the smallest loss increase ``w_q^2 / [H_F^-1]_qq`` (OBS, Hassibi & Stork 1993; OBC
