@@ -28,7 +28,7 @@ from l2fx.method import default_pipeline, structural_pipeline
 from l2fx.modules import StoredParams
 from l2fx.passes import DecodedLayer, InstallDecodedWeights, LowerKernels
 from l2fx.pipeline import Instrument, PassContext, PassManager, PeakMemory, Timing, peak_rss_mib
-from l2fx.report import CompressionReport, LayerReport, original_nbytes
+from l2fx.report import CompressionReport, LayerReport, original_nbytes, packed_nbytes
 
 __all__ = ["compile", "save", "load", "inspect", "lower", "CompiledModel"]
 
@@ -206,7 +206,8 @@ def _report(layers: Sequence[CodedInfo], target_cr: float, file_nbytes: int, ori
     reports = tuple(LayerReport(
         param=info.param, shape=tuple(info.entry["shape"]), kind=info.entry["kind"], numel=info.stream.numel,
         nbytes=info.nbytes, payload_nbytes=info.stream.payload_nbytes, shannon_nbytes=info.shannon_bits / 8,
-        bits=info.bits, sparsity=info.sparsity) for info in layers)
+        bits=info.bits, sparsity=info.sparsity,
+        packed_nbytes=packed_nbytes(tuple(info.entry["shape"]), info.bits, info.layer_bytes.params)) for info in layers)
     return CompressionReport(target_cr=target_cr, layers=reports, file_nbytes=file_nbytes, original_nbytes=original,
                              **extra)
 

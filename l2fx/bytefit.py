@@ -18,7 +18,7 @@ from l2fx.ir import weight_sites
 from l2fx.modules import TransformedWeight
 from l2fx.transform import TransformKind, encode
 
-__all__ = ["scaled", "within_tolerance", "symbols_at", "layer_bytes_at", "clipped_at", "finest_log2_factor",
+__all__ = ["scaled", "within_tolerance", "prediction_slack", "symbols_at", "layer_bytes_at", "clipped_at", "finest_log2_factor",
            "total_nbytes", "budget_nbytes", "fit_log2_factor", "block_nbytes", "fit_block_nbytes", "apply_factor"]
 
 
@@ -33,10 +33,19 @@ def scaled(module: TransformedWeight, factor: float) -> tuple[torch.Tensor, torc
     return s * factor, e * factor
 
 
-def within_tolerance(nbytes: float, budget: float, tolerance: float) -> bool:
+def within_tolerance(nbytes: float, budget: float, tolerance: float, slack: float = 0.0) -> bool:
     """Whether ``nbytes`` puts the CR within ``-tolerance/2 .. +tolerance`` of the target
-    whose byte budget is ``budget``: the promise of ``cr_tolerance``, kept on the safe side."""
-    return budget / (1 + tolerance) <= nbytes <= budget / (1 - tolerance / 2)
+    whose byte budget is ``budget``: the promise of ``cr_tolerance``, kept on the safe side.
+    ``slack``: how far predicted bytes may be off the real ones (:func:`prediction_slack`); the
+    window shrinks by it at both ends so that the real bytes are inside too."""
+    return budget / (1 + tolerance) + slack <= nbytes <= budget / (1 - tolerance / 2) - slack
+
+
+def prediction_slack(gm: fx.GraphModule, chunk_size: int) -> int:
+    """The most predicted payload bytes may differ from the coder's: one 32-bit word per chunk
+    (:func:`l2fx.coding.predict_payload_nbytes`). A 1 kB model is 4 bytes (0.4 %) off at worst,
+    enough to leave a total predicted inside the tolerance outside it once coded."""
+    return sum(4 * -(-site.numel // chunk_size) for _, site in weight_sites(gm))
 
 
 @torch.no_grad()
@@ -93,13 +102,15 @@ def total_nbytes(gm: fx.GraphModule, factor: float, chunk_size: int) -> int:
 
 
 def fit_log2_factor(total, budget: float, low_ok: float, log=lambda t, b: None,
-                    max_evals: int = 30, floor: float = -6.0, ceil: float = 6.0) -> tuple[float, int]:
+                    max_evals: int = 30, floor: float = -6.0, ceil: float = 6.0,
+                    second: float | None = None) -> tuple[float, int]:
     """The log2 step factor t in ``[floor, ceil]`` whose byte total lies in [low_ok, budget]
     (else the closest under).
 
     Bytes fall roughly linearly in t (about numel/8 bytes per halving of the step), so a
     secant step on log(bytes) finds the window in a few evaluations; a bracket kept alongside
     falls back to bisection when the secant leaves it. Larger t = coarser steps = fewer bytes.
+    ``second``: the second probe (default 0.02), where the caller can guess better.
     """
     goal = math.log(0.5 * (budget + low_ok))
     evals: dict[float, int] = {}
@@ -116,7 +127,7 @@ def fit_log2_factor(total, budget: float, low_ok: float, log=lambda t, b: None,
     # (TransformedWeight.snap) over budget by 0.4 %, it still ended at 2^0.26, scaling every
     # decoded weight by 1.2 (Fashion-MNIST ResNet, CR 20: accuracy 0.75). What prevents that
     # is block reconstruction keeping the total within tolerance, which ``call`` then keeps.
-    t_prev, t = 0.0, 0.02
+    t_prev, t = 0.0, 0.02 if second is None else second
     for _ in range(max_evals):
         for x in (t_prev, t):
             b = f(x)

@@ -296,6 +296,9 @@ class CompileConfig(_JsonConfig):
     seed: int = 0
     reconstruction: ReconstructionConfig = ReconstructionConfig()
     layers: tuple[LayerRule, ...] = ()
+    # (name, value) options of the method (e.g. a one-shot method's sparsity or act_order); a
+    # layers rule's options override them for its layers. A method names those it reads.
+    method_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -313,6 +316,10 @@ class CompileConfig(_JsonConfig):
         _require(0 < self.cr_tolerance < 0.5, n, f"cr_tolerance must be in (0, 0.5), got {self.cr_tolerance}")
         _require(isinstance(self.layers, tuple) and all(isinstance(r, LayerRule) for r in self.layers), n,
                  f"layers must be a tuple of LayerRule, got {self.layers!r}")
+        opts = tuple(tuple(o) for o in self.method_options)
+        _require(all(len(o) == 2 and isinstance(o[0], str) for o in opts), n,
+                 f"method_options must be (name, value) pairs, got {self.method_options!r}")
+        object.__setattr__(self, "method_options", opts)
 
     def rule_for(self, param: str) -> LayerRule | None:
         """The first of ``layers`` that matches the weight ``param``, or None."""

@@ -23,8 +23,9 @@ from typing import Callable
 from l2fx.config import CompileConfig
 from l2fx.errors import ConfigError
 from l2fx.passes import (BlockPartition, BlockReconstruction, EntropyAllocation, FoldBatchNorm, InsertTransforms,
-                         KeepReference, LowerKernels, MarkWeights, NetworkDistillation, Normalize, PlainStorage,
-                         PruneUnusedState, RangeCode, RateFit, RoundToNearest, SensitivityAnalysis, SnapWeights)
+                         KeepReference, LowerKernels, MarkWeights, NetworkDistillation, Normalize, OneShotSolve,
+                         PlainStorage, PruneUnusedState, RangeCode, RateFit, RoundToNearest, SensitivityAnalysis,
+                         SnapWeights)
 from l2fx.pipeline import PassManager
 
 __all__ = ["Method", "register_method", "methods", "get_method", "pipeline", "default_pipeline",
@@ -131,6 +132,46 @@ def l2_pipeline(config: CompileConfig) -> PassManager:
 
 register_method("l2", l2_pipeline, "L2 (Shi et al.): learned joint pruning + quantisation transform T, block "
                                    "reconstruction under a differentiable entropy estimate, range coding")
+
+
+def oneshot_pipeline(recipe: str, *, then_l2: bool = False, **options) -> Callable[[CompileConfig], PassManager]:
+    """The pipeline of a one-shot method: the allocation chooses each layer's grid from the
+    measured sensitivities (as L2's does), then ``oneshot_solve`` runs ``recipe`` block by block
+    on those grids, each block on its byte budget; ``then_l2``: L2's weight fine-tuning (stage
+    (b) of block reconstruction, T kept) starts from the recipe's symbols."""
+    def build(config: CompileConfig) -> PassManager:
+        pm = front_pipeline(config)
+        for p in (SensitivityAnalysis(), EntropyAllocation(), InsertTransforms(), BlockPartition(),
+                  RateFit("rate_prefill"), OneShotSolve(recipe, **options)):
+            pm.append(p)
+        if then_l2:
+            pm.append(BlockReconstruction(train_transform=False))
+            pm.append(SnapWeights())
+        for p in (RateFit(), RangeCode(), LowerKernels()):
+            pm.append(p)
+        return pm
+
+    return build
+
+
+_ONESHOT = {
+    "gptq": ("gptq", {}, "GPTQ (Frantar et al.): column-wise quantisation with Hessian error feedback"),
+    "sparsegpt": ("sparsegpt", {"sparsity": 0.5}, "SparseGPT: 50 % unstructured pruning jointly with quantisation"),
+    "sparsegpt-2:4": ("sparsegpt", {"prune_n": 2, "prune_m": 4}, "SparseGPT: 2:4 pruning jointly with quantisation"),
+    "wanda": ("wanda", {"sparsity": 0.5}, "Wanda: 50 % pruning by |w| ||x|| per row, then round to nearest"),
+    "wanda-2:4": ("wanda", {"prune_n": 2, "prune_m": 4}, "Wanda 2:4, then round to nearest"),
+    "obq": ("obq", {}, "OBQ (OBC): exact greedy quantisation with OBS updates, where tractable"),
+    "obc-2:4": ("obc", {"prune_n": 2, "prune_m": 4}, "OBC compound: exact OBS 2:4 pruning, then OBQ"),
+    "adaround": ("adaround", {}, "AdaRound: learned up/down rounding against the layer loss"),
+    "adaquant": ("adaquant", {}, "AdaQuant: weights and steps learned through the STE"),
+    "adaprune+adaquant-2:4": ("adaprune+adaquant", {"prune_n": 2, "prune_m": 4},
+                              "AdaPrune 2:4 then AdaQuant: the OBC paper's compound baseline"),
+    "rtn": ("rtn", {}, "round to nearest on the allocated grid (the one-shot baseline)"),
+}
+for _name, (_recipe, _opts, _desc) in _ONESHOT.items():
+    register_method(_name, oneshot_pipeline(_recipe, **_opts), _desc + "; grids and bytes from L2's allocation")
+register_method("gptq+l2", oneshot_pipeline("gptq", then_l2=True),
+                "GPTQ's symbols as the starting point of L2's weight fine-tuning (block reconstruction stage (b))")
 
 
 def rtn_pipeline(bits: int, prune_fraction: float = 0.0, fold_batchnorm: bool = True) -> PassManager:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import torch
@@ -19,6 +20,10 @@ class LayerReport:
     shannon_nbytes: float  # lower bound of the payload: numel * empirical entropy / 8
     bits: int  # bits per symbol in memory (2..8)
     sparsity: float
+    # The same symbols at a fixed width instead of range coded: ``bits`` per code packed into
+    # 32-bit words along each row (the in-memory layout of the fused kernel), plus the T
+    # parameters: what a format without entropy coding would store.
+    packed_nbytes: int = 0
 
     @property
     def bits_per_weight(self) -> float:
@@ -63,6 +68,12 @@ class CompressionReport:
         return self.original_nbytes / self.file_nbytes
 
     @property
+    def packed_cr(self) -> float:
+        """The compressed weights' fp32 bytes over their fixed-width packed bytes (no entropy coding)."""
+        packed = sum(layer.packed_nbytes for layer in self.layers)
+        return self.compressed_fp32_nbytes / packed if packed else float("nan")
+
+    @property
     def payload_nbytes(self) -> int:
         return sum(layer.payload_nbytes for layer in self.layers)
 
@@ -85,6 +96,8 @@ class CompressionReport:
                     f"CR {self.compressed_cr:.3f} (target {self.target_cr:g})")
         rows.append(f"whole file:         {self.original_nbytes:,} fp32 bytes -> {self.file_nbytes:,} bytes: "
                     f"CR {self.file_cr:.3f}")
+        rows.append(f"fixed-width packed: CR {self.packed_cr:.3f} (the same symbols at their bits/symbol, no range "
+                    "coding)")
         rows.append(f"payload {self.payload_nbytes:,} bytes vs Shannon bound {self.shannon_nbytes:,.0f} "
                     f"(+{self.coding_overhead:.3%})")
         if self.pass_seconds:
@@ -93,11 +106,20 @@ class CompressionReport:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(compressed_cr=self.compressed_cr, file_cr=self.file_cr, coding_overhead=self.coding_overhead)
+        d.update(compressed_cr=self.compressed_cr, file_cr=self.file_cr, coding_overhead=self.coding_overhead,
+                 packed_cr=self.packed_cr)
         return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, default=str)
+
+
+def packed_nbytes(shape: tuple[int, ...], bits: int, params_nbytes: int) -> int:
+    """Bytes of a layer's symbols at ``bits`` each, 32 // bits per int32 word along each row,
+    plus its T parameters (``params_nbytes``)."""
+    rows = shape[0] if shape else 1
+    k = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return 4 * rows * -(-k // (32 // bits)) + params_nbytes
 
 
 def original_nbytes(model: torch.nn.Module) -> int:

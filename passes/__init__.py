@@ -18,6 +18,7 @@ from l2fx.passes.install_weights import DecodedLayer, InstallDecodedWeights
 from l2fx.passes.lower_kernels import LowerKernels
 from l2fx.passes.mark_weights import MarkWeights
 from l2fx.passes.normalize import Normalize
+from l2fx.passes.oneshot import OneShotSolve
 from l2fx.passes.plain_storage import PlainStorage
 from l2fx.passes.prune_state import PruneUnusedState
 from l2fx.passes.range_code import RangeCode
@@ -29,5 +30,5 @@ __all__ = [
     "Normalize", "FoldBatchNorm", "PruneUnusedState", "MarkWeights", "PlainStorage", "SensitivityAnalysis",
     "EntropyAllocation", "InsertTransforms", "BlockPartition", "KeepReference", "BlockReconstruction",
     "NetworkDistillation", "SnapWeights", "RateFit", "RangeCode", "LowerKernels", "RoundToNearest",
-    "InstallDecodedWeights", "DecodedLayer",
+    "InstallDecodedWeights", "DecodedLayer", "OneShotSolve",
 ]

@@ -189,10 +189,16 @@ class _BlockData:
 
 
 class BlockReconstruction(L2fxPass):
+    """``train_transform=False``: stage (b) only, T kept as it is (a one-shot method's grid,
+    whose symbols are then the starting point of the fine-tuning: method ``gptq+l2``)."""
+
     name = "block_reconstruction"
     requires_meta = (Block, Allocation)
     requires_weight_modules = (TransformedWeight,)
     requires_calib = True
+
+    def __init__(self, train_transform: bool = True):
+        self.train_transform = train_transform
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()
@@ -294,7 +300,7 @@ class BlockReconstruction(L2fxPass):
             rate.budget_bits = max(float(rate.bits()), 1.0)  # the estimate at the budget's bytes
         rec.budget_bits = rec.bits_before = rate.budget_bits
         train_t = rate.trainable()
-        if cfg.transform_iters and train_t and prog.weights:
+        if cfg.transform_iters and train_t and prog.weights and self.train_transform:
             opt = Adam(train_t, cfg.lr_transform, cfg.transform_iters, cfg.lr_schedule)
             for _ in range(cfg.transform_iters):
                 args, tgt = sampler.draw()

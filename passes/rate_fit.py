@@ -22,7 +22,8 @@ import math
 
 import torch.fx as fx
 
-from l2fx.bytefit import apply_factor, finest_log2_factor, fit_log2_factor, total_nbytes, within_tolerance
+from l2fx.bytefit import (apply_factor, finest_log2_factor, fit_log2_factor, prediction_slack, total_nbytes,
+                          within_tolerance)
 from l2fx.ir import weight_sites
 from l2fx.modules import TransformedWeight
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
@@ -52,7 +53,7 @@ class RateFit(L2fxPass):
             return total_nbytes(gm, 2.0 ** log2_factor, cfg.coding.chunk_size)
 
         now = total(0.0)
-        if within_tolerance(now, budget, cfg.cr_tolerance):
+        if within_tolerance(now, budget, cfg.cr_tolerance, prediction_slack(gm, cfg.coding.chunk_size)):
             # Already within the promised tolerance (CR within -tol/2 .. +tol of the target):
             # leave T alone. After block reconstruction this is the rule, and any rescale
             # there scales every fine-tuned weight, whose symbols it hardly changes.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from l2fx.bytefit import budget_nbytes, total_nbytes, within_tolerance
+from l2fx.bytefit import budget_nbytes, prediction_slack, total_nbytes, within_tolerance
 from l2fx.ir import weight_sites
 from l2fx.modules import TransformedWeight
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
@@ -35,7 +35,7 @@ class SnapWeights(L2fxPass):
         ctx = PassContext.current()
         cfg = ctx.config
         on_budget = within_tolerance(total_nbytes(gm, 1.0, cfg.coding.chunk_size), budget_nbytes(gm, cfg.target_cr),
-                                     cfg.cr_tolerance)
+                                     cfg.cr_tolerance, prediction_slack(gm, cfg.coding.chunk_size))
         if on_budget:
             for node, _ in weight_sites(gm):
                 gm.get_submodule(str(node.target)).snap()

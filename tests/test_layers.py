@@ -4,7 +4,7 @@
         formats, sparsity, the kernels (triton_kernels)
     (1) IR, runtime modules and infrastructure the passes share: ir, modules, compiled, pipeline,
         data, evaluate, frontend, inplace, manifest, artifact, report, blocks, bytefit, optim,
-        tparams, solvers
+        tparams, solvers, layerwise
     (2) passes, which never import each other (the package's __init__ gathers them)
     (3) the methods registry, api, cli, the model zoo, and the package itself
 
@@ -28,9 +28,9 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "l2fx.accounting", "l2fx.formats", "l2fx.sparsity", "l2fx.triton_kernels"),
     1: ("l2fx.ir", "l2fx.modules", "l2fx.compiled", "l2fx.pipeline", "l2fx.data", "l2fx.evaluate", "l2fx.frontend",
         "l2fx.inplace", "l2fx.manifest", "l2fx.artifact", "l2fx.report", "l2fx.blocks", "l2fx.bytefit", "l2fx.optim",
-        "l2fx.tparams", "l2fx.solvers"),
+        "l2fx.tparams", "l2fx.solvers", "l2fx.layerwise"),
     2: ("l2fx.passes",),
-    3: ("l2fx.method", "l2fx.api", "l2fx.cli", "l2fx.zoo", "l2fx"),
+    3: ("l2fx.method", "l2fx.api", "l2fx.cli", "l2fx.zoo", "l2fx.analyze", "l2fx"),
 }
 
 

@@ -1,0 +1,157 @@
+"""Layer-wise calibration statistics, streamed block by block: what one-shot solvers run on.
+
+GPTQ, SparseGPT, Wanda, OBC and AdaRound/AdaQuant/AdaPrune minimise each layer's
+reconstruction loss ``tr(dW H dW^T)`` with ``H = 2 X^T X / n`` of the layer's inputs ``X``.
+:func:`stream_blocks` runs the model's blocks (``l2fx.blocks``) in order over the calibration
+set, holding only the current block's inputs (the outputs of the already compressed prefix:
+the "sequential" setting of the references), and for each block
+
+1. :func:`block_hessians` runs the block with its *uncompressed* weights (each
+   ``TransformedWeight``'s ``.weight``) on those inputs and accumulates, per compressed weight,
+   the Hessian of the inputs its op sees (linear: the last dimension; conv: the unfolded
+   patches, one Hessian per conv group: a depthwise conv gets one per channel), in float64 up to
+   8192 columns (``l2fx.solvers.HessianAccumulator``);
+2. hands them to the caller, who compresses the block's weights;
+3. runs the block again, now compressed, to make the next block's inputs.
+
+Weights used by an op other than linear/conv (embeddings: their inputs are indices) get no
+Hessian: the caller decides (the one-shot pass rounds them to nearest, and records it).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+
+from l2fx.blocks import BlockProgram, build_programs, calibration_inputs
+from l2fx.ir import WeightSite, arg_of, weighted_op
+from l2fx.modules import TransformedWeight
+from l2fx.solvers import HessianAccumulator, layer_rows
+
+__all__ = ["LayerStats", "block_hessians", "stream_blocks"]
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """One compressed weight of a block and its calibration statistics.
+
+    ``hessians``: ``[groups, cols, cols]`` (one per conv group; 1 for linear and ungrouped
+    convs), cols = the weight's ``flatten(1)`` width per group; None when the weight feeds no
+    linear/conv op (then ``reason`` says what). ``input_sq_norms``: diag of ``X^T X`` per group
+    (Wanda's ``||x_j||^2``), same leading shape.
+    """
+
+    node: fx.Node
+    module: TransformedWeight
+    site: WeightSite
+    hessians: torch.Tensor | None
+    nsamples: int
+    reason: str = ""
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.hessians is None else self.hessians.shape[0]
+
+
+def _conv_params(op_node: fx.Node) -> dict[str, Any]:
+    names = ("stride", "padding", "dilation", "groups")
+    defaults = (1, 0, 1, 1)
+    return {n: (arg_of(op_node, 3 + i) if arg_of(op_node, 3 + i) is not None else op_node.kwargs.get(n, d))
+            for i, (n, d) in enumerate(zip(names, defaults))}
+
+
+class _Capture(fx.Interpreter):
+    """Runs a block program with raw (fp32) weights and feeds each weighted op's input to the
+    accumulator of its weight."""
+
+    def __init__(self, gm: fx.GraphModule, accumulators: dict[str, tuple]):
+        super().__init__(gm)
+        self.accumulators = accumulators  # weight module path -> (accumulator, family, shape, conv params)
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if isinstance(module, TransformedWeight):
+            return module.weight
+        return super().call_module(target, args, kwargs)
+
+    def run_node(self, n: fx.Node) -> Any:
+        op = weighted_op(n)
+        if op is not None and op.family in ("linear", "conv"):
+            w = arg_of(n, op.weight_arg)
+            entry = self.accumulators.get(str(w.target)) if isinstance(w, fx.Node) and w.op == "call_module" else None
+            if entry is not None:
+                acc, family, shape, conv = entry
+                x = self.env[n.args[0]]
+                rows = layer_rows(x.float(), family, shape, **conv)
+                if rows.dim() == 2:
+                    rows = rows.unsqueeze(0)
+                for g in range(rows.shape[0]):
+                    acc[g].add(rows[g])
+        return super().run_node(n)
+
+
+@torch.no_grad()
+def block_hessians(prog: BlockProgram, inputs: list[list[Any]]) -> list[LayerStats]:
+    """The Hessians of the block's compressed weights over the calibration inputs (``inputs``:
+    per calibration batch, the block program's arguments), with the weights uncompressed."""
+    accumulators, reasons = {}, {}
+    for node, module, site in prog.weights:
+        consumers = [u for u in prog.quant.graph.nodes if weighted_op(u) is not None
+                     and isinstance(arg_of(u, weighted_op(u).weight_arg), fx.Node)
+                     and str(arg_of(u, weighted_op(u).weight_arg).target) == str(node.target)]
+        families = {weighted_op(u).family for u in consumers}
+        if families - {"linear", "conv"} or not families:
+            reasons[str(node.target)] = f"read by a {'/'.join(sorted(families)) or 'non-weighted'} op: no input Hessian"
+            continue
+        shape = tuple(module.weight.shape)
+        if "conv" in families:
+            conv = _conv_params(consumers[0])
+            family = "conv1d" if len(shape) == 3 else "conv2d"
+            groups = conv["groups"]
+        else:
+            conv, family, groups = {}, "linear", 1
+        cols = int(torch.tensor(shape[1:]).prod())
+        accumulators[str(node.target)] = ([HessianAccumulator(cols) for _ in range(groups)], family, shape, conv)
+    capture = _Capture(prog.quant, accumulators)
+    for args in inputs:
+        capture.run(*args)
+    out = []
+    for node, module, site in prog.weights:
+        entry = accumulators.get(str(node.target))
+        if entry is None:
+            out.append(LayerStats(node, module, site, None, 0, reasons[str(node.target)]))
+            continue
+        accs = entry[0]
+        out.append(LayerStats(node, module, site, torch.stack([a.hessian() for a in accs]), accs[0].nsamples))
+    return out
+
+
+def stream_blocks(gm: fx.GraphModule, calib: Any, device: torch.device, max_samples: int = 0
+                  ) -> Iterator[tuple[BlockProgram, list[list[Any]], Callable[[], None]]]:
+    """Yields ``(block program, its inputs per calibration batch, advance)`` in block order.
+
+    ``inputs`` are the arguments of ``prog.quant`` / ``prog.fp32``: the model inputs the block
+    reads, then the outputs of the (already compressed) earlier blocks. Call ``advance()`` once
+    the block's weights are final: it runs the compressed block to make the next blocks'
+    inputs and frees what no later block reads. At most one block's inputs are held.
+    """
+    programs = build_programs(gm)
+    ph_vals = calibration_inputs(gm, calib, max_samples, device)
+    last_use = {n: p.block.index for p in programs for n in p.inputs}
+    cache: dict[fx.Node, list[Any]] = {}
+    for prog in programs:
+        inputs = [[pv[p] for p in prog.placeholders] + [cache[n][i] for n in prog.inputs]
+                  for i, pv in enumerate(ph_vals)]
+
+        def advance(prog=prog, inputs=inputs) -> None:
+            with torch.no_grad():
+                outs = [tuple(prog.quant(*args)) for args in inputs]
+            for j, n in enumerate(prog.outputs):
+                if last_use.get(n, -1) > prog.block.index:
+                    cache[n] = [o[j] for o in outs]
+            for n in [n for n in cache if last_use.get(n, -1) <= prog.block.index]:
+                del cache[n]
+
+        yield prog, inputs, advance

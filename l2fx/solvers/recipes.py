@@ -1,0 +1,167 @@
+"""Recipes: one layer compressed by a named one-shot method, on a given grid, from (W, H).
+
+Each recipe takes the layer's weight ``W [rows, cols]``, its Hessian ``H [cols, cols]``, the
+:class:`~l2fx.solvers.Grid` the layer's symbols must lie on, the method's options, and returns a
+:class:`~l2fx.solvers.SolverResult` whose ``w_hat`` lies on the grid (``extra["grid"]`` when the
+recipe learnt other steps, as AdaQuant does). Options (defaults in :data:`DEFAULTS`):
+
+===================  ====================================================================
+recipe               what, options
+===================  ====================================================================
+``rtn``              round to nearest on the grid (no calibration; the fallback)
+``gptq``             GPTQ (``blocksize``, ``percdamp``, ``act_order``)
+``sparsegpt``        SparseGPT pruning, jointly with quantisation on the grid
+                     (``sparsity`` or ``prune_n``/``prune_m``, ``blocksize``, ``percdamp``)
+``wanda``            Wanda mask (|w| ||x||, per row or N:M), then RTN of the pruned weight (S->Q)
+``magnitude``        magnitude mask per layer, then RTN (S->Q)
+``obq``              exact greedy OBQ (OBC), for layers under ``max_cost``
+``obc``              exact OBS pruning (unstructured, N:M, ``block`` 4), then OBQ of the kept
+                     weights: the pruned ones are exact zeros (grid level 0, error 0), which
+                     greedy OBQ takes first with no update, so it quantises the kept subset;
+                     the mask is re-applied at the end in case an out-of-range first step
+                     moved a zero
+``adaround``         AdaRound (``iters``, ``lr``, ``reg_lambda``)
+``adaquant``         AdaQuant: weights and steps through the STE (``iters``)
+``adaprune``         AdaPrune: magnitude mask, exact refit of the kept weights, then RTN
+``adaprune+adaquant``  the OBC paper's AdaPrune+AdaQuant baseline: AdaPrune, then AdaQuant of
+                     the kept weights, the mask re-applied (pruned weights stay symbol 0)
+===================  ====================================================================
+
+Sparsity options: ``sparsity`` (fraction pruned, default 0 = none for the quantisers, 0.5 for
+the pruners), ``prune_n``/``prune_m`` (N kept of every M consecutive columns).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from l2fx.errors import ConfigError
+from l2fx.solvers.ada import adaprune, adaquant, adaround
+from l2fx.solvers.gptq import gptq
+from l2fx.solvers.grid import Grid
+from l2fx.solvers.hessian import layer_loss
+from l2fx.solvers.obc import DEFAULT_MAX_COST, obq_quantize, obs_prune
+from l2fx.solvers.result import SolverResult
+from l2fx.solvers.sparsegpt import sparsegpt
+from l2fx.solvers.wanda import magnitude_mask, wanda_mask
+
+__all__ = ["RECIPES", "DEFAULTS", "solve", "options_for"]
+
+DEFAULTS: dict[str, Any] = {
+    "blocksize": 128, "percdamp": 0.01, "act_order": False, "sparsity": 0.0, "prune_n": 0, "prune_m": 0,
+    "block": 1, "max_cost": DEFAULT_MAX_COST, "iters": 0, "lr": 1e-3, "reg_lambda": 0.01,
+}
+
+
+def _rtn(W: Tensor, grid: Grid, W0: Tensor, H: Tensor) -> SolverResult:
+    w_hat, q = grid.quantize_all(W)
+    return SolverResult(w_hat=w_hat, symbols=q, mask=None, loss=layer_loss(W0, w_hat, H))
+
+
+def _pattern(o: Mapping[str, Any]) -> dict[str, Any]:
+    if o["prune_m"]:
+        return {"prune_n": o["prune_n"], "prune_m": o["prune_m"]}
+    return {"sparsity": o["sparsity"]}
+
+
+def _masked_rtn(W: Tensor, H: Tensor, grid: Grid, mask: Tensor) -> SolverResult:
+    res = _rtn(W * mask, grid, W, H)
+    return SolverResult(res.w_hat, res.symbols, mask, res.loss)
+
+
+def _with_mask(res: SolverResult, W: Tensor, H: Tensor, grid: Grid, mask: Tensor) -> SolverResult:
+    """``res`` with the mask re-applied (zeros are grid level 0), symbols and loss recomputed."""
+    w_hat = res.w_hat * mask
+    _, q = grid.quantize_all(w_hat)
+    return SolverResult(grid.decode(q), q, mask, layer_loss(W, grid.decode(q), H), res.extra)
+
+
+def _gptq(W, H, grid, o, layer):
+    return gptq(W, H, grid, blocksize=o["blocksize"], percdamp=o["percdamp"], act_order=o["act_order"], layer=layer)
+
+
+def _sparsegpt(W, H, grid, o, layer):
+    pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
+    bs = o["blocksize"] - o["blocksize"] % o["prune_m"] if o["prune_m"] else o["blocksize"]
+    return sparsegpt(W, H, grid=grid, blocksize=bs, percdamp=o["percdamp"], layer=layer, **pat)
+
+
+def _wanda(W, H, grid, o, layer):
+    pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
+    mask = wanda_mask(W, torch.diagonal(H).float(), layer=layer, **pat)
+    return _masked_rtn(W, H, grid, mask)
+
+
+def _magnitude(W, H, grid, o, layer):
+    pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
+    return _masked_rtn(W, H, grid, magnitude_mask(W, layer=layer, **pat))
+
+
+def _obq(W, H, grid, o, layer):
+    return obq_quantize(W, H, grid, percdamp=o["percdamp"], max_cost=o["max_cost"], layer=layer)
+
+
+def _obc(W, H, grid, o, layer):
+    pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
+    pruned = obs_prune(W, H, block=o["block"], percdamp=o["percdamp"], max_cost=o["max_cost"], layer=layer, **pat)
+    res = obq_quantize(pruned.w_hat, H, grid, percdamp=o["percdamp"], max_cost=o["max_cost"], layer=layer)
+    return _with_mask(res, W, H, grid, pruned.mask)
+
+
+def _adaround(W, H, grid, o, layer):
+    return adaround(W, H, grid, iters=o["iters"] or 2000, lr=o["lr"], reg_lambda=o["reg_lambda"], layer=layer)
+
+
+def _adaquant(W, H, grid, o, layer):
+    return adaquant(W, H, grid, iters=o["iters"] or 100, layer=layer)
+
+
+def _adaprune(W, H, grid, o, layer):
+    pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
+    pruned = adaprune(W, H, layer=layer, **pat)
+    return _masked_rtn(pruned.w_hat, H, grid, pruned.mask)
+
+
+def _adaprune_adaquant(W, H, grid, o, layer):
+    pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
+    pruned = adaprune(W, H, layer=layer, **pat)
+    res = adaquant(pruned.w_hat, H, grid, iters=o["iters"] or 100, layer=layer)
+    learnt = res.extra.get("grid", grid)
+    out = _with_mask(res, W, H, learnt, pruned.mask)
+    return SolverResult(out.w_hat, out.symbols, out.mask, out.loss, {**out.extra, "grid": learnt})
+
+
+RECIPES: dict[str, Callable[[Tensor, Tensor, Grid, Mapping[str, Any], str], SolverResult]] = {
+    "rtn": lambda W, H, grid, o, layer: _rtn(W, grid, W, H),
+    "gptq": _gptq,
+    "sparsegpt": _sparsegpt,
+    "wanda": _wanda,
+    "magnitude": _magnitude,
+    "obq": _obq,
+    "obc": _obc,
+    "adaround": _adaround,
+    "adaquant": _adaquant,
+    "adaprune": _adaprune,
+    "adaprune+adaquant": _adaprune_adaquant,
+}
+
+
+def options_for(*layers: Mapping[str, Any] | tuple) -> dict[str, Any]:
+    """The defaults overridden in order by each mapping or tuple of (name, value) pairs;
+    an unknown option is a ConfigError naming it."""
+    out = dict(DEFAULTS)
+    for given in layers:
+        for key, value in (given.items() if isinstance(given, Mapping) else given):
+            if key not in DEFAULTS:
+                raise ConfigError(f"unknown one-shot option {key!r}; known: {sorted(DEFAULTS)}")
+            out[key] = value
+    return out
+
+
+def solve(recipe: str, W: Tensor, H: Tensor, grid: Grid, options: Mapping[str, Any], layer: str = "?") -> SolverResult:
+    """Compresses one layer by ``recipe`` (see the table above)."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown one-shot recipe {recipe!r}; known: {sorted(RECIPES)}")
+    return RECIPES[recipe](W, H, grid, options, layer)

@@ -1,0 +1,136 @@
+"""``oneshot_solve`` and the one-shot methods built on it (l2fx/method.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import l2fx
+from l2fx.config import CompileConfig, SensitivityConfig
+from l2fx.errors import ConfigError, SolverError
+
+from conftest import DictInputNet, make_fast_config, make_tiny_calib, make_tiny_convnet
+
+
+def _error(compiled, model, x) -> float:
+    with torch.no_grad():
+        ref = model(x)
+        return float((compiled(x) - ref).pow(2).mean() / ref.pow(2).mean())
+
+
+@pytest.fixture(scope="module")
+def compiled_methods():
+    """Every one-shot method that is quick on the tiny ConvNet, at CR 10 (OBQ/OBC/AdaRound are
+    exercised on smaller layers below: their cost grows with cols^3 or iterations)."""
+    x = make_tiny_calib()
+    out = {}
+    for method in ("rtn", "gptq", "sparsegpt", "sparsegpt-2:4", "wanda", "wanda-2:4", "gptq+l2"):
+        out[method] = l2fx.compile(make_tiny_convnet(), 10, x, method=method, config=make_fast_config(), verify=True)
+    return out, x
+
+
+def test_every_method_meets_the_target_on_counted_bytes(compiled_methods):
+    compiled, _ = compiled_methods
+    for method, c in compiled.items():
+        assert abs(c.report.compressed_cr / 10 - 1) <= 0.01, method
+        assert c.report.records["oneshot_solve"]["fallbacks"] == {}, method
+
+
+def test_gptq_beats_round_to_nearest_on_the_same_grids(compiled_methods):
+    """GPTQ's error feedback against RTN at the same counted bytes: 0.0002 vs 0.0068 relative
+    output error measured here (2-core CPU, the tests' calibration noise)."""
+    compiled, x = compiled_methods
+    model = make_tiny_convnet()
+    assert _error(compiled["gptq"], model, x[0]) < 0.5 * _error(compiled["rtn"], model, x[0])
+    assert _error(compiled["gptq+l2"], model, x[0]) <= _error(compiled["gptq"], model, x[0]) * 1.05
+
+
+def test_two_four_methods_keep_two_of_every_four_in_every_layer(compiled_methods):
+    compiled, _ = compiled_methods
+    for method in ("sparsegpt-2:4", "wanda-2:4"):
+        gm = compiled[method].graph_module
+        for name in ("c2", "fc", "out"):
+            codes = gm.get_submodule(f"l2fx_weights.{name}__weight").codes.reshape(-1, 4)
+            assert bool(((codes != 0).sum(1) <= 2).all()), (method, name)
+    sparse = compiled["sparsegpt"].report.records["oneshot_solve"]["layers"]
+    assert all(layer["sparsity"] >= 0.5 for layer in sparse.values())
+
+
+def test_a_one_shot_artifact_loads_bit_exactly(compiled_methods, tmp_path):
+    compiled, x = compiled_methods
+    l2fx.save(compiled["sparsegpt-2:4"], tmp_path / "m.l2fx")
+    loaded = l2fx.load(tmp_path / "m.l2fx", model=make_tiny_convnet(), verify=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(x[0]), compiled["sparsegpt-2:4"](x[0]))
+
+
+class _Small(nn.Module):
+    """Layers with few columns (OBQ and OBC cost rows * cols^3), K = 24 and 40."""
+
+    def __init__(self, k: int = 24):
+        super().__init__()
+        self.a = nn.Linear(k, 40)
+        self.b = nn.Linear(40, 16)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _small_calib(k: int = 24):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(64, k, generator=g) @ torch.randn(k, k, generator=g) for _ in range(2)]
+
+
+def _small_config():
+    return make_fast_config().replace(min_numel=64, sensitivity=SensitivityConfig(num_samples=16, num_steps=10))
+
+
+@pytest.mark.parametrize("method", ["obq", "obc-2:4", "adaround", "adaquant", "adaprune+adaquant-2:4"])
+def test_the_exact_and_learned_methods_on_small_layers(method):
+    torch.manual_seed(0)
+    model = _Small().eval()
+    calib = _small_calib()
+    compiled = l2fx.compile(model, 6, calib, method=method, config=_small_config(), verify=True)
+    assert abs(compiled.report.compressed_cr / 6 - 1) <= 0.01
+    torch.manual_seed(0)
+    rtn = l2fx.compile(_Small().eval(), 6, calib, method="rtn", config=_small_config())
+    # OBQ and AdaRound keep the grid and minimise the layer loss on it: at the same counted bytes
+    # their summed layer loss is at most RTN's. AdaQuant learns finer steps, which cost bytes the
+    # block's byte fit takes back with a coarser grid: at matched bytes it lost to RTN here
+    # (summed layer loss 39.4 against 30.4), so it is only held to the target.
+    losses = compiled.report.records["oneshot_solve"]["layers"]
+    rtn_losses = rtn.report.records["oneshot_solve"]["layers"]
+    if method in ("obq", "adaround"):
+        assert sum(v["loss"] for v in losses.values()) <= sum(v["loss"] for v in rtn_losses.values()) * 1.001
+    elif "2:4" in method:
+        for name in ("a", "b"):
+            codes = compiled.graph_module.get_submodule(f"l2fx_weights.{name}__weight").codes.reshape(-1, 4)
+            assert bool(((codes != 0).sum(1) <= 2).all())
+
+
+def test_method_options_reach_the_recipe():
+    torch.manual_seed(0)
+    cfg = _small_config().replace(method_options=(("sparsity", 0.25),))
+    compiled = l2fx.compile(_Small().eval(), 6, _small_calib(), method="sparsegpt", config=cfg)
+    layers = compiled.report.records["oneshot_solve"]["layers"]
+    assert all(0.25 <= v["sparsity"] < 0.5 for v in layers.values())
+    with pytest.raises(ConfigError, match="unknown one-shot option 'sparsty'"):
+        l2fx.compile(_Small().eval(), 6, _small_calib(), method="sparsegpt",
+                     config=_small_config().replace(method_options=(("sparsty", 0.25),)))
+
+
+def test_n_m_on_a_dimension_m_does_not_divide_names_the_layer_and_the_option():
+    torch.manual_seed(0)
+    with pytest.raises(SolverError, match=r"a\.weight.*(4|prune_m)"):
+        l2fx.compile(_Small(k=30).eval(), 6, _small_calib(30), method="sparsegpt-2:4", config=_small_config())
+
+
+def test_a_layer_without_an_input_hessian_falls_back_to_rounding_and_says_so():
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(0, 200, (8, 12), generator=g), "attention_mask": torch.ones(8, 12)}
+             for _ in range(2)]
+    torch.manual_seed(0)
+    compiled = l2fx.compile(DictInputNet().eval(), 6, calib, method="gptq", config=make_fast_config())
+    fallbacks = compiled.report.records["oneshot_solve"]["fallbacks"]
+    assert list(fallbacks) == ["emb.weight"] and "axis 1" in fallbacks["emb.weight"]
+    assert abs(compiled.report.compressed_cr / 6 - 1) <= 0.01
