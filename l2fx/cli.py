@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from l2fx import api, zoo
+from l2fx import analyze, api, calibration, zoo
 from l2fx.config import CompileConfig, LayerRule, ReconstructionConfig
 from l2fx.errors import ConfigError, L2fxError
 from l2fx.method import methods
@@ -113,6 +113,12 @@ def parse_layer_rule(text: str) -> LayerRule:
 def cmd_compress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, calib, entry = _resolve(args.model, args.calib, args.num_calib, args.batch_size, args.seed)
+    if args.calib_source != "real":
+        generated = args.num_generated or args.num_calib
+        if not args.quiet:
+            print(f"calibration source {args.calib_source}: {generated} generated samples", file=sys.stderr)
+        calib = calibration.calibration_source(args.calib_source, model, calib, None, generated, args.seed,
+                                               batch_size=args.batch_size)
     config = CompileConfig(target_cr=args.target_cr, method=args.method, transform=TransformKind(args.transform),
                            seed=args.seed, reconstruction=ReconstructionConfig(enabled=not args.no_reconstruction))
     config = apply_settings(config, args.set)
@@ -150,6 +156,27 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """``l2fx analyze MODEL``: S, Q, S->Q, Q->S per pattern x format (:func:`l2fx.analyze.interplay`);
+    prints the tables, writes ``interplay.json``, ``interplay.md`` and the two plots into ``-o``."""
+    t0 = time.perf_counter()
+    model, calib, entry = _resolve(args.model, args.calib, args.num_calib, args.batch_size, args.seed)
+    if args.eval and entry is None:
+        raise CLIError("--eval needs a registered model (its evaluation data); a module:function model has none")
+    evaluate = (lambda m: entry.evaluate(m, reference=model)) if args.eval else None
+    report = analyze.interplay(model, calib, patterns=args.patterns, formats=args.formats, evaluate=evaluate,
+                               max_layers=args.max_layers, on_unfit=args.on_unfit, name=args.model)
+    print(report.table(layers=args.layers))
+    out = Path(args.output or f"interplay_{args.model.replace(':', '_').replace('.', '_')}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "interplay.json").write_text(report.to_json())
+    (out / "interplay.md").write_text(report.table(layers=True) + "\n")
+    plots = report.plot(out / "interplay")
+    print(f"wrote {out / 'interplay.json'}, {out / 'interplay.md'}, {', '.join(str(p) for p in plots)} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="l2fx", description="Post-training model size compression (L2) as an fx compiler")
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-cr", type=float, default=12.0, help="target CR of the compressed weights (default 12)")
     c.add_argument("--calib", help="module:function returning calibration batches (default: the model's own)")
     c.add_argument("--num-calib", type=int, default=256, help="calibration samples for registered models")
+    c.add_argument("--calib-source", default="real", choices=calibration.SOURCES,
+                   help="build calibration inputs from the real ones (--calib or the model's own): synthetic "
+                        "(BatchNorm-statistics synthesis; the real ones give only shape and value range), "
+                        "+real (with them), +augment (strongly augmented views of them); see l2fx.calibration")
+    c.add_argument("--num-generated", type=int, default=None,
+                   help="synthetic / augmented samples each for --calib-source (default: --num-calib)")
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--method", default="l2", help="a registered method (see `l2fx methods`; default l2)")
     c.add_argument("--transform", default="joint", choices=["joint", "linear", "log", "exp", "prune"])
@@ -181,6 +214,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
     me = sub.add_parser("methods", help="list the registered compression methods")
     me.set_defaults(func=cmd_methods)
+    a = sub.add_parser("analyze", help="sparsity x block-quantisation interplay: S, Q, S->Q, Q->S per layer and model")
+    a.add_argument("model", help="a registered model (see `l2fx models`) or module:function returning an nn.Module")
+    a.add_argument("--calib", help="module:function returning calibration batches (default: the model's own)")
+    a.add_argument("--num-calib", type=int, default=128, help="calibration samples for registered models")
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--patterns", nargs="+", default=["50%", "2:4"],
+                   help="sparsity patterns: 50%%, 50%%/row, N:M (2:4, 4:8), BRxBC@50%% (1x4@50%%, 4x4@50%%)")
+    a.add_argument("--formats", nargs="+", default=["mxfp8_e4m3", "mxfp4_e2m1"],
+                   help="formats: mxfp8_e4m3 mxfp8_e5m2 mxfp6_e3m2 mxfp6_e2m3 mxfp4_e2m1 mxint8 hbfp8 (= hbfp8_b64), "
+                        "hbfpM_bK, int8_channel, int4_channel")
+    a.add_argument("--max-layers", type=int, help="analyse only the first N layers in depth order")
+    a.add_argument("--on-unfit", choices=["dense", "raise"], default="dense",
+                   help="a pattern that does not divide a layer: leave it dense there (recorded) or fail")
+    a.add_argument("--eval", action="store_true",
+                   help="also run the registered model's evaluation on every compressed model (slow)")
+    a.add_argument("--layers", action="store_true", help="print every layer row too")
+    a.add_argument("-o", "--output", help="report directory (default interplay_<model>)")
+    a.set_defaults(func=cmd_analyze)
     m = sub.add_parser("models", help="list the registered real models")
     m.set_defaults(func=cmd_models)
     return p
