@@ -3,11 +3,12 @@
     compiled = l2fx.compile(model, target_cr=12, calib=batches)
     l2fx.save(compiled, "model.l2fx")
     restored = l2fx.load("model.l2fx", model=MyArchitecture())
+    mine = l2fx.load_into("model.l2fx", MyArchitecture())   # the caller's own class, weights decoding
     print(l2fx.inspect("model.l2fx").table())
 """
 from __future__ import annotations
 
-from l2fx.api import CompiledModel, compile, inspect, load, lower, save
+from l2fx.api import CompiledModel, compile, inspect, load, load_into, lower, materialize, save
 from l2fx.method import Method, methods, register_method
 from l2fx.config import (BackendConfig, CodingConfig, CompileConfig, Granularity, LayerRule, PlainDtype,
                          ReconstructionConfig, SensitivityConfig)
@@ -18,7 +19,7 @@ from l2fx.transform import TransformKind
 
 __version__ = "0.1.0"
 __all__ = [
-    "compile", "save", "load", "inspect", "lower", "CompiledModel", "methods", "register_method", "Method", "CompressionReport", "L2fxError", "CompileConfig",
+    "compile", "save", "load", "load_into", "materialize", "inspect", "lower", "CompiledModel", "methods", "register_method", "Method", "CompressionReport", "L2fxError", "CompileConfig",
     "SensitivityConfig", "ReconstructionConfig", "LayerRule", "CodingConfig", "BackendConfig", "Granularity", "PlainDtype", "TransformKind", "L2fxPass",
     "PassResult", "PassContext", "PassManager", "Timing", "DumpIR", "PeakMemory", "Progress", "__version__",
 ]

@@ -5,9 +5,9 @@ A compressed weight writes, in the artifact (``docs/format.md``):
 * its range-coded payload (all chunks, 32-bit words),
 * its probability table: ``ntab`` uint16 frequencies,
 * its chunk index: per chunk a uint32 byte length and a uint32 CRC-32,
-* its T parameters: ``step_s`` and (except for the linear kind) ``threshold_e``, one per
+* its T parameters: ``step_s`` and (for the kinds that use it) ``threshold_e``, one per
   channel, per group of ``g`` elements of a row, or per tensor, as float16 when every value is a
-  normal float16, else float32,
+  normal float16, else float32; a block format's power-of-two scales as E8M0 (one byte each),
 * its entry in the JSON manifest (:func:`manifest_entry`), byte for byte as uncompressed JSON
   (the artifact zlib-compresses the manifest, so the file holds less: a conservative count).
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from l2fx import coding
-from l2fx.transform import TransformKind
+from l2fx.transform import FORMAT_KINDS, TransformKind, uses_threshold
 
 FP16_MIN_NORMAL = 6.103515625e-05
 FP16_MAX = 65504.0
@@ -63,36 +63,70 @@ def round_to_fp16(t: torch.Tensor) -> bool:
     return True
 
 
-def param_dtype_for(*params: torch.Tensor) -> torch.dtype:
-    """float16 when every value is a normal float16 number, else float32."""
+#: Bytes per stored T parameter by storage key: float16, float32, or E8M0 (a power of two as its
+#: biased exponent, the MX scale encoding; for the block-format kinds).
+PARAM_ITEMSIZE = {"f16": 2, "f32": 4, "e8m0": 1}
+
+
+def _pow2_exponents(p: torch.Tensor) -> torch.Tensor | None:
+    """The exponents of ``p`` when every value is an exact power of two in 2^-127 .. 2^127."""
+    mant, exp = torch.frexp(p.detach().double())
+    if p.numel() == 0 or not bool((mant == 0.5).all()):
+        return None
+    e = exp - 1
+    return e if bool(((e >= -127) & (e <= 127)).all()) else None
+
+
+def param_storage(kind: TransformKind, *params: torch.Tensor) -> str:
+    """How a layer's T parameters are stored: ``"e8m0"`` for a block-format kind whose scales
+    are all exact powers of two (MX's shared scales), ``"f16"`` when every value is a normal
+    float16 number, else ``"f32"``."""
+    if TransformKind(kind) in FORMAT_KINDS and all(_pow2_exponents(p) is not None for p in params):
+        return "e8m0"
     for p in params:
         a = p.detach().abs()
         if a.numel() and (float(a.min()) < FP16_MIN_NORMAL or float(a.max()) > FP16_MAX):
-            return torch.float32
-    return torch.float16
+            return "f32"
+    return "f16"
 
 
 def stored_params(kind: TransformKind, step_s: torch.Tensor, threshold_e: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The T parameters written to the artifact (LINEAR ignores ``e``, so it is not stored)."""
-    return (step_s,) if TransformKind(kind) is TransformKind.LINEAR else (step_s, threshold_e)
+    """The T parameters written to the artifact (``e`` only for kinds that use it)."""
+    return (step_s, threshold_e) if uses_threshold(kind) else (step_s,)
 
 
 def round_params(kind: TransformKind, step_s: torch.Tensor, threshold_e: torch.Tensor):
-    """Rounds (s, e) to their storage dtype; returns fp32 tensors holding the stored values."""
-    dtype = param_dtype_for(*stored_params(kind, step_s, threshold_e))
-    s = step_s.detach().to(dtype).float()
-    e = threshold_e.detach().to(dtype).float() if TransformKind(kind) is not TransformKind.LINEAR else 0.5 * s
-    return s, e, dtype
+    """Rounds (s, e) to their storage; returns fp32 tensors holding the stored values and the
+    storage key (:data:`PARAM_ITEMSIZE`)."""
+    key = param_storage(kind, *stored_params(kind, step_s, threshold_e))
+    if key == "e8m0":  # exact already
+        s = step_s.detach().float()
+    else:
+        dtype = torch.float16 if key == "f16" else torch.float32
+        s = step_s.detach().to(dtype).float()
+    if uses_threshold(kind):
+        e = threshold_e.detach().to(torch.float16 if key == "f16" else torch.float32).float()
+    else:
+        e = 0.5 * s
+    return s, e, key
+
+
+def e8m0_codes(p: torch.Tensor) -> torch.Tensor:
+    """The biased exponents (uint8, bias 127) of exact powers of two (:func:`param_storage`)."""
+    e = _pow2_exponents(p)
+    if e is None:
+        raise ValueError("E8M0 storage needs exact powers of two in 2^-127 .. 2^127")
+    return (e + 127).to(torch.uint8)
 
 
 def manifest_entry(param: str, kind: TransformKind, shape: tuple[int, ...], axis: int | None, qmin: int,
-                   ntab: int, nchunks: int, chunk_size: int, pdtype: torch.dtype, group: int | None = None) -> dict:
+                   ntab: int, nchunks: int, chunk_size: int, pdtype: str, group: int | None = None) -> dict:
     """The layer's manifest entry (``docs/format.md``); ``group`` only for a per-group layer
     (format version 3), so per-channel and per-tensor entries are those of version 2."""
     entry = {
         "param": param, "kind": TransformKind(kind).value, "shape": list(shape), "axis": axis,
         "qmin": int(qmin), "ntab": int(ntab), "nchunks": int(nchunks), "chunk": int(chunk_size),
-        "pdtype": "f16" if pdtype == torch.float16 else "f32",
+        "pdtype": pdtype,
     }
     if group is not None:
         entry["group"] = int(group)
@@ -123,8 +157,8 @@ def layer_nbytes(param: str, kind: TransformKind, shape: tuple[int, ...], axis: 
     numel = math.prod(shape)
     nchunks = max(1, -(-numel // chunk_size))
     params = stored_params(kind, step_s, threshold_e)
-    pdtype = param_dtype_for(*params)
-    itemsize = 2 if pdtype == torch.float16 else 4
+    pdtype = param_storage(kind, *params)
+    itemsize = PARAM_ITEMSIZE[pdtype]
     entry = manifest_entry(param, kind, shape, axis, table.qmin, table.freqs.size, nchunks, chunk_size, pdtype, group)
     return LayerBytes(
         payload=int(payload_nbytes),

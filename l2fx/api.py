@@ -6,6 +6,7 @@ import concurrent.futures
 import copy
 import dataclasses
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,15 +23,18 @@ from l2fx.data import cast_floats, check_runs, normalize_calib
 from l2fx.errors import (ArchitectureMismatchError, ArtifactError, CalibrationError, CorruptArtifactError, L2fxError,
                          NonFiniteWeightError)
 from l2fx.frontend import capture, graph_fingerprint, recapture
+from l2fx.into_model import CodedTensor, check_model, install
+from l2fx.into_model import materialize as _materialize
 from l2fx.ir import CodedInfo
 from l2fx.manifest import INSPECT_SYMBOLS_PER_BYTE, LayerEntry
 from l2fx.method import default_pipeline, structural_pipeline
-from l2fx.modules import StoredParams
+from l2fx.modules import StoredParams, configure_decode
 from l2fx.passes import DecodedLayer, InstallDecodedWeights, LowerKernels
 from l2fx.pipeline import Instrument, PassContext, PassManager, PeakMemory, Timing, peak_rss_mib
 from l2fx.report import CompressionReport, LayerReport, original_nbytes, packed_nbytes
+from l2fx.transform import TransformKind
 
-__all__ = ["compile", "save", "load", "inspect", "lower", "CompiledModel"]
+__all__ = ["compile", "save", "load", "load_into", "materialize", "inspect", "lower", "CompiledModel"]
 
 
 def compile(
@@ -88,6 +92,7 @@ def compile(
     with ctx:
         gm = pipeline(gm).graph_module
     restore_dtypes(gm, dtypes)
+    configure_decode(gm, ctx.backend.decode)  # a runtime choice, after the final dtypes: no pass reads it
     header = {
         "capture": info.to_dict(), "fingerprint": fingerprint, "config": config.to_dict(),
         "passes": pipeline.names, "fold_batchnorm": config.fold_batchnorm,
@@ -97,7 +102,8 @@ def compile(
     file_nbytes = len(compiled.artifact_bytes())
     compiled.report = _report([info for _, info, _ in coded_layers(gm)], config.target_cr, file_nbytes,
                               header["original_nbytes"], pass_seconds=dict(timing.seconds),
-                              peak_rss_mib=peak_rss_mib(), records=dict(ctx.records))
+                              peak_rss_mib=peak_rss_mib(),
+                              records={"capture": {"frontend": info.frontend, "notes": list(info.notes)}, **ctx.records})
     return compiled
 
 
@@ -240,7 +246,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | st
     graph is re-captured and goes through the structural passes, ``install_decoded_weights``
     and (where ``backend`` (default: "auto") and ``device`` allow it) ``lower_kernels``, in one
     pass manager: ``verify`` runs the IR verifier after each, ``instruments`` see each.
-    ``threads``: decoder threads (default: all cores).
+    ``threads``: decoder threads (default: all cores). ``backend.decode``: the weights left on
+    the torch reference path decode once here into a cache ("cache"; "auto" on CPU) or on every
+    call ("per_call", least memory); see :class:`l2fx.config.BackendConfig`.
     """
     if not isinstance(model, nn.Module):
         raise ArtifactError(f"l2fx.load needs an instance of the uncompressed architecture, got {type(model).__name__}")
@@ -269,12 +277,64 @@ def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | st
             if backend.use_triton != "never" and torch.device(device).type == "cuda":
                 passes.append(LowerKernels())
             gm = passes(gm).graph_module
+    configure_decode(gm, backend.decode)  # on CPU by default: the weights decode once, here, not per call
     header = {k: m[k] for k in ("capture", "fingerprint", "config", "passes", "fold_batchnorm", "original_nbytes", "torch")
               if k in m}
     compiled = CompiledModel(gm, None, header)
     compiled.report = _report([layer.info for layer in layers], reader.target_cr, reader.file_nbytes,
                               reader.original_nbytes)
     return compiled
+
+
+def load_into(path: str | os.PathLike, model: nn.Module, *, backend: BackendConfig | None = None,
+              threads: int | None = None) -> nn.Module:
+    """Loads the artifact at ``path`` into ``model`` itself, an instance of the architecture it
+    was compiled from, and returns ``model``: its own class, every method working (``generate()``
+    on a causal LM, ``.config``, hooks, ``.to()``), each compressed weight replaced in place by a
+    parametrization decoding the artifact's codes (:mod:`l2fx.into_model`: what
+    ``state_dict()`` then holds), every other tensor overwritten with the artifact's values.
+
+    Nothing is captured (no torch.export, no tracing): the model's tensors are checked against
+    the artifact by name, shape and dtype (:class:`ArchitectureMismatchError` naming the first
+    that differs) before a symbol is decoded. Its outputs equal those of :func:`load` bit for
+    bit where the model's eager forward and its captured graph compute alike (the tests check
+    a transformers decoder and a sentence encoder). Artifacts whose compile folded BatchNorm
+    layers are refused (the error names them): use :func:`load`. Tensors of the model the
+    artifact does not hold (pruned at compile: the compiled forward read nothing of them) are
+    left as they are, with a warning naming them. ``backend.decode``: "auto" (default) decodes
+    every weight once, here, into a cache on CPU and on every access elsewhere; "per_call",
+    "cache" as for :func:`load`. :func:`materialize` turns the result into a plain module.
+    """
+    if not isinstance(model, nn.Module):
+        raise ArtifactError(f"l2fx.load_into needs an instance of the uncompressed architecture, got "
+                            f"{type(model).__name__}")
+    reader = ArtifactReader(path)
+    decode = (backend or BackendConfig()).decode
+    plain_spec = {p.name: (p.shape, getattr(torch, p.dtype)) for p in reader.plain_entries}
+    unheld = check_model(model, {e.param: e.shape for e in reader.layers}, plain_spec,
+                         fold_batchnorm=reader.fold_batchnorm, source=str(reader.path))
+    rangedec.warm_up()
+    layers = _decoded_layers(reader, threads)
+    coded = [CodedTensor(layer.info.param, torch.from_numpy(layer.symbols.astype(np.int8)).reshape(layer.info.entry["shape"]),
+                         TransformKind(layer.info.entry["kind"]), layer.step_s, layer.threshold_e,
+                         layer.info.entry["axis"], layer.info.entry.get("group"))
+             for layer in layers]
+    install(model, coded, reader.plain(), decode)
+    if unheld:
+        warnings.warn(f"l2fx.load_into: {len(unheld)} tensor(s) of the {type(model).__name__} are not in {reader.path} "
+                      f"(the compiled forward read nothing of them) and keep the model's own values: "
+                      f"{', '.join(unheld[:5])}{', ...' if len(unheld) > 5 else ''}", stacklevel=2)
+    return model
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """``model`` (from :func:`load_into`) with every compressed weight decoded once into a dense
+    ``nn.Parameter`` in the model's dtype under its original name, the parametrizations removed:
+    a plain module whose ``state_dict()`` has the original keys (``save_pretrained`` works).
+    In place; returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise ArtifactError(f"l2fx.materialize expects the module l2fx.load_into returned, got {type(model).__name__}")
+    return _materialize(model)
 
 
 def lower(compiled: CompiledModel, backend: BackendConfig | None = None) -> CompiledModel:
@@ -285,12 +345,15 @@ def lower(compiled: CompiledModel, backend: BackendConfig | None = None) -> Comp
     ``compiled`` is not modified (its GraphModule is deep-copied; ``CodedInfo`` streams are
     shared, being immutable). The header is kept, so ``artifact_bytes()`` of the result equals
     the input's: lowering is a runtime choice made from the device, not part of the stored model.
+    ``backend.decode`` applies to the layers that stay ``CodedWeight`` (the copy's caches are
+    decoded afresh).
     """
     if not isinstance(compiled, CompiledModel):
         raise ArtifactError(f"lower expects a CompiledModel from l2fx.compile/l2fx.load, got {type(compiled).__name__}")
     gm = copy.deepcopy(compiled.graph_module)
     with PassContext(backend=backend or BackendConfig(), verify=True):
         gm = PassManager([LowerKernels()])(gm).graph_module
+    configure_decode(gm, (backend or BackendConfig()).decode)  # the layers left on the reference path
     out = CompiledModel(gm, compiled.report, copy.deepcopy(compiled._header))
     out.train(compiled.training)
     return out

@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 
 from l2fx import coding
+from l2fx.accounting import e8m0_codes, stored_params
 from l2fx.config import CompileConfig
 from l2fx.errors import (ArchitectureMismatchError, ArtifactError, ArtifactVersionError, ConfigError,
                          CorruptArtifactError, L2fxError)
@@ -44,7 +45,6 @@ from l2fx.ir import CodedInfo, get_meta, weight_sites
 from l2fx.manifest import (LayerEntry, check_tparams, int_field, parse_capture, parse_layers, parse_plain_v1,
                            parse_plain_v2, require)
 from l2fx.modules import CodedWeight
-from l2fx.transform import TransformKind
 
 FORMAT = "l2fx"
 # Version 2: the manifest is zlib-compressed (level 9) and the plain tensors are packed per dtype.
@@ -64,7 +64,7 @@ MANIFEST = "l2fx.manifest"
 PAYLOAD = "l2fx.payload"
 CHUNKS = "l2fx.chunks"
 TABLES = "l2fx.tables"
-TPARAMS = {"f16": "l2fx.tparams16", "f32": "l2fx.tparams32"}
+TPARAMS = {"f16": "l2fx.tparams16", "f32": "l2fx.tparams32", "e8m0": "l2fx.tparams8"}
 PLAIN_PREFIX = "l2fx.plain."
 
 
@@ -104,7 +104,7 @@ def serialize(gm: fx.GraphModule, header: dict[str, Any]) -> bytes:
     layers = coded_layers(gm)
     coded_prefixes = tuple(path + "." for path, _, _ in layers)
     payload, chunk_index, tables = [], [], []
-    tparams: dict[str, list[np.ndarray]] = {"f16": [], "f32": []}
+    tparams: dict[str, list[np.ndarray]] = {"f16": [], "f32": [], "e8m0": []}
     entries = []
     for _, info, module in layers:
         stream = info.stream
@@ -112,10 +112,12 @@ def serialize(gm: fx.GraphModule, header: dict[str, Any]) -> bytes:
         for c, crc in zip(stream.chunks, stream.crc32):
             chunk_index.extend((len(c), crc))
         tables.append(stream.table.freqs.astype(np.uint16))
-        dtype = np.float16 if info.entry["pdtype"] == "f16" else np.float32
-        tparams[info.entry["pdtype"]].append(module.step_s.cpu().numpy().astype(dtype).reshape(-1))
-        if module.kind is not TransformKind.LINEAR:
-            tparams[info.entry["pdtype"]].append(module.threshold_e.cpu().numpy().astype(dtype).reshape(-1))
+        key = info.entry["pdtype"]
+        for p in stored_params(module.kind, module.step_s, module.threshold_e):
+            if key == "e8m0":
+                tparams[key].append(e8m0_codes(p.cpu()).numpy().reshape(-1))
+            else:
+                tparams[key].append(p.cpu().numpy().astype(np.float16 if key == "f16" else np.float32).reshape(-1))
         entries.append(info.entry)
     arrays: dict[str, np.ndarray] = {
         PAYLOAD: np.concatenate(payload) if payload else np.zeros(0, np.uint8),
@@ -142,7 +144,7 @@ def serialize(gm: fx.GraphModule, header: dict[str, Any]) -> bytes:
     for key, parts in packs.items():
         arrays[PLAIN_PREFIX + key] = np.concatenate(parts)
     crcs = {k: _crc(v) for k, v in arrays.items() if k != PAYLOAD}
-    version = 3 if any("group" in e for e in entries) else 2
+    version = 3 if any("group" in e or e["pdtype"] == "e8m0" for e in entries) else 2
     manifest = {"format": FORMAT, "version": version, **header, "layers": entries, "plain": plain_dtypes,
                 "crc32": crcs}
     arrays[MANIFEST] = np.frombuffer(encode_manifest(manifest, version), dtype=np.uint8)
@@ -232,7 +234,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 # format's limits and the arrays present before anything is allocated from it.
 
 _ARRAY_DTYPES = {MANIFEST: "U8", PAYLOAD: "U8", CHUNKS: "U32", TABLES: "U16", TPARAMS["f16"]: "F16",
-                 TPARAMS["f32"]: "F32"}
+                 TPARAMS["f32"]: "F32", TPARAMS["e8m0"]: "U8"}
 _TOP_KEYS_REQUIRED = ("format", "version", "capture", "fingerprint", "config", "original_nbytes", "layers",
                       "plain", "crc32")
 _TOP_KEYS_OPTIONAL = ("passes", "fold_batchnorm", "torch")
@@ -304,13 +306,12 @@ class ArtifactReader:
         sizes = {"chunks": self.arrays.get(CHUNKS, _EMPTY[CHUNKS]).size // 2,
                  "tables": self.arrays.get(TABLES, _EMPTY[TABLES]).size,
                  "f16": self.arrays.get(TPARAMS["f16"], _EMPTY[TPARAMS["f16"]]).size,
-                 "f32": self.arrays.get(TPARAMS["f32"], _EMPTY[TPARAMS["f32"]]).size}
+                 "f32": self.arrays.get(TPARAMS["f32"], _EMPTY[TPARAMS["f32"]]).size,
+                 "e8m0": self.arrays.get(TPARAMS["e8m0"], _EMPTY[TPARAMS["e8m0"]]).size}
         self.layers = parse_layers(m["layers"], sizes, self.version)
         self._locate_payload()
         self._tables = {e.param: self._table(e) for e in self.layers}
-        self._tparams = {e.param: check_tparams(e, self._array(TPARAMS[e.pdtype])[e.tparam_start:
-                                                                                 e.tparam_start + e.nparams])
-                         for e in self.layers}
+        self._tparams = {e.param: check_tparams(e, self._stored_tparams(e)) for e in self.layers}
         if self.version == 1:
             self.plain_entries = parse_plain_v1(m["plain"], {k: v for k, v in self._specs.items()
                                                              if k not in _ARRAY_DTYPES})
@@ -378,6 +379,16 @@ class ArtifactReader:
         require(cursor == payload, "manifest", f"the chunk index accounts for {cursor} payload bytes, "
                 f"the payload holds {payload}")
 
+    def _stored_tparams(self, e: LayerEntry) -> np.ndarray:
+        """The layer's stored T parameters as float32 (E8M0 codes become 2^(code - 127); the NaN
+        code 0xFF becomes NaN, which the checks refuse)."""
+        raw = self._array(TPARAMS[e.pdtype])[e.tparam_start: e.tparam_start + e.nparams]
+        if e.pdtype != "e8m0":
+            return raw
+        out = np.ldexp(np.float32(1.0), raw.astype(np.int32) - 127).astype(np.float32)
+        out[raw == 0xFF] = np.nan
+        return out
+
     def _table(self, e: LayerEntry) -> coding.FrequencyTable:
         freqs = self._array(TABLES)[e.table_start: e.table_start + e.ntab]
         try:
@@ -441,7 +452,8 @@ class ArtifactReader:
 
 
 _EMPTY = {PAYLOAD: np.zeros(0, np.uint8), CHUNKS: np.zeros(0, np.uint32), TABLES: np.zeros(0, np.uint16),
-          TPARAMS["f16"]: np.zeros(0, np.float16), TPARAMS["f32"]: np.zeros(0, np.float32)}
+          TPARAMS["f16"]: np.zeros(0, np.float16), TPARAMS["f32"]: np.zeros(0, np.float32),
+          TPARAMS["e8m0"]: np.zeros(0, np.uint8)}
 _ST_NAMES = set(_ST_DTYPES.values())
 
 

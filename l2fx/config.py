@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from l2fx.counter import CounterConfig
 from l2fx.errors import ConfigError, TargetCRError
-from l2fx.transform import TransformKind
+from l2fx.transform import FORMAT_KINDS, TransformKind
 
 
 class Granularity(str, enum.Enum):
@@ -229,6 +229,11 @@ class LayerRule(_JsonConfig):
 
     "Keep ``lm_head`` and the first conv at 8 bits" is
     ``CompileConfig(layers=(LayerRule(r"lm_head|conv1", bits=8),))``.
+
+    ``format``: the layer is stored in a block format exactly as its spec quantises it (OCP MX
+    v1.0 or HBFP: ``TransformKind.MXFP4_E2M1`` ...): blocks of 32 elements along the reduction
+    axis, each with its max-scaled power-of-two scale (E8M0, one byte), elements cast with
+    saturating round-to-nearest-even; a fixed grid like ``bits`` (its symbols still range coded).
     """
 
     pattern: str
@@ -238,6 +243,7 @@ class LayerRule(_JsonConfig):
     granularity: Granularity | None = None
     group_size: int | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    format: TransformKind | None = None
 
     def __post_init__(self) -> None:
         n = f"{type(self).__name__}({self.pattern!r})"
@@ -250,6 +256,8 @@ class LayerRule(_JsonConfig):
         _require(self.bits is None or (isinstance(self.bits, int) and not isinstance(self.bits, bool)
                                        and 2 <= self.bits <= 8), n, f"bits must be None or in 2..8, got {self.bits!r}")
         _require(self.kind is None or isinstance(self.kind, TransformKind), n, f"kind must be a TransformKind, got {self.kind!r}")
+        _require(self.kind not in FORMAT_KINDS, n, f"kind {getattr(self.kind, 'value', self.kind)!r} is a block format: "
+                 f"give it as format=, not kind=")
         _require(self.granularity is None or isinstance(self.granularity, Granularity), n,
                  f"granularity must be a Granularity, got {self.granularity!r}")
         _require(self.group_size is None or (isinstance(self.group_size, int) and not isinstance(self.group_size, bool)
@@ -259,6 +267,11 @@ class LayerRule(_JsonConfig):
                  n, "a kept (uncompressed) layer takes no bits, kind, granularity, group_size or options")
         _require(not (self.bits is not None and self.kind not in (None, TransformKind.LINEAR)), n,
                  "a fixed-bits layer uses the LINEAR grid; kind must be None or linear")
+        _require(self.format is None or self.format in FORMAT_KINDS, n,
+                 f"format must be a block format ({[k.value for k in FORMAT_KINDS]}), got {self.format!r}")
+        _require(not (self.format is not None and (self.keep or self.bits or self.kind or self.granularity
+                                                   or self.group_size)), n,
+                 "a block-format layer takes its grid from the format: no keep, bits, kind, granularity or group_size")
         opts = tuple(tuple(o) for o in self.options)
         _require(all(len(o) == 2 and isinstance(o[0], str) for o in opts), n,
                  f"options must be (name, value) pairs, got {self.options!r}")
@@ -308,6 +321,10 @@ class CompileConfig(_JsonConfig):
             raise TargetCRError(f"target_cr must be > 1 (fp32 is 1.0), got {self.target_cr}")
         _require(isinstance(self.method, str) and bool(self.method), n, f"method must be a method's name, got {self.method!r}")
         _require(isinstance(self.transform, TransformKind), n, f"transform must be a TransformKind, got {self.transform!r}")
+        _require(self.transform not in FORMAT_KINDS, n,
+                 f"transform {self.transform.value!r} is a block storage format (spec scales, fixed grid): give it to "
+                 f"the layers that use it as LayerRule(pattern, format=...); the learnt transform is one of "
+                 f"{[k.value for k in TransformKind if k not in FORMAT_KINDS]}")
         _require(isinstance(self.granularity, Granularity), n, f"granularity must be a Granularity, got {self.granularity!r}")
         _require(isinstance(self.group_size, int) and not isinstance(self.group_size, bool) and self.group_size >= 1,
                  n, f"group_size must be an int >= 1, got {self.group_size!r}")
@@ -329,19 +346,35 @@ class CompileConfig(_JsonConfig):
         return dataclasses.replace(self, **changes)
 
 
+#: ``BackendConfig.decode`` values; :class:`l2fx.modules.CodedWeight` reads them.
+DECODE_MODES = ("auto", "cache", "per_call")
+
+
 @dataclasses.dataclass(frozen=True)
 class BackendConfig(_JsonConfig):
     """What the runtime can execute; the lowering pass consults it, never the user intent.
 
     ``use_triton``: "auto" lowers to the fused Triton kernel when the layer sits on a CUDA
     device and Triton is importable; "never" keeps the torch reference dequantisation.
+
+    ``decode``: when a weight left on the torch reference path (a ``CodedWeight``) turns its
+    codes into the weight. "cache": once, into a tensor in the weight's dtype kept beside the
+    codes (not in ``state_dict()``, not saved), re-decoded when the codes, T parameters, dtype
+    or device change; costs the dense weight's memory on top of the codes. "per_call": on every
+    forward (least memory; the weight exists only during the op that reads it). "auto": cache
+    on CPU, per call on an accelerator (where ``lower_kernels`` puts the fused kernel, which
+    decodes in registers; what it leaves decodes per call there). Layers already lowered
+    decode in the kernel whatever this says.
     """
 
     use_triton: str = "auto"
     supported_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         n = type(self).__name__
         _require(self.use_triton in ("auto", "never", "always"), n,
                  f"use_triton must be 'auto', 'never' or 'always', got {self.use_triton!r}")
         _require(all(2 <= b <= 8 for b in self.supported_bits), n, "supported_bits must lie in 2..8")
+        _require(isinstance(self.decode, str) and self.decode in DECODE_MODES, n,
+                 f"decode must be one of {', '.join(repr(m) for m in DECODE_MODES)}, got {self.decode!r}")

@@ -10,6 +10,25 @@ counts as a failed trace and export is tried.
 
 The caller's model is deep-copied first: fx shares submodules with the traced model, and
 later passes (BatchNorm folding) rewrite parameters.
+
+Hugging Face transformers (:func:`_prepare_copy`): a model whose ``config.use_cache`` is on
+returns a ``DynamicCache`` that torch.export cannot flatten ("not a known type"), and a KV
+cache is no part of what is compressed; the *copy* is captured with ``use_cache = False``
+(the caller's model and config are left as they are). What was changed is in
+``CaptureInfo.notes`` (and the compile report's ``records["capture"]``).
+
+vmap regions (:func:`outline_vmap_regions`): torch.export records ``torch.vmap`` as a
+sequence of ``_vmap_increment_nesting`` / ``_add_batch_dim`` / ... / ``_remove_batch_dim`` /
+``_vmap_decrement_nesting`` calls whose batched values are only valid between the nesting
+calls, and the nesting calls have no users. A runner that executes only part of the graph
+(dead-code elimination, :class:`l2fx.evaluate.DownstreamRunner`'s recomputation of what a
+weight reaches, a reconstruction block pulling in its side values) ran the batched ops
+outside their vmap level: "your tensor may have escaped from inside a function being
+vmapped". Transformers builds attention masks this way when a model (or a user) adds mask
+functions (``or_mask_function``/``and_mask_function``), and did for every mask on older
+versions. The capture moves each region into one ``call_module`` of a sub-GraphModule
+(``l2fx_vmap_<i>``, no parameters: the state_dict is unchanged), which every runner executes
+whole, in its recorded order.
 """
 from __future__ import annotations
 
@@ -17,11 +36,17 @@ import copy
 import dataclasses
 import hashlib
 import json
+import operator
 from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+
+try:
+    from torch._functorch import predispatch as _predispatch
+except ImportError:  # torch before 2.4 records the torch._C._functorch functions themselves
+    _predispatch = None
 
 from l2fx.data import Batch, call_model, clone_batch, output_vector
 from l2fx.errors import CaptureError
@@ -34,6 +59,9 @@ class CaptureInfo:
     frontend: str  # "fx" | "export"
     # For export: per input leaf, (kind "arg"/"kwarg", key, shape, dtype) of the example batch.
     inputs: tuple[tuple[str, str, tuple[int, ...], str], ...] = ()
+    # What the capture changed on its copy or in the graph (e.g. "config.use_cache=False"). Not
+    # stored in the artifact: the same model gets the same changes when l2fx.load re-captures.
+    notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"frontend": self.frontend, "inputs": [list(i[:2]) + [list(i[2]), i[3]] for i in self.inputs]}
@@ -70,6 +98,96 @@ def _split(batch: Batch) -> tuple[tuple, dict]:
     return tuple(batch), {}
 
 
+def _prepare_copy(work: torch.nn.Module) -> tuple[str, ...]:
+    """Switches off, on the deep copy about to be captured, what makes a transformers model's
+    output uncapturable; returns what it changed. Only a transformers-style config (an object
+    with ``use_cache`` and ``to_dict``) is touched: a KV cache (``DynamicCache``) in the output
+    is not a pytree torch.export knows, and not part of the compressed model's function."""
+    notes = []
+    config = getattr(work, "config", None)
+    if config is not None and hasattr(config, "to_dict") and getattr(config, "use_cache", False) is True:
+        config.use_cache = False  # the copy's own config object: deepcopy copied it
+        notes.append("config.use_cache=False (on the captured copy: the KV cache is not captured)")
+    return tuple(notes)
+
+
+def _vmap_markers() -> tuple[set, set]:
+    """The functions torch.export records for entering and leaving a vmap level (torch 2.14:
+    the wrappers of ``torch._functorch.predispatch``; the ``torch._C._functorch`` ones too)."""
+    enter, leave = {torch._C._functorch._vmap_increment_nesting}, {torch._C._functorch._vmap_decrement_nesting}
+    if _predispatch is not None:
+        enter.add(getattr(_predispatch, "_vmap_increment_nesting", None))
+        leave.add(getattr(_predispatch, "_vmap_decrement_nesting", None))
+    return enter - {None}, leave - {None}
+
+
+def outline_vmap_regions(gm: fx.GraphModule) -> int:
+    """Moves every outermost vmap region of ``gm`` (from a ``_vmap_increment_nesting`` call to
+    the matching ``_vmap_decrement_nesting``, in graph order) into one ``call_module`` of a
+    sub-GraphModule ``l2fx_vmap_<i>`` that runs the region's nodes in their recorded order and
+    returns the values used after it. Returns how many regions it outlined. Idempotent.
+
+    Before::
+
+        n = _vmap_increment_nesting(s, 'error'); a = _add_batch_dim(q, 0, 1); m = le(a, k)
+        r = _remove_batch_dim(m, 1, s, 0); _vmap_decrement_nesting(); y = and_(r, pad)
+
+    After::
+
+        o = call_module[l2fx_vmap_0](s, q, k); r = getitem(o, 0); y = and_(r, pad)
+    """
+    enter, leave = _vmap_markers()
+    regions: list[list[fx.Node]] = []
+    depth, current = 0, []
+    for node in gm.graph.nodes:
+        is_call = node.op == "call_function"
+        if is_call and node.target in enter:
+            depth += 1
+        if depth > 0 and node.op not in ("placeholder", "get_attr", "output"):
+            current.append(node)
+        if is_call and node.target in leave and depth > 0:
+            depth -= 1
+            if depth == 0:
+                regions.append(current)
+                current = []
+    if depth:
+        raise CaptureError("the exported graph opens a vmap level it never closes")
+    taken = {name for name, _ in gm.named_children()}
+    index = 0
+    for region in regions:
+        members = set(region)
+        inputs = list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a not in members))
+        outputs = [n for n in region if any(u not in members for u in n.users)]
+        sub = fx.Graph()
+        env = {a: sub.placeholder(a.name) for a in inputs}
+        for a in inputs:
+            env[a].meta.update({k: v for k, v in a.meta.items() if k == "val"})
+        for n in region:
+            env[n] = sub.node_copy(n, lambda a: env[a])
+        sub.output(tuple(env[o] for o in outputs))
+        while f"l2fx_vmap_{index}" in taken:
+            index += 1
+        name = f"l2fx_vmap_{index}"
+        taken.add(name)
+        gm.add_submodule(name, fx.GraphModule(torch.nn.Module(), sub, class_name="L2fxVmapRegion"))
+        with gm.graph.inserting_after(region[-1]):
+            call = gm.graph.call_module(name, tuple(inputs))
+        call.meta["val"] = tuple(o.meta.get("val") for o in outputs)
+        anchor = call
+        for i, o in enumerate(outputs):
+            with gm.graph.inserting_after(anchor):
+                item = gm.graph.call_function(operator.getitem, (call, i))
+            item.meta.update({k: v for k, v in o.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+            o.replace_all_uses_with(item, delete_user_cb=lambda u: u not in members)
+            anchor = item
+        for n in reversed(region):
+            gm.graph.erase_node(n)
+    if regions:
+        gm.graph.lint()
+        gm.recompile()
+    return len(regions)
+
+
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     auto = torch.export.Dim.AUTO
     dyn_args = tuple({d: auto for d in range(a.dim())} for a in args)
@@ -103,6 +221,7 @@ def capture(model: torch.nn.Module, example: Batch, frontend: str = "auto") -> t
     work = copy.deepcopy(model).eval()
     for p in work.parameters():
         p.requires_grad_(False)
+    notes = _prepare_copy(work)
     fx_error = export_error = None
     if frontend in ("auto", "fx"):
         try:
@@ -112,7 +231,7 @@ def capture(model: torch.nn.Module, example: Batch, frontend: str = "auto") -> t
         else:
             mismatch = _mismatch(work, gm, example)
             if mismatch is None:
-                return gm, CaptureInfo("fx")
+                return gm, CaptureInfo("fx", notes=notes)
             fx_error = CaptureError(f"its graph does not reproduce the model on the example batch ({mismatch})")
     if frontend in ("auto", "export"):
         args, kwargs = _split(example)
@@ -120,7 +239,10 @@ def capture(model: torch.nn.Module, example: Batch, frontend: str = "auto") -> t
             gm = _export(work, args, kwargs)
             for p in gm.parameters():
                 p.requires_grad_(False)
-            return gm, CaptureInfo("export", _input_spec(example))
+            outlined = outline_vmap_regions(gm)
+            if outlined:
+                notes += (f"{outlined} vmap region(s) outlined into call_module nodes",)
+            return gm, CaptureInfo("export", _input_spec(example), notes)
         except Exception as exc:
             export_error = exc
     parts = []

@@ -168,6 +168,7 @@ class LayerIntent:
     bits: int | None = None
     options: tuple = ()
     rule: int | None = None
+    format: str | None = None  # a block format kind: the layer's grid is the format's (fixed)
 
     def option(self, name: str, default: Any = None) -> Any:
         return next((v for k, v in self.options if k == name), default)

@@ -13,7 +13,7 @@ What is checked:
   ``1 <= chunk <= MAX_CHUNK``, ``nchunks == ceil(numel / chunk)``, a table of
   ``1 <= ntab <= 255`` symbols from ``qmin`` inside ``[-127, 127]`` (the int8 codes that
   hold them in memory), a known transform ``kind``, ``axis`` None or a dim of the shape, a
-  known ``pdtype``; from version 3 an optional ``group`` (``1 <= group <= K``, ``axis`` 0: T
+  known ``pdtype`` (``e8m0`` from version 3, a block format's scales only); from version 3 an optional ``group`` (``1 <= group <= K``, ``axis`` 0: T
   parameters per group of ``group`` consecutive elements of each row);
 * exact accounting: the layers' chunk counts, table sizes and T parameter counts add up to
   exactly the entries of ``l2fx.chunks``, ``l2fx.tables`` and ``l2fx.tparams16/32``; the chunk
@@ -38,7 +38,7 @@ import numpy as np
 
 from l2fx.errors import CorruptArtifactError
 from l2fx.frontend import CaptureInfo
-from l2fx.transform import TransformKind, param_shape
+from l2fx.transform import FORMAT_KINDS, TransformKind, param_shape, uses_threshold
 
 __all__ = [
     "MAX_NDIM", "MAX_NUMEL", "MAX_CHUNK", "MAX_NAME", "MAX_TABLE", "SYMBOL_LIMIT", "INSPECT_SYMBOLS_PER_BYTE",
@@ -69,7 +69,7 @@ INSPECT_SYMBOLS_PER_BYTE = 256
 MAX_EXAMPLE_NUMEL = 1 << 24
 #: dtypes a plain tensor or a captured input may have (torch names).
 PLAIN_DTYPES = ("float16", "bfloat16", "float32", "float64", "uint8", "int8", "int16", "int32", "int64", "bool")
-_PDTYPES = ("f16", "f32")
+_PDTYPES = ("f16", "f32", "e8m0")  # e8m0 from format version 3
 _LAYER_KEYS = ("param", "kind", "shape", "axis", "qmin", "ntab", "nchunks", "chunk", "pdtype")
 #: Optional layer fields, by the first format version that has them.
 _OPTIONAL_KEYS = {"group": 3}
@@ -148,7 +148,7 @@ class LayerEntry:
     @property
     def nparams(self) -> int:
         """T parameters stored: step_s per channel, and threshold_e except for the linear kind."""
-        return self.channels * (1 if self.kind is TransformKind.LINEAR else 2)
+        return self.channels * (2 if uses_threshold(self.kind) else 1)
 
     def to_dict(self) -> dict:
         out = {"param": self.param, "kind": self.kind.value, "shape": list(self.shape), "axis": self.axis,
@@ -189,7 +189,10 @@ def _layer(raw: Any, index: int, version: int) -> LayerEntry:
     require(nchunks == -(-numel // chunk), where,
             f"field 'nchunks' = {nchunks}, but {numel} symbols in chunks of {chunk} need {-(-numel // chunk)}")
     pdtype = raw["pdtype"]
-    require(pdtype in _PDTYPES, where, f"field 'pdtype' = {_show(pdtype)} is not one of {list(_PDTYPES)}")
+    require(pdtype in _PDTYPES[:2] or (pdtype in _PDTYPES and version >= 3), where,
+            f"field 'pdtype' = {_show(pdtype)} is not one of {list(_PDTYPES) if version >= 3 else list(_PDTYPES[:2])}")
+    require(pdtype != "e8m0" or TransformKind(kind) in FORMAT_KINDS, where,
+            "E8M0 parameters (pdtype 'e8m0') are a block format's scales; the kind is not a block format")
     group = None
     if "group" in raw:
         group = int_field(raw, "group", where, 1, max(1, numel // shape[0]))
@@ -205,7 +208,7 @@ def parse_layers(raw: Any, sizes: Mapping[str, int], version: int) -> tuple[Laye
     """
     require(isinstance(raw, list), "manifest", f"'layers' must be a list, got {_show(raw)}")
     out: list[LayerEntry] = []
-    cursor = {"chunks": 0, "tables": 0, "f16": 0, "f32": 0}
+    cursor = {"chunks": 0, "tables": 0, "f16": 0, "f32": 0, "e8m0": 0}
     for i, item in enumerate(raw):
         e = _layer(item, i, version)
         if out:
@@ -217,7 +220,7 @@ def parse_layers(raw: Any, sizes: Mapping[str, int], version: int) -> tuple[Laye
         cursor["tables"] += e.ntab
         cursor[e.pdtype] += e.nparams
     names = {"chunks": "l2fx.chunks rows", "tables": "l2fx.tables entries", "f16": "l2fx.tparams16 values",
-             "f32": "l2fx.tparams32 values"}
+             "f32": "l2fx.tparams32 values", "e8m0": "l2fx.tparams8 values"}
     for key, used in cursor.items():
         require(used == sizes.get(key, 0), "manifest",
                 f"the layers account for {used} {names[key]}, the file holds {sizes.get(key, 0)}")
@@ -311,7 +314,7 @@ def check_tparams(entry: LayerEntry, params: np.ndarray) -> tuple[np.ndarray, np
     p = params.astype(np.float32)
     require(bool(np.isfinite(p).all() and (p > 0).all()), where, "T parameters are not finite and > 0")
     s = p[:entry.channels].reshape(entry.param_shape)
-    e = p[entry.channels:].reshape(entry.param_shape) if entry.kind is not TransformKind.LINEAR else np.float32(0.5) * s
+    e = p[entry.channels:].reshape(entry.param_shape) if uses_threshold(entry.kind) else np.float32(0.5) * s
     amax = max(abs(entry.qmin), abs(entry.qmin + entry.ntab - 1))
     with np.errstate(over="ignore", invalid="ignore"):
         q = np.float32(amax)
@@ -319,6 +322,8 @@ def check_tparams(entry: LayerEntry, params: np.ndarray) -> tuple[np.ndarray, np
             w = e * np.expm1(np.minimum(q * s / e, np.float32(40.0)))
         elif entry.kind is TransformKind.EXP:
             w = e * np.log1p(q * s / e)
+        elif entry.kind in FORMAT_KINDS:  # the format's largest value at the block's scale
+            w = np.float32(FORMAT_KINDS[entry.kind].max_normal) * s
         else:  # linear q s; joint/prune (|q| - 0.5) s + e
             w = q * s + e
     require(bool(np.isfinite(w).all()), where, f"T parameters decode symbol {amax} to a non-finite weight")

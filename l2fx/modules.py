@@ -7,7 +7,8 @@ what runs:
 * :class:`TransformedWeight` (after ``insert_transforms``): fp32 weight plus learnable T
   parameters; returns T^-1(round_ste(T(w))) (Eq. 11), differentiable for reconstruction.
 * :class:`CodedWeight` (after ``range_code``): the integer symbols and the stored T
-  parameters; returns T^-1(q). No fp32 weight exists any more.
+  parameters; returns T^-1(q). No fp32 weight is stored any more; on CPU the decoded weight is
+  kept as a cache beside the codes (``BackendConfig.decode``), outside ``state_dict()``.
 
 and the runtime modules ``lower_kernels`` puts in place of a coded weight *and* the linear
 op reading it (:class:`DequantLinear`, :class:`DequantConv1x1`), which call the fused
@@ -19,16 +20,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from l2fx.config import DECODE_MODES
 from l2fx.errors import BackendError, ConfigError
 from l2fx.transform import TransformKind, channel_view, fake_quant, inverse_t
 from l2fx.triton_kernels import dequant_matmul as _kernels  # registers torch.ops.l2fx.dequant_matmul
 from l2fx.triton_kernels.packing import pack_codes
 
 __all__ = ["TransformedWeight", "StoredParams", "CodedWeight", "DequantLinear", "DequantConv1x1", "KERNEL_KINDS",
-           "HAS_TRITON"]
+           "HAS_TRITON", "configure_decode", "decode_cache_nbytes"]
 
-#: Transform kinds the fused kernel decodes, and whether Triton is importable here.
-KERNEL_KINDS = tuple(_kernels.KINDS)
+#: Transform kinds the fused kernel decodes (block formats with integer elements run as
+#: "linear" with the element unit folded into the step), and whether Triton is importable here.
+KERNEL_KINDS = tuple(_kernels.KINDS) + tuple(_kernels.INT_FORMAT_UNITS)
 HAS_TRITON = _kernels.HAS_TRITON
 
 
@@ -106,24 +109,45 @@ class StoredParams(nn.Module):
 
 
 class CodedWeight(StoredParams):
-    """Decoded-on-the-fly weight: ``codes`` int8 [shape]; ``step_s``/``threshold_e`` fp32 in the
-    layout of :class:`TransformedWeight` ([1], [C] or [rows, groups]).
+    """Decoded weight: ``codes`` int8 [shape]; ``step_s``/``threshold_e`` fp32 in the layout of
+    :class:`TransformedWeight` ([1], [C] or [rows, groups]).
 
     The T parameters hold exactly the values stored in the artifact (fp16-representable when
     stored as fp16), so a loaded model computes bit-identical weights. The weight is decoded
     in fp32 and returned in ``dtype``, the dtype of the weight it replaces (float16 for a
     float16 model); not stored: the model passed to :func:`l2fx.load` gives it again.
+
+    ``decode`` (``BackendConfig.decode``, set by :func:`configure_decode`): "per_call" decodes
+    on every forward; "cache" decodes once into a plain tensor attribute (not a buffer: it is
+    in neither ``state_dict()`` nor ``buffers()``, nor pickled; the artifact is unchanged) and
+    returns that tensor while it is fresh; "auto" caches on CPU and decodes per call on any
+    other device. The cache is the same computation as the per-call path (bit-identical), in
+    ``dtype``, on the codes' device: ``numel * itemsize(dtype)`` bytes beside the codes' one
+    byte per weight. It is stale, and re-decoded at the next eager call, when ``dtype`` or any
+    of ``codes``/``step_s``/``threshold_e`` is not the tensor it was decoded from (a buffer
+    reassigned) or was written in place since (``Tensor._version``: ``load_state_dict``,
+    ``copy_``). ``.to()``, ``.half()``, ``.cuda()`` (:meth:`_apply`) drop it and re-decode at
+    once when the module still caches afterwards, so a model cast or moved and then handed to
+    ``torch.compile`` reads a filled cache. Under ``torch.compile`` the freshness check traces
+    without a graph break, and a fresh cache is a graph input (no decode ops in the graph);
+    a stale one is decoded inside the graph, not stored (no side effects in traced code). The
+    traced check compares identities and dtype but not versions (:meth:`cache_fresh`): after
+    writing into the buffers of a compiled model in place, refresh its caches
+    (:func:`configure_decode`, or any eager call); the compiled graph reads the new tensors.
+    The returned cache is the module's own tensor: an op writing into its weight would
+    corrupt it (the ops of ``WEIGHTED_OPS`` do not).
     """
 
     def __init__(self, codes: torch.Tensor, kind: TransformKind, step_s: torch.Tensor,
                  threshold_e: torch.Tensor, channel_axis: int | None, dtype: torch.dtype = torch.float32,
-                 group_size: int | None = None):
+                 group_size: int | None = None, decode: str = "auto"):
         super().__init__()
         if not dtype.is_floating_point:
             raise ConfigError(f"CodedWeight: dtype must be a floating dtype, got {dtype}")
         if not (torch.isfinite(step_s).all() and torch.isfinite(threshold_e).all()
                 and (step_s > 0).all() and (threshold_e > 0).all()):
             raise ConfigError("CodedWeight: step_s and threshold_e must be finite and > 0")
+        _check_decode(decode)
         self.register_buffer("codes", codes.to(torch.int8).contiguous())
         self.register_buffer("step_s", step_s.detach().float().contiguous())
         self.register_buffer("threshold_e", threshold_e.detach().float().contiguous())
@@ -131,9 +155,13 @@ class CodedWeight(StoredParams):
         self.channel_axis = channel_axis
         self.group_size = group_size
         self.dtype = dtype
+        self.decode = decode
+        self._cache: torch.Tensor | None = None
+        self._cache_key: tuple | None = None
         channel_view(self.step_s, self.codes, channel_axis, group_size)  # validates the layout
 
-    def forward(self) -> torch.Tensor:
+    def decoded(self) -> torch.Tensor:
+        """``T^-1(codes)`` in ``dtype``, computed now: the per-call path, and what the cache holds."""
         s = channel_view(self.step_s, self.codes, self.channel_axis, self.group_size)
         e = channel_view(self.threshold_e, self.codes, self.channel_axis, self.group_size)
         # inverse_t, not decode: decode's positivity check reads tensor values (a graph break
@@ -141,10 +169,119 @@ class CodedWeight(StoredParams):
         w = inverse_t(self.codes.to(torch.float32), self.kind, s, e)
         return w if self.dtype == torch.float32 else w.to(self.dtype)
 
+    def caches(self) -> bool:
+        """Whether ``forward`` returns a cached weight (``decode`` resolved on the codes' device)."""
+        mode = self.decode
+        if mode == "auto":
+            return self.codes.device.type == "cpu"
+        if mode == "cache":
+            return True
+        if mode == "per_call":
+            return False
+        raise ConfigError(f"CodedWeight: decode must be one of {DECODE_MODES}, got {mode!r}")
+
+    def _sources(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.codes, self.step_s, self.threshold_e
+
+    def cache_fresh(self) -> bool:
+        """The cache holds ``T^-1(codes)`` for the current tensors, their contents and ``dtype``.
+
+        Traced by ``torch.compile``, the version counters are not compared: dynamo turns a
+        traced ``Tensor._version`` into a data-dependent integer, and branching on it breaks
+        the graph at every weight (Fashion-MNIST ResNet: 11 breaks, torch 2.14). The identity
+        and dtype checks trace as guards.
+        """
+        key = self._cache_key
+        if key is None or self._cache is None or key[0] != self.dtype:
+            return False
+        if torch.compiler.is_compiling():
+            return all(t is held for t, (held, _) in zip(self._sources(), key[1:]))
+        return all(t is held and t._version == version for t, (held, version) in zip(self._sources(), key[1:]))
+
+    @torch.no_grad()
+    def fill_cache(self) -> torch.Tensor:
+        """Decodes into the cache now (whatever ``decode`` says) and returns it."""
+        # inference_mode(False): a cache first filled under inference_mode would be an inference
+        # tensor, which a later autograd-recording op (a saliency gradient w.r.t. the input)
+        # refuses to save for backward.
+        # The key is taken before decoding and set after the cache: a reader in another thread
+        # sees a new cache under the old (stale) key at worst, and decodes again.
+        with torch.inference_mode(False):
+            key = (self.dtype, *((t, t._version) for t in self._sources()))
+            cache = self._cache = self.decoded()
+        self._cache_key = key
+        return cache
+
+    def clear_cache(self) -> None:
+        self._cache_key = None
+        self._cache = None
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes held by the cache now (0 when empty)."""
+        return 0 if self._cache is None else self._cache.numel() * self._cache.element_size()
+
+    def forward(self) -> torch.Tensor:
+        if not self.caches():
+            return self.decoded()
+        if not self.cache_fresh():
+            if torch.compiler.is_compiling():
+                return self.decoded()
+            self.fill_cache()
+        return self._cache
+
+    def _apply(self, fn, recurse=True):
+        refill = self._cache is not None
+        self.clear_cache()
+        out = super()._apply(fn, recurse)
+        if refill and self.caches():
+            self.fill_cache()
+        return out
+
+    def __getstate__(self):
+        # Pickling and deepcopy carry the codes, not the decoded weight (4x their bytes in fp32);
+        # the copy re-decodes at its first call.
+        state = super().__getstate__()
+        state["_cache"] = state["_cache_key"] = None
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("decode", "auto")  # pickled before ``decode`` existed
+        state.setdefault("_cache", None)
+        state.setdefault("_cache_key", None)
+        super().__setstate__(state)
+
     def extra_repr(self) -> str:
         dtype = "" if self.dtype == torch.float32 else f", dtype={str(self.dtype).replace('torch.', '')}"
         group = f", group={self.group_size}" if self.group_size else ""
-        return f"kind={self.kind.value}, shape={tuple(self.codes.shape)}, axis={self.channel_axis}{group}{dtype}"
+        decode = "" if self.decode == "auto" else f", decode={self.decode}"
+        return (f"kind={self.kind.value}, shape={tuple(self.codes.shape)}, axis={self.channel_axis}{group}{dtype}"
+                f"{decode}")
+
+
+def _check_decode(mode: str) -> None:
+    if not isinstance(mode, str) or mode not in DECODE_MODES:
+        raise ConfigError(f"decode must be one of {', '.join(repr(m) for m in DECODE_MODES)}, got {mode!r}")
+
+
+def configure_decode(root: nn.Module, mode: str) -> int:
+    """Sets ``decode`` (``BackendConfig.decode``) on every :class:`CodedWeight` under ``root`` and
+    decodes, now, the caches of those that cache (so a model handed to ``torch.compile`` before
+    its first call reads them); drops the others'. Returns the bytes the caches hold."""
+    _check_decode(mode)
+    for module in root.modules():
+        if isinstance(module, CodedWeight):
+            module.decode = mode
+            if not module.caches():
+                module.clear_cache()
+            elif not module.cache_fresh():
+                module.fill_cache()
+    return decode_cache_nbytes(root)
+
+
+def decode_cache_nbytes(root: nn.Module) -> int:
+    """Bytes of decoded-weight caches held under ``root`` (not counted by ``state_dict()``)."""
+    return sum(m.cache_nbytes for m in root.modules() if isinstance(m, CodedWeight))
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +332,11 @@ class DequantLinear(StoredParams):
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         s, e = self._params()
-        return torch.ops.l2fx.dequant_matmul(x, self.words, self.bits, self.k, s, e, self.kind.value, bias,
+        kind = self.kind.value
+        unit = _kernels.INT_FORMAT_UNITS.get(kind)
+        if unit is not None:  # MXINT8 / HBFP: q * unit * s, a power of two times s: exact
+            kind, s = "linear", s * unit
+        return torch.ops.l2fx.dequant_matmul(x, self.words, self.bits, self.k, s, e, kind, bias,
                                              self.group_size or 0)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import torch
 
+from l2fx import formats
 from l2fx.config import Granularity
 from l2fx.ir import LayerIntent, WeightSite
-from l2fx.transform import param_shape
+from l2fx.transform import FORMAT_KINDS, TransformKind, param_shape
 
-__all__ = ["layout", "fixed_qmax", "channel_ratio", "group_ratio", "scale_ratio", "stored_vector"]
+__all__ = ["layout", "fixed_qmax", "format_scales", "channel_ratio", "group_ratio", "scale_ratio", "stored_vector"]
 
 
 def layout(site: WeightSite, intent: LayerIntent) -> tuple[int | None, int | None]:
@@ -42,8 +43,21 @@ def layout(site: WeightSite, intent: LayerIntent) -> tuple[int | None, int | Non
 
 
 def fixed_qmax(intent: LayerIntent) -> int | None:
-    """The largest symbol of a fixed-bits layer's grid (``2^(bits-1) - 1``), None if allocated."""
+    """The largest symbol of a fixed grid: ``2^(bits-1) - 1`` for a user's bits, the largest
+    element code of a block format; None for an allocated grid (then the alphabet's qmax)."""
+    if intent.format is not None:
+        return FORMAT_KINDS[TransformKind(intent.format)].max_symbol
+    if TransformKind(intent.kind) in FORMAT_KINDS:  # L2 with a format's element set, scales allocated
+        return FORMAT_KINDS[TransformKind(intent.kind)].max_symbol
     return None if intent.bits is None else (1 << (intent.bits - 1)) - 1
+
+
+def format_scales(w: torch.Tensor, intent: LayerIntent) -> torch.Tensor:
+    """A block-format layer's scales as its spec makes them (``l2fx.formats.quantize``: the
+    block's ``2^(floor(log2 amax) - emax_elem)``), float32 ``[rows, blocks]``, exact powers of two."""
+    fmt = FORMAT_KINDS[TransformKind(intent.format)]
+    codes = formats.quantize(w.detach().float().reshape(w.shape[0], -1), fmt, axis=1).scales
+    return torch.ldexp(torch.ones(codes.shape), codes.to(torch.int32) - formats.E8M0_BIAS)
 
 
 def _ratio(amax_part: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,12 @@ Kinds (Figure 3 of the paper):
   (log-compressed) above the knee ``e``.
 * ``EXP`` (Fig. 3b): ``T(w) = sign(w) (e/s) (exp(min(|w|/e, 80)) - 1)``;
   ``T^-1(t) = sign(t) e ln(1 + |t| s/e)``. Finer steps at large magnitudes.
+* Block formats (``MXFP8_E4M3`` ... ``HBFP4``, :data:`FORMAT_KINDS`): with ``V`` the format's
+  element values (``l2fx.formats``) and ``s`` the block's shared scale,
+  ``T(w) = sign(w) (i + (|w|/s - V_i) / (V_{i+1} - V_i))`` for ``V_i <= |w|/s < V_{i+1}``
+  (extrapolated past the last value, where the clamp at ``qmax = len(V) - 1`` saturates), and
+  ``T^-1(q) = sign(q) V_|q| s``: rounding T is the spec's saturating round-to-nearest-even
+  element cast (midpoints fall on ``i + 1/2``, and the even index is the even mantissa).
 
 All arithmetic is float32 (inputs are converted). ``step_s`` and ``threshold_e`` must be
 tensors broadcastable to ``w`` (see :func:`channel_view`: one per tensor, per output channel,
@@ -40,11 +46,15 @@ import math
 import torch
 from torch import Tensor
 
+from l2fx import formats
 from l2fx.errors import ConfigError
 
 __all__ = [
     "TransformKind",
     "channel_view",
+    "FORMAT_KINDS",
+    "uses_threshold",
+    "element_table",
     "param_shape",
     "group_count",
     "forward_t",
@@ -66,13 +76,81 @@ _INT16_MAX = 32767
 
 
 class TransformKind(str, enum.Enum):
-    """Which ``T`` a layer uses (paper Fig. 3, Eq. 12, Eq. 13)."""
+    """Which ``T`` a layer uses (paper Fig. 3, Eq. 12, Eq. 13), or which block format's element
+    code set (OCP MX v1.0, HBFP: :data:`FORMAT_KINDS`)."""
 
     LINEAR = "linear"
     LOG = "log"
     EXP = "exp"
     PRUNE = "prune"
     JOINT = "joint"
+    MXFP8_E4M3 = "mxfp8_e4m3"
+    MXFP8_E5M2 = "mxfp8_e5m2"
+    MXFP6_E3M2 = "mxfp6_e3m2"
+    MXFP6_E2M3 = "mxfp6_e2m3"
+    MXFP4_E2M1 = "mxfp4_e2m1"
+    MXINT8 = "mxint8"
+    HBFP8 = "hbfp8"
+    HBFP4 = "hbfp4"
+
+
+#: Block-format kinds and their format (l2fx.formats): T maps a weight to its element code as a
+#: signed magnitude index (continuous: linear between the format's representable values, so
+#: round half to even is the spec's round-to-nearest-even), ``step_s`` is the block's shared
+#: scale, ``threshold_e`` is unused (as for LINEAR, not stored).
+FORMAT_KINDS: dict[TransformKind, formats.BlockFormat] = {
+    TransformKind.MXFP8_E4M3: formats.FORMATS["mxfp8_e4m3"],
+    TransformKind.MXFP8_E5M2: formats.FORMATS["mxfp8_e5m2"],
+    TransformKind.MXFP6_E3M2: formats.FORMATS["mxfp6_e3m2"],
+    TransformKind.MXFP6_E2M3: formats.FORMATS["mxfp6_e2m3"],
+    TransformKind.MXFP4_E2M1: formats.FORMATS["mxfp4_e2m1"],
+    TransformKind.MXINT8: formats.FORMATS["mxint8"],
+    TransformKind.HBFP8: formats.hbfp(8, 32),
+    TransformKind.HBFP4: formats.hbfp(4, 32),
+}
+_TABLES: dict[tuple[TransformKind, torch.device], Tensor] = {}
+
+
+def uses_threshold(kind: TransformKind | str) -> bool:
+    """Whether ``threshold_e`` enters T (and is stored): not for LINEAR and the block formats."""
+    kind = _kind(kind)
+    return kind is not TransformKind.LINEAR and kind not in FORMAT_KINDS
+
+
+def element_table(kind: TransformKind, device: torch.device | str = "cpu") -> Tensor:
+    """The non-negative element values of a block-format kind, increasing (float32, exact)."""
+    key = (kind, torch.device(device))
+    if key not in _TABLES:
+        _TABLES[key] = FORMAT_KINDS[kind].magnitudes.to(torch.float32).to(device)
+    return _TABLES[key]
+
+
+def _table_forward(w: Tensor, kind: TransformKind, s: Tensor) -> Tensor:
+    """Signed magnitude index, linear between representable values and past the last one."""
+    v = element_table(kind, w.device)
+    a = w.abs() / s
+    i = (torch.searchsorted(v, a.detach().contiguous(), right=True) - 1).clamp(0, v.numel() - 2)
+    lo, hi = v[i], v[i + 1]
+    frac = (a - lo) / (hi - lo)  # exact: a and lo share a binade (or lo = 0), hi - lo is a power of two
+    t = i.to(a.dtype) + frac
+    # i + frac rounds to float32 at i's magnitude: 121 + 0.4999990 becomes 121.5 and would round
+    # to the wrong neighbour. Where round(t) is not the correctly rounded index (half to even),
+    # move t by one ulp to the right side (|change| <= 1 ulp; the gradient is frac's).
+    f = frac.detach()
+    want = i + (f > 0.5).long() + ((f == 0.5) & (i % 2 == 1)).long()
+    r = torch.round(t.detach()).long()
+    fixed = torch.where(r > want, torch.nextafter(t.detach(), torch.zeros_like(t)),
+                        torch.where(r < want, torch.nextafter(t.detach(), torch.full_like(t, float("inf"))), t.detach()))
+    t = t + (fixed - t.detach())
+    return torch.sign(w) * t
+
+
+def _table_inverse(t: Tensor, kind: TransformKind, s: Tensor) -> Tensor:
+    v = element_table(kind, t.device)
+    a = t.abs()
+    i = a.detach().floor().long().clamp(0, v.numel() - 2)
+    lo, hi = v[i], v[i + 1]
+    return torch.sign(t) * (lo + (a - i.to(a.dtype)) * (hi - lo)) * s
 
 
 def _kind(kind: TransformKind | str) -> TransformKind:
@@ -189,6 +267,8 @@ def forward_t(w: Tensor, kind: TransformKind | str, step_s: Tensor, threshold_e:
         return _odd(lambda a: (e / s) * torch.log1p(a / e), w)
     if kind is TransformKind.EXP:
         return _odd(lambda a: (e / s) * torch.expm1((a / e).clamp(max=_EXP_ARG_MAX)), w)
+    if kind in FORMAT_KINDS:
+        return _table_forward(w, kind, s)
     raise AssertionError(kind)  # pragma: no cover - _kind() is exhaustive
 
 
@@ -208,6 +288,8 @@ def inverse_t(t: Tensor, kind: TransformKind | str, step_s: Tensor, threshold_e:
         return _odd(lambda a: e * torch.expm1((a * s / e).clamp(max=_EXP_ARG_MAX)), t)
     if kind is TransformKind.EXP:
         return _odd(lambda a: e * torch.log1p(a * s / e), t)
+    if kind in FORMAT_KINDS:
+        return _table_inverse(t, kind, s)
     raise AssertionError(kind)  # pragma: no cover
 
 

@@ -59,7 +59,7 @@ from l2fx.ir import Allocation, Block
 from l2fx.modules import TransformedWeight
 from l2fx.optim import Adam, Sampler, finetune_weights, float_leaves, nbytes_of, relative_mse
 from l2fx.pipeline import L2fxPass, PassContext, PassResult, peak_rss_mib
-from l2fx.transform import TransformKind, forward_t
+from l2fx.transform import TransformKind, forward_t, uses_threshold
 
 __all__ = ["BlockReconstruction", "BlockRecord"]
 
@@ -83,8 +83,8 @@ class _RateTerm:
         return cls([(m, str(n.target)) for n, m, _ in prog.weights],
                    [m.step_s.detach().log().clone().requires_grad_(m.kind is not TransformKind.PRUNE and not m.fixed)
                     for m in ms],
-                   [m.threshold_e.detach().log().clone().requires_grad_(m.kind is not TransformKind.LINEAR
-                                                                        and not m.fixed) for m in ms],
+                   [m.threshold_e.detach().log().clone().requires_grad_(uses_threshold(m.kind) and not m.fixed)
+                    for m in ms],
                    1.0, cfg, generator)
 
     def trainable(self) -> list[torch.Tensor]:
@@ -93,7 +93,7 @@ class _RateTerm:
     def params(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.weights[i][0]
         s = self.log_s[i].exp()
-        if m.kind is TransformKind.LINEAR:
+        if not uses_threshold(m.kind):
             return s, 0.5 * s
         # Eq. 13 keeps the first level outside the dead zone: e >= s/2 (rate_fit assumes it too).
         return s, torch.maximum(self.log_e[i].exp(), 0.5 * s)

@@ -33,8 +33,8 @@ from l2fx.data import output_vector, relative_error, take_samples, to_device
 from l2fx.evaluate import DownstreamRunner
 from l2fx.ir import Candidate, LayerIntent, SensitivityCurve, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
-from l2fx.tparams import fixed_qmax, layout, scale_ratio, stored_vector
-from l2fx.transform import TransformKind, channel_view, decode, encode
+from l2fx.tparams import fixed_qmax, format_scales, layout, scale_ratio, stored_vector
+from l2fx.transform import FORMAT_KINDS, TransformKind, channel_view, decode, encode
 
 def candidate_params(w: torch.Tensor, kind: TransformKind, cfg: CompileConfig) -> list[tuple[float, float]]:
     """(step_s, threshold_e) pairs from coarse (about 3 levels) to the finest the alphabet holds."""
@@ -56,6 +56,12 @@ def candidate_params(w: torch.Tensor, kind: TransformKind, cfg: CompileConfig) -
     if kind is TransformKind.PRUNE:
         s = amax / qmax  # Eq. 12: kept weights at the alphabet's finest step; only e varies
         return [(s, max(e, 0.5 * s)) for e in grid(amax)]
+    if kind in FORMAT_KINDS:
+        # A block format's element set with allocated scales: from saturating the largest
+        # weights (a quarter of the format's top value) to a 16x coarser grid, r apart.
+        span = amax / FORMAT_KINDS[kind].max_normal
+        n = cfg.sensitivity.num_steps
+        return [(span * r ** (k - n // 3), 0.5 * span * r ** (k - n // 3)) for k in range(n)]
     # LOG keeps step s below the knee e and compresses above it; EXP refines large weights.
     e = amax / 8.0 if kind is TransformKind.LOG else amax / 2.0
     span = e * (math.log1p(amax / e) if kind is TransformKind.LOG else math.expm1(amax / e))  # s * T(amax)
@@ -165,7 +171,10 @@ class SensitivityAnalysis(L2fxPass):
             qmax = fixed_qmax(intent) or cfg.coding.qmax
             axis, group = layout(site, intent)
             ratio = scale_ratio(w, site, intent)
-            if intent.bits is not None:
+            if intent.format is not None:
+                # A block format's own grid: one candidate, its max-scaled power-of-two scales.
+                ratios, params = [format_scales(w, intent)], [(1.0, 0.5)]
+            elif intent.bits is not None:
                 # A fixed grid (a layers rule's bits): one candidate, RTN steps max|w_c| / qmax
                 # per channel (or group), so the allocation takes it as it is.
                 amax = float(w.abs().max()) or 1.0

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from l2fx.errors import ConfigError
 from l2fx.transform import (
+    FORMAT_KINDS,
     TransformKind,
     channel_view,
     decode,
@@ -24,7 +25,8 @@ from l2fx.transform import (
 )
 
 EPS32 = torch.finfo(torch.float32).eps
-KINDS = list(TransformKind)
+# The learnt transforms; the block-format kinds (a table, not a formula) are tests/test_format_kinds.py's.
+KINDS = [k for k in TransformKind if k not in FORMAT_KINDS]
 # (weight shape, channel axis): None is per tensor; Linear [out, in], Conv [out, in, kh, kw],
 # a channel axis that is not the first, and a negative axis.
 LAYOUTS = [((300,), None), ((7, 33), None), ((16, 20), 0), ((5, 3, 3, 3), 0), ((12, 9), 1), ((4, 6, 5), -1)]

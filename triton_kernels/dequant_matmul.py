@@ -17,6 +17,8 @@ Decoding ``W = T^-1(q)`` (the inverse transforms of the paper, Eq. 13 for "joint
     "prune"     same as "joint"
     "log"       ``sign(q) * e * (exp(|q| * s / e) - 1)``     (needs ``e > 0``)
     "exp"       ``sign(q) * e * ln(1 + |q| * s / e)``        (needs ``e > 0``)
+    MX FP       ``sign(q) * V[|q|] * s``: V the element format's values (``mxfp8_e4m3`` ...
+                ``mxfp4_e2m1``), decoded from |q|'s exponent and mantissa bits
     ==========  =====================================================================
 
 File layout (STYLE.md): autotune configs, ``_dequant_matmul_kernel``, launcher
@@ -55,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from l2fx.errors import BackendError
+from l2fx.formats import FORMATS
 
 from .packing import PackedCodes, unpack_codes
 
@@ -68,8 +71,15 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     tl = None
     HAS_TRITON = False
 
-#: Transform kinds, mapped to the constexpr the kernel branches on.
-KINDS = {"linear": 0, "joint": 1, "prune": 1, "log": 2, "exp": 3}
+#: Transform kinds, mapped to the constexpr the kernel branches on. Block formats with
+#: floating-point elements decode by kind 4 from their (exponent bits, mantissa bits, bias);
+#: those with integer elements (MXINT8, HBFP) are "linear" with the step times the element unit
+#: (:data:`INT_FORMAT_UNITS`, applied by the caller, a power of two: exact).
+KINDS = {"linear": 0, "joint": 1, "prune": 1, "log": 2, "exp": 3,
+         "mxfp8_e4m3": 4, "mxfp8_e5m2": 4, "mxfp6_e3m2": 4, "mxfp6_e2m3": 4, "mxfp4_e2m1": 4}
+FP_FORMATS = {"mxfp8_e4m3": (4, 3, 7), "mxfp8_e5m2": (5, 2, 15), "mxfp6_e3m2": (3, 2, 3), "mxfp6_e2m3": (2, 3, 1),
+              "mxfp4_e2m1": (2, 1, 1)}
+INT_FORMAT_UNITS = {"mxint8": 2.0 ** -6, "hbfp8": 2.0 ** -6, "hbfp4": 2.0 ** -2}
 #: Largest M handled by the split-K GEMV configs.
 GEMV_MAX_M = 16
 #: Largest M that ``dequant_matmul(method=None)`` runs fused; above it, dequantise + cuBLAS.
@@ -159,11 +169,23 @@ if HAS_TRITON:
         return tl.where(y < 0.25, series, tl.log(1.0 + y))
 
     @triton.jit
-    def _decode_magnitudes(q, s_col, e_col, KIND: tl.constexpr):
-        """``T^-1(q)`` of an integer code tile for kinds 1..3 (joint/prune, log, exp) with the
-        per-row ``s_col``, ``e_col`` ([rows, 1]); fp32. Kind 0 (linear) is ``q * s``."""
+    def _decode_magnitudes(q, s_col, e_col, KIND: tl.constexpr, EBITS: tl.constexpr = 0, MBITS: tl.constexpr = 0,
+                           EBIAS: tl.constexpr = 0):
+        """``T^-1(q)`` of an integer code tile for kinds 1..4 (joint/prune, log, exp, a block
+        format's FP element: |q| is its exponent and mantissa fields) with the per-row (or per
+        weight) ``s_col``, ``e_col``; fp32. Kind 0 (linear) is ``q * s``."""
         a = tl.abs(q).to(tl.float32)
-        if KIND == 1:
+        if KIND == 4:
+            # value = m * 2^(1 - bias - M) (subnormal, exponent field 0) or (2^M + m) *
+            # 2^(e - bias - M); the power of two built from its float32 bits: exact.
+            ai = tl.abs(q)
+            ef = ai >> MBITS
+            mf = ai & ((1 << MBITS) - 1)
+            mant = tl.where(ef == 0, mf, mf + (1 << MBITS)).to(tl.float32)
+            k = tl.where(ef == 0, 1, ef) - EBIAS - MBITS
+            pow2 = ((k + 127) << 23).to(tl.float32, bitcast=True)
+            mag = mant * pow2 * s_col
+        elif KIND == 1:
             mag = a * s_col + (e_col - 0.5 * s_col)  # (|q| - 1/2) s + e
         elif KIND == 2:
             mag = e_col * _expm1_pos(a * (s_col / e_col))
@@ -180,7 +202,8 @@ if HAS_TRITON:
         stride_wn, stride_ww,
         stride_os, stride_om, stride_on,
         GROUP: tl.constexpr,         # 0: s, e per output channel [N]; g: per g codes of a row [N, N_GROUPS]
-        KIND: tl.constexpr,          # 0 linear, 1 joint/prune, 2 log, 3 exp (see KINDS)
+        KIND: tl.constexpr,          # 0 linear, 1 joint/prune, 2 log, 3 exp, 4 FP element (see KINDS)
+        EBITS: tl.constexpr, MBITS: tl.constexpr, EBIAS: tl.constexpr,  # kind 4's element format
         BITS: tl.constexpr,          # field width b of the packed codes, 2..8
         HAS_BIAS: tl.constexpr,
         SPLIT_K: tl.constexpr,       # > 1: out is an fp32 [SPLIT_K, M, N] workspace
@@ -249,11 +272,11 @@ if HAS_TRITON:
                 if KIND == 0:
                     wt = q.to(tl.float32) * s_t
                 else:
-                    wt = _decode_magnitudes(q, s_t, e_t, KIND)
+                    wt = _decode_magnitudes(q, s_t, e_t, KIND, EBITS, MBITS, EBIAS)
             elif KIND == 0:
                 wt = q.to(tl.float32)  # scaled by s in the epilogue
             else:
-                wt = _decode_magnitudes(q, s_col, e_col, KIND)
+                wt = _decode_magnitudes(q, s_col, e_col, KIND, EBITS, MBITS, EBIAS)
             # fp16/bf16 x: decoded weights are rounded to x's dtype for the tensor cores,
             # the same rounding a plain torch fp16/bf16 linear applies to its weight.
             acc += tl.dot(x, tl.trans(wt.to(x.dtype)), input_precision=INPUT_PRECISION)
@@ -280,6 +303,7 @@ if HAS_TRITON:
         N, K, N_GROUPS,
         stride_wn, stride_ww, stride_on, stride_ok,
         GROUP: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
+        EBITS: tl.constexpr, MBITS: tl.constexpr, EBIAS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """``out[N, K] = T^-1(q)`` in out's dtype: one [BLOCK_N, BLOCK_K] tile per program,
@@ -304,7 +328,7 @@ if HAS_TRITON:
         if KIND == 0:
             wt = q.to(tl.float32) * s_col
         else:
-            wt = _decode_magnitudes(q, s_col, e_col, KIND)
+            wt = _decode_magnitudes(q, s_col, e_col, KIND, EBITS, MBITS, EBIAS)
         tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok,
                  wt.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -354,6 +378,12 @@ def _check_inputs(
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) != 1:
         raise BackendError(f"all inputs must be on one device, got {devices}")
+
+
+def _fp_format(kind: str) -> dict[str, int]:
+    """The kernel's constexprs for kind 4 (zeros otherwise: one compiled variant per kind)."""
+    ebits, mbits, bias = FP_FORMATS.get(kind, (0, 0, 0))
+    return {"EBITS": ebits, "MBITS": mbits, "EBIAS": bias}
 
 
 def _num_sms(device: torch.device) -> int:
@@ -413,7 +443,7 @@ def dequantize(
     _dequantize_kernel[grid](
         words, step_s.contiguous(), threshold_e.contiguous(), out, n, k, -(-k // group) if group else 1,
         words.stride(0), words.stride(1), out.stride(0), out.stride(1),
-        GROUP=group, KIND=KINDS[kind], BITS=packed.bits, BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP=group, KIND=KINDS[kind], BITS=packed.bits, BLOCK_N=block_n, BLOCK_K=block_k, **_fp_format(kind),
     )
     return out
 
@@ -490,7 +520,7 @@ def dequant_matmul(
         x2.stride(0), x2.stride(1),
         words.stride(0), words.stride(1),
         dest.stride(0) if split_k > 1 else 0, dest.stride(-2), dest.stride(-1),
-        GROUP=group, KIND=KINDS[kind], BITS=packed.bits, HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        GROUP=group, KIND=KINDS[kind], BITS=packed.bits, HAS_BIAS=bias is not None, SPLIT_K=split_k, **_fp_format(kind),
         INPUT_PRECISION=precision,
     )
     if split_k > 1:
@@ -528,6 +558,9 @@ def _decode_torch(
         return sign * e * torch.expm1(a * s / e)
     if kind == "exp":
         return sign * e * torch.log1p(a * s / e)
+    if kind in FP_FORMATS:  # the element values from the format's table (l2fx.formats)
+        table = FORMATS[kind].magnitudes.to(dtype).to(q.device)
+        return sign * table[q.abs().long()] * s
     raise BackendError(f"unknown transform kind {kind!r}; expected one of {sorted(KINDS)}")
 
 

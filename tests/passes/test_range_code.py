@@ -66,7 +66,7 @@ def test_coded_weights_decode_to_the_transform_at_its_stored_parameters(kind, gr
             expected = fake_quant(tw.weight, tw.kind, tw.view(s), tw.view(e), tw.qmax)
             assert torch.equal(coded(), expected)
         info = get_meta(node, CodedInfo)
-        assert info.param == site.param and info.entry["pdtype"] == ("f16" if pdtype == torch.float16 else "f32")
+        assert info.param == site.param and info.entry["pdtype"] == pdtype
         # The stream decodes to the codes, and its bytes are what the accounting predicts.
         symbols = coding.decode_symbols(info.stream, decoder="constriction")
         assert np.array_equal(symbols, coded.codes.reshape(-1).numpy().astype(symbols.dtype))

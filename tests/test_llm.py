@@ -1,0 +1,126 @@
+"""A transformers decoder, as a new user would hand it over: default config, dict batches.
+
+A random ``LlamaForCausalLM`` (2 layers, hidden 64, vocab 256) compiles with its default
+config (``use_cache`` on: the capture turns it off on its copy, never on the caller's model),
+and graphs holding vmap regions (how transformers builds attention masks when mask functions
+are combined, and did for every mask on older versions) run in every pass: the capture
+outlines each region into one call_module (``l2fx.frontend.outline_vmap_regions``).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import l2fx
+from l2fx.config import CompileConfig, ReconstructionConfig, SensitivityConfig
+from l2fx.evaluate import DownstreamRunner
+from l2fx.frontend import capture, outline_vmap_regions
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(seed: int = 0, tie: bool = False):
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def llama_calib() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (4, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding, as a tokenizer pads for generation
+    return [{"input_ids": ids[:2], "attention_mask": mask[:2]},
+            {"input_ids": ids[2:, :11], "attention_mask": mask[2:, :11]}]
+
+
+def fast() -> CompileConfig:
+    return CompileConfig(sensitivity=SensitivityConfig(num_samples=4, num_steps=8),
+                         reconstruction=ReconstructionConfig(transform_iters=3, weight_iters=3))
+
+
+def test_default_config_llama_compiles_and_leaves_the_callers_model_alone(tmp_path):
+    model = tiny_llama()
+    assert model.config.use_cache is True  # transformers' default: the output carries a DynamicCache
+    before = copy.deepcopy(model.state_dict())
+    calib = llama_calib()
+    compiled = l2fx.compile(model, target_cr=8, calib=calib, config=fast(), verify=True)
+    assert abs(compiled.report.compressed_cr / 8 - 1) <= 0.01
+    notes = compiled.report.records["capture"]["notes"]
+    assert any("use_cache=False" in n for n in notes), notes
+    assert model.config.use_cache is True
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        got = compiled(**calib[0]).logits
+        want = model(**calib[0], use_cache=False).logits
+    assert got.shape == want.shape
+    rel = float((got - want).pow(2).sum() / (want - want.mean()).pow(2).sum())
+    assert rel < 0.1, rel  # 8x on random weights: a loose sanity bound, not a quality claim
+    path = tmp_path / "llama.l2fx"
+    l2fx.save(compiled, path)
+    restored = l2fx.load(path, tiny_llama(seed=5))
+    with torch.no_grad():
+        assert torch.equal(restored(**calib[0]).logits, got)
+
+
+def test_capture_matches_eager_exactly():
+    model = tiny_llama()
+    batch = llama_calib()[0]
+    gm, info = capture(model, batch)
+    assert info.frontend == "export" and info.notes
+    with torch.no_grad():
+        assert torch.equal(gm(**batch).logits, model(**batch, use_cache=False).logits)
+
+
+def _vmap_sdpa_mask(monkeypatch):
+    """Makes transformers build every sdpa mask through torch.vmap (its ``use_vmap`` path)."""
+    masking = transformers.masking_utils
+    original = masking.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+
+    def with_vmap(*args, **kwargs):
+        kwargs["use_vmap"] = True
+        kwargs["allow_is_causal_skip"] = False
+        return original(*args, **kwargs)
+
+    monkeypatch.setitem(masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", with_vmap)
+
+
+def _vmap_calls(gm) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and "vmap" in str(n.target))
+
+
+def test_vmap_mask_graph_runs_in_every_runner(monkeypatch):
+    _vmap_sdpa_mask(monkeypatch)
+    model = tiny_llama()
+    calib = llama_calib()
+    gm, info = capture(model, calib[0])
+    assert any("vmap" in n for n in info.notes), info.notes
+    assert _vmap_calls(gm) == 0
+    assert any(name.startswith("l2fx_vmap_") for name, _ in gm.named_children())
+    assert outline_vmap_regions(gm) == 0  # idempotent
+    with torch.no_grad():
+        want = model(**calib[0], use_cache=False).logits
+        assert torch.equal(gm(**calib[0]).logits, want)
+    # Re-running only what the embedding reaches (the mask's sizes come from its output).
+    runner = DownstreamRunner(gm, calib[0])
+    node = next(n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target) == "model.embed_tokens.weight")
+    out = runner.run_with(node, gm.get_parameter("model.embed_tokens.weight"))
+    assert torch.equal(out.logits, want)
+    # The whole pipeline, block reconstruction included.
+    compiled = l2fx.compile(model, target_cr=8, calib=calib, config=fast(), verify=True)
+    assert abs(compiled.report.compressed_cr / 8 - 1) <= 0.01
+
+
+def test_tied_embeddings_are_one_tensor_under_export():
+    """normalize reads a tied tensor under its first name in state_dict() order; the other is
+    pruned, so the artifact stores and counts it once."""
+    model = tiny_llama(tie=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    compiled = l2fx.compile(model, target_cr=8, calib=llama_calib(), config=fast())
+    names = set(compiled.graph_module.state_dict())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    assert compiled.report.original_nbytes == sum(p.numel() * 4 for p in model.parameters())  # counted once
