@@ -31,7 +31,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 
 import l2fx  # noqa: E402
 from _results import write_results  # noqa: E402
-from artifact_fuzz import CLASSES, Chooser, Parts, is_failure, mutate, outcome, state_of  # noqa: E402
+from artifact_fuzz import V3_RULES, CLASSES, Chooser, Parts, is_failure, mutate, outcome, state_of  # noqa: E402
 from conftest import DictInputNet, make_tiny_convnet  # noqa: E402
 from l2fx.config import CompileConfig, ReconstructionConfig, SensitivityConfig  # noqa: E402
 
@@ -50,12 +50,13 @@ def _data_size() -> int:
 
 
 def make_corpus(tmp: Path, name: str) -> dict:
-    """A good artifact to mutate: the tests' tiny ConvNet (captured by fx) or their DictInputNet
-    (keyword inputs, captured by torch.export, so the manifest records its example inputs)."""
+    """A good artifact to mutate: the tests' tiny ConvNet (captured by fx; "v3": with fc in MXFP4
+    and group-wise convs, format version 3) or their DictInputNet (keyword inputs, captured by
+    torch.export, so the manifest records its example inputs)."""
     config = CompileConfig(sensitivity=SensitivityConfig(num_samples=8, num_steps=10),
-                           reconstruction=ReconstructionConfig(enabled=False))
+                           reconstruction=ReconstructionConfig(enabled=False), layers=V3_RULES if name == "v3" else ())
     g = torch.Generator().manual_seed(0)
-    if name == "fx":
+    if name in ("fx", "v3"):
         make, calib = make_tiny_convnet, torch.randn(16, 1, 28, 28, generator=g)
     else:
         def make():
@@ -84,11 +85,13 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--export-share", type=float, default=0.05,
                     help="share of the mutations made of the export-captured corpus (its loads re-run torch.export)")
+    ap.add_argument("--v3-share", type=float, default=0.3,
+                    help="share made of the version-3 corpus (MXFP4 layer with E8M0 scales, group-wise convs)")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     tmp = Path(tempfile.mkdtemp(prefix="l2fx-fuzz-"))
-    corpora = [make_corpus(tmp, name) for name in ("fx", "export")]
+    corpora = [make_corpus(tmp, name) for name in ("fx", "export", "v3")]
     counts: dict[tuple[str, str], int] = collections.Counter()
     errors: dict[str, int] = collections.Counter()
     failures, slowest, peak_ratio = [], (0.0, ""), (0.0, "", 0.0)
@@ -99,7 +102,8 @@ def main() -> None:
     for i in range(args.mutations):
         seed = args.seed * 1_000_000_007 + i
         rng = np.random.default_rng(seed)
-        corpus = corpora[1] if rng.random() < args.export_share else corpora[0]
+        u = rng.random()
+        corpus = corpora[1] if u < args.export_share else corpora[2] if u < args.export_share + args.v3_share else corpora[0]
         cls, what, mutated = mutate(Chooser.from_rng(rng), corpus["data"], corpus["parts"])
         what = f"[{corpus['name']}] {what}"
         bad.write_bytes(mutated)
@@ -141,10 +145,11 @@ def main() -> None:
     total = [sum(counts[(c, o)] for c in CLASSES) for o in outcomes]
     rows.append(f"| **all** | {' | '.join(map(str, total))} | {sum(total)} |")
     lines = [f"# Artifact fuzzing: {args.mutations:,} mutations", "",
-             f"`python bench/fuzz.py --mutations {args.mutations} --seed {args.seed}` "
+             f"`python bench/fuzz.py --mutations {args.mutations} --seed {args.seed} --v3-share {args.v3_share} --export-share {args.export_share}` "
              f"({time.perf_counter() - t_start:.0f} s on this machine). Corpora: the tests' tiny ConvNet "
-             f"(110k weights, fx) and, for {args.export_share:.0%} of the mutations, their DictInputNet (13k weights, "
-             f"torch.export, keyword inputs), both at CR 8. 'different' is allowed for the content class only (weight-defining "
+             f"(110k weights, fx; format version 2), for {args.v3_share:.0%} of the mutations the same with fc in "
+             f"MXFP4 (E8M0 scales) and group-wise convs (version 3), and for {args.export_share:.0%} their DictInputNet "
+             f"(13k weights, torch.export, keyword inputs), all at CR 8. 'different' is allowed for the content class only (weight-defining "
              f"values changed within the format's rules); a failure is any escaped or unexpected outcome, a hang, or "
              f"a different load outside the content class.", "", *rows, "",
              f"Failures: **{len(failures)}**. Slowest file: {slowest[0]:.2f} s ({slowest[1]}). Largest "

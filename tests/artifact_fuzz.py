@@ -43,6 +43,8 @@ import l2fx
 from l2fx.artifact import (CHUNKS, MANIFEST, PAYLOAD, PLAIN_PREFIX, TABLES, TPARAMS, ArtifactReader, _crc,
                            encode_manifest, safetensors_bytes)
 from l2fx.errors import L2fxError
+from l2fx.config import Granularity, LayerRule
+from l2fx.transform import TransformKind, uses_threshold
 
 CLASSES = ("field", "record", "content", "json", "damage")
 #: Outcomes that are failures, by mutation class.
@@ -66,22 +68,30 @@ class Chooser:
         return cls(lambda seq: data.draw(st.sampled_from(seq)), lambda lo, hi: data.draw(st.integers(lo, hi)))
 
 
+#: The layer rules of the version-3 corpus (the tests' tiny ConvNet): fc stored in MXFP4 (E8M0
+#: scales: the uint8 parameter array), the convs with parameters per group of 8.
+V3_RULES = (LayerRule("fc", format=TransformKind.MXFP4_E2M1),
+            LayerRule(r"c[12]", granularity=Granularity.PER_GROUP, group_size=8))
+
+
 @dataclasses.dataclass
 class Layer:
     entry: dict
     rows: np.ndarray  # [nchunks, 2] uint32: byte length, CRC-32
     payload: bytes
     table: np.ndarray  # uint16
-    tparams: np.ndarray  # float16 or float32 by entry["pdtype"]
+    tparams: np.ndarray  # float16, float32 or uint8 E8M0 codes by entry["pdtype"]
 
 
 @dataclasses.dataclass
 class Parts:
-    """An artifact taken apart: manifest fields, layer records and plain tensors (version 2)."""
+    """An artifact taken apart: manifest fields, layer records and plain tensors; ``version`` is
+    the file's (2, or 3 with group-wise or E8M0 parameters) and is written back."""
 
     manifest: dict
     layers: list[Layer]
     plain: dict[str, tuple[list, np.ndarray]]  # name -> (spec [dtype, key, shape], values)
+    version: int = 2
 
     @classmethod
     def of(cls, path) -> "Parts":
@@ -98,7 +108,7 @@ class Parts:
             pack = r.arrays[PLAIN_PREFIX + p.pack]
             plain[p.name] = ([p.dtype, p.pack, list(p.shape)], pack[p.start: p.start + p.numel].copy())
         manifest = {k: copy.deepcopy(v) for k, v in r.manifest.items() if k not in ("layers", "plain", "crc32")}
-        return cls(manifest, layers, plain)
+        return cls(manifest, layers, plain, r.version)
 
     def arrays(self) -> tuple[dict, dict[str, np.ndarray]]:
         """(manifest, arrays) with every CRC recomputed, as the writer lays them out."""
@@ -108,7 +118,7 @@ class Parts:
                                          [np.zeros(0, np.uint32)]).astype(np.uint32),
                   TABLES: np.concatenate([layer.table for layer in self.layers] or
                                          [np.zeros(0, np.uint16)]).astype(np.uint16)}
-        for key, dtype in (("f16", np.float16), ("f32", np.float32)):
+        for key, dtype in (("f16", np.float16), ("f32", np.float32), ("e8m0", np.uint8)):
             parts = [layer.tparams.astype(dtype) for layer in self.layers if layer.entry.get("pdtype") == key]
             if parts:
                 arrays[TPARAMS[key]] = np.concatenate(parts)
@@ -138,7 +148,7 @@ def write(manifest: Any, arrays: dict[str, np.ndarray], stored: bytes | None = N
 _INTS = [0, 1, -1, 2, 3, 7, 8, 127, 128, -127, -128, 255, 256, 1023, 1024, 65535, 65536, -65536, (1 << 24) - 1,
          1 << 24, (1 << 24) + 1, 1 << 31, 1 << 32, 1 << 34, 1 << 40, 1 << 48, 1 << 63, -(1 << 63), 10 ** 30]
 _OTHERS = [None, True, False, 0.5, -0.0, 1e308, -1e308, float("nan"), float("inf"), "", "x", "joint", "linear", "log",
-           "f16", "f32", "float32", "int64", "\u00e9\u4e2d\U0001f600", "\ud800", "a" * 1100, [], [0], [1, 2, 3],
+           "f16", "f32", "e8m0", "mxfp4_e2m1", "hbfp8", "float32", "int64", "\u00e9\u4e2d\U0001f600", "\ud800", "a" * 1100, [], [0], [1, 2, 3],
            [[1]], {}, {"a": 1}, [1 << 40], [-1], [0, 0], list(range(9))]
 
 
@@ -202,7 +212,7 @@ def bomb(parts: Parts, index: int, k: int, chunk: int, qmin: int = 0) -> str:
     e.update(shape=[1 << k], axis=None, ntab=1, qmin=qmin, chunk=chunk, nchunks=n)
     layer.rows = np.zeros((n, 2), np.uint32) if n <= (1 << 20) else layer.rows  # 2^40 / 2^16 rows: too many to write
     layer.payload, layer.table = b"", np.ones(1, np.uint16)
-    nparams = 1 if e["kind"] == "linear" else 2
+    nparams = 2 if uses_threshold(e["kind"]) else 1
     layer.tparams = layer.tparams[:nparams] if layer.tparams.size >= nparams else np.ones(nparams, layer.tparams.dtype)
     return f"single-symbol bomb of 2^{k} symbols in chunks of {chunk}"
 
@@ -265,7 +275,11 @@ def _mutate_content(c: Chooser, parts: Parts) -> str:
         layer.tparams = layer.tparams.copy()
         j = c.integer(0, layer.tparams.size - 1)
         with np.errstate(over="ignore"):
-            layer.tparams[j] = c.choice([0.0, -1.0, np.inf, np.nan, 1e-8, 65504.0, 3e38, float(layer.tparams[j]) * 2])
+            if layer.tparams.dtype == np.uint8:  # E8M0 codes: 255 is NaN, 0 and 254 the extremes
+                layer.tparams[j] = c.choice([0, 1, 126, 127, 128, 254, 255, int(layer.tparams[j]) ^ 1])
+            else:
+                layer.tparams[j] = c.choice([0.0, -1.0, np.inf, np.nan, 1e-8, 65504.0, 3e38,
+                                             float(layer.tparams[j]) * 2])
         return f"T parameter {j} of layer {i}"
     if op == "kind":
         old = layer.entry["kind"]
@@ -372,8 +386,8 @@ def mutate(c: Chooser, good: bytes, parts: Parts) -> tuple[str, str, bytes]:
             cls = "content"
     if cls == "json":
         stored, what = _mutate_json(c, manifest, arrays)
-        return cls, what, write(None, arrays, stored)
-    return cls, what, write(manifest, arrays)
+        return cls, what, write(None, arrays, stored, parts.version)
+    return cls, what, write(manifest, arrays, version=parts.version)
 
 
 def state_of(model) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import l2fx
 from l2fx.config import CompileConfig, ReconstructionConfig, SensitivityConfig
 
-from artifact_fuzz import Chooser, Parts, bomb, is_failure, mutate, outcome, state_of, write
+from artifact_fuzz import V3_RULES, Chooser, Parts, bomb, is_failure, mutate, outcome, state_of, write
 from conftest import DictInputNet, make_tiny_convnet
 
 #: What a load may allocate above the data size it starts from: the tiny model is 0.44 MB of
@@ -132,6 +132,27 @@ _FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_f
 @given(data=st.data())
 def test_mutated_artifacts_fail_cleanly(corpus, tmp_path, data):
     _path, good, parts, reference = corpus
+    _check(make_tiny_convnet, good, parts, reference, tmp_path, data)
+
+
+@pytest.fixture(scope="module")
+def v3_corpus(tmp_path_factory):
+    """A version-3 artifact: fc in MXFP4 (E8M0 scales, the uint8 parameter array) and the convs
+    with group-wise parameters."""
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    config = CompileConfig(sensitivity=SensitivityConfig(num_samples=8, num_steps=10),
+                           reconstruction=ReconstructionConfig(enabled=False), layers=V3_RULES)
+    path = tmp_path_factory.mktemp("fuzz") / "v3.l2fx"
+    l2fx.save(l2fx.compile(make_tiny_convnet(), target_cr=8, calib=x, config=config), path)
+    parts = Parts.of(path)
+    assert parts.version == 3 and {layer.entry["pdtype"] for layer in parts.layers} >= {"e8m0"}
+    return path.read_bytes(), parts, state_of(l2fx.load(path, model=make_tiny_convnet()))
+
+
+@settings(max_examples=60, **_FUZZ)
+@given(data=st.data())
+def test_mutated_v3_artifacts_fail_cleanly(v3_corpus, tmp_path, data):
+    good, parts, reference = v3_corpus
     _check(make_tiny_convnet, good, parts, reference, tmp_path, data)
 
 
