@@ -385,7 +385,8 @@ class ArtifactReader:
         raw = self._array(TPARAMS[e.pdtype])[e.tparam_start: e.tparam_start + e.nparams]
         if e.pdtype != "e8m0":
             return raw
-        out = np.ldexp(np.float32(1.0), raw.astype(np.int32) - 127).astype(np.float32)
+        with np.errstate(over="ignore"):  # 0xFF: 2^128 overflows; it is NaN in E8M0
+            out = np.ldexp(np.float32(1.0), raw.astype(np.int32) - 127).astype(np.float32)
         out[raw == 0xFF] = np.nan
         return out
 

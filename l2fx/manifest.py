@@ -197,6 +197,15 @@ def _layer(raw: Any, index: int, version: int) -> LayerEntry:
     if "group" in raw:
         group = int_field(raw, "group", where, 1, max(1, numel // shape[0]))
         require(axis == 0, where, f"a per-group layer runs along its rows: field 'axis' must be 0, got {axis}")
+    if TransformKind(kind) in FORMAT_KINDS:  # codes index the format's values; one scale per block
+        fmt = FORMAT_KINDS[TransformKind(kind)]
+        top = len(fmt.magnitudes) - 1
+        require(max(abs(qmin), abs(qmin + ntab - 1)) <= top, where,
+                f"the table's symbols {qmin} .. {qmin + ntab - 1} exceed the {fmt.name} element codes +-{top}")
+        block = min(fmt.block_size, max(1, numel // shape[0]))  # rows shorter than a block: one per row
+        require(group == block, where,
+                f"a {fmt.name} layer has one scale per block of {fmt.block_size} along its rows: field 'group' "
+                f"must be {block}, got {group}")
     return LayerEntry(param, TransformKind(kind), shape, axis, qmin, ntab, nchunks, chunk, pdtype, group)
 
 

@@ -181,3 +181,42 @@ def test_fused_kernel_decodes_fp_elements_exactly(kind, m):
                           method="fused", group=32)
     floor = torch.finfo(torch.float32).eps * y64.abs().max().item()
     assert (y.cpu().double() - y64).abs().max().item() <= 4 * max(torch_err, floor)
+
+
+def test_rows_shorter_than_a_block_have_one_scale_per_row(tmp_path):
+    """A Linear with 20 inputs: each row is one partial MX block (the spec's last-block rule)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)).eval()
+    calib = [torch.randn(16, 20)]
+    cfg = make_fast_config().replace(layers=(LayerRule("0", format=TransformKind.MXFP4_E2M1),),
+                                     reconstruction=dataclasses.replace(make_fast_config().reconstruction,
+                                                                        enabled=False))
+    c = l2fx.compile(model, 6, calib, config=cfg, verify=True)
+    want, _ = _spec(TransformKind.MXFP4_E2M1, model[0].weight.detach())
+    assert torch.equal(_coded(c, TransformKind.MXFP4_E2M1)(), want)
+    path = tmp_path / "mlp.l2fx"
+    l2fx.save(c, path)
+    assert next(e for e in ArtifactReader(path).layers if e.param == "0.weight").group == 20
+    fresh = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)).eval()
+    with torch.no_grad():
+        assert torch.equal(l2fx.load(path, model=fresh)(calib[0]), c(calib[0]))
+
+
+def test_a_crafted_table_beyond_the_element_codes_is_refused(tmp_path):
+    """Symbols an MXFP4 layer cannot hold (|q| > 7), with every size and CRC consistent."""
+    from artifact_fuzz import Parts, write
+    x = make_tiny_calib()
+    cfg = make_fast_config().replace(layers=(LayerRule("fc", format=TransformKind.MXFP4_E2M1),),
+                                     reconstruction=dataclasses.replace(make_fast_config().reconstruction,
+                                                                        enabled=False))
+    path = tmp_path / "good.l2fx"
+    l2fx.save(l2fx.compile(make_tiny_convnet(), 8, x, config=cfg), path)
+    parts = Parts.of(path)
+    fc = next(layer for layer in parts.layers if layer.entry["param"] == "fc.weight")
+    fc.entry["qmin"] = -100
+    bad = tmp_path / "bad.l2fx"
+    bad.write_bytes(write(*parts.arrays(), version=parts.version))
+    with pytest.raises(l2fx.L2fxError, match="element codes"):
+        l2fx.load(bad, model=make_tiny_convnet())
+    with pytest.raises(l2fx.L2fxError, match="element codes"):
+        l2fx.inspect(bad)
