@@ -44,13 +44,13 @@ from torch.nn.utils import parametrize
 
 from l2fx.config import DECODE_MODES
 from l2fx.errors import ArchitectureMismatchError, ConfigError
-from l2fx.modules import StoredParams
-from l2fx.transform import TransformKind, channel_view, inverse_t
+from l2fx.modules import DecodeCache
+from l2fx.transform import TransformKind
 
 __all__ = ["DecodeWeight", "CodedTensor", "check_model", "install", "materialize", "decode_weights"]
 
 
-class DecodeWeight(StoredParams):
+class DecodeWeight(DecodeCache):
     """Parametrization ``weight = T^-1(codes)``: ``forward(codes int8 [shape]) -> [shape]`` in ``dtype``.
 
     Buffers: ``step_s`` and ``threshold_e``, float32, ``[1]`` (per tensor), ``[C]`` (per channel
@@ -82,57 +82,23 @@ class DecodeWeight(StoredParams):
         self.dtype = dtype
         self.decode = decode
         self.weight_requires_grad = weight_requires_grad  # of the Parameter it replaced: materialize() restores it
-        self._cache: torch.Tensor | None = None
-        self._cache_key: tuple | None = None
+        self._init_cache()
 
     def decoded(self, codes: torch.Tensor) -> torch.Tensor:
-        s = channel_view(self.step_s, codes, self.channel_axis, self.group_size)
-        e = channel_view(self.threshold_e, codes, self.channel_axis, self.group_size)
-        w = inverse_t(codes.to(torch.float32), self.kind, s, e)
-        return w if self.dtype == torch.float32 else w.to(self.dtype)
+        return self.decode_codes(codes)
 
     def caches(self, codes: torch.Tensor) -> bool:
-        return self.decode == "cache" or (self.decode == "auto" and codes.device.type == "cpu")
+        return self.caches_on(codes)
 
-    def _key(self, codes: torch.Tensor) -> tuple:
-        return (self.dtype, *((t, t._version) for t in (codes, self.step_s, self.threshold_e)))
-
-    def _fresh(self, codes: torch.Tensor) -> bool:
-        key = self._cache_key
-        if key is None or self._cache is None or key[0] != self.dtype:
-            return False
-        held = (codes, self.step_s, self.threshold_e)
-        if torch.compiler.is_compiling():  # versions trace as data-dependent ints (see CodedWeight)
-            return all(t is h for t, (h, _) in zip(held, key[1:]))
-        return all(t is h and t._version == v for t, (h, v) in zip(held, key[1:]))
-
-    @torch.no_grad()
     def fill_cache(self, codes: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(False):
-            self._cache_key = self._key(codes)
-            self._cache = self.decoded(codes)
-        return self._cache
-
-    def clear_cache(self) -> None:
-        self._cache = self._cache_key = None
+        return self.fill_from(codes)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        if not self.caches(codes):
-            return self.decoded(codes)
-        if not self._fresh(codes):
-            if torch.compiler.is_compiling():
-                return self.decoded(codes)
-            self.fill_cache(codes)
-        return self._cache
+        return self.weight_from(codes)
 
     def _apply(self, fn, recurse=True):
         self.clear_cache()  # the codes move with the parametrization; re-decoded at the next access
         return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_cache"] = state["_cache_key"] = None
-        return state
 
     def extra_repr(self) -> str:
         group = f", group={self.group_size}" if self.group_size else ""

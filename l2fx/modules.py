@@ -26,7 +26,7 @@ from l2fx.transform import TransformKind, channel_view, fake_quant, inverse_t
 from l2fx.triton_kernels import dequant_matmul as _kernels  # registers torch.ops.l2fx.dequant_matmul
 from l2fx.triton_kernels.packing import pack_codes
 
-__all__ = ["TransformedWeight", "StoredParams", "CodedWeight", "DequantLinear", "DequantConv1x1", "KERNEL_KINDS",
+__all__ = ["TransformedWeight", "StoredParams", "DecodeCache", "CodedWeight", "DequantLinear", "DequantConv1x1", "KERNEL_KINDS",
            "HAS_TRITON", "configure_decode", "decode_cache_nbytes"]
 
 #: Transform kinds the fused kernel decodes (block formats with integer elements run as
@@ -108,7 +108,112 @@ class StoredParams(nn.Module):
         return super()._apply(keep_float32, recurse)
 
 
-class CodedWeight(StoredParams):
+class DecodeCache(StoredParams):
+    """``T^-1(codes)`` in ``dtype`` from the module's ``step_s``/``threshold_e``, decoded on every
+    call or kept decoded (``decode``): the part :class:`CodedWeight` (codes a buffer of its own)
+    and :class:`l2fx.into_model.DecodeWeight` (codes the parametrization's ``original``) share.
+
+    The cache is keyed by the identity and version counter of the codes and both T-parameter
+    tensors, and by ``dtype``; see :class:`CodedWeight` for when it is stale. Subclasses set
+    ``kind``, ``channel_axis``, ``group_size``, ``dtype``, ``decode`` and call
+    :meth:`_init_cache`.
+    """
+
+    kind: TransformKind
+    channel_axis: int | None
+    group_size: int | None
+    decode: str
+
+    def _init_cache(self) -> None:
+        self._cache: torch.Tensor | None = None
+        self._cache_key: tuple | None = None
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """``T^-1(codes)`` in ``dtype``, computed now: the per-call path, and what the cache holds."""
+        s = channel_view(self.step_s, codes, self.channel_axis, self.group_size)
+        e = channel_view(self.threshold_e, codes, self.channel_axis, self.group_size)
+        # inverse_t, not decode: decode's positivity check reads tensor values (a graph break
+        # under torch.compile); the parameters were validated at construction.
+        w = inverse_t(codes.to(torch.float32), self.kind, s, e)
+        return w if self.dtype == torch.float32 else w.to(self.dtype)
+
+    def caches_on(self, codes: torch.Tensor) -> bool:
+        """Whether a weight decoded from ``codes`` is cached (``decode`` resolved on their device)."""
+        mode = self.decode
+        if mode == "auto":
+            return codes.device.type == "cpu"
+        if mode == "cache":
+            return True
+        if mode == "per_call":
+            return False
+        raise ConfigError(f"{type(self).__name__}: decode must be one of {DECODE_MODES}, got {mode!r}")
+
+    def _sources(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return codes, self.step_s, self.threshold_e
+
+    def fresh_for(self, codes: torch.Tensor) -> bool:
+        """The cache holds ``T^-1(codes)`` for the current tensors, their contents and ``dtype``.
+
+        Traced by ``torch.compile``, the version counters are not compared: dynamo turns a
+        traced ``Tensor._version`` into a data-dependent integer, and branching on it breaks
+        the graph at every weight (Fashion-MNIST ResNet: 11 breaks, torch 2.14). The identity
+        and dtype checks trace as guards.
+        """
+        key = self._cache_key
+        if key is None or self._cache is None or key[0] != self.dtype:
+            return False
+        if torch.compiler.is_compiling():
+            return all(t is held for t, (held, _) in zip(self._sources(codes), key[1:]))
+        return all(t is held and t._version == version for t, (held, version) in zip(self._sources(codes), key[1:]))
+
+    @torch.no_grad()
+    def fill_from(self, codes: torch.Tensor) -> torch.Tensor:
+        """Decodes ``codes`` into the cache now (whatever ``decode`` says) and returns it."""
+        # inference_mode(False): a cache first filled under inference_mode would be an inference
+        # tensor, which a later autograd-recording op (a saliency gradient w.r.t. the input)
+        # refuses to save for backward.
+        # The key is taken before decoding and set after the cache: a reader in another thread
+        # sees a new cache under the old (stale) key at worst, and decodes again.
+        with torch.inference_mode(False):
+            key = (self.dtype, *((t, t._version) for t in self._sources(codes)))
+            cache = self._cache = self.decode_codes(codes)
+        self._cache_key = key
+        return cache
+
+    def clear_cache(self) -> None:
+        self._cache_key = None
+        self._cache = None
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes held by the cache now (0 when empty)."""
+        return 0 if self._cache is None else self._cache.numel() * self._cache.element_size()
+
+    def weight_from(self, codes: torch.Tensor) -> torch.Tensor:
+        """The weight for ``codes``: the cache while fresh, else decoded (and cached, in eager)."""
+        if not self.caches_on(codes):
+            return self.decode_codes(codes)
+        if not self.fresh_for(codes):
+            if torch.compiler.is_compiling():
+                return self.decode_codes(codes)  # no side effects in traced code
+            self.fill_from(codes)
+        return self._cache
+
+    def __getstate__(self):
+        # Pickling and deepcopy carry the codes, not the decoded weight (4x their bytes in fp32);
+        # the copy re-decodes at its first call.
+        state = super().__getstate__()
+        state["_cache"] = state["_cache_key"] = None
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("decode", "auto")  # pickled before ``decode`` existed
+        state.setdefault("_cache", None)
+        state.setdefault("_cache_key", None)
+        super().__setstate__(state)
+
+
+class CodedWeight(DecodeCache):
     """Decoded weight: ``codes`` int8 [shape]; ``step_s``/``threshold_e`` fp32 in the layout of
     :class:`TransformedWeight` ([1], [C] or [rows, groups]).
 
@@ -156,100 +261,37 @@ class CodedWeight(StoredParams):
         self.group_size = group_size
         self.dtype = dtype
         self.decode = decode
-        self._cache: torch.Tensor | None = None
-        self._cache_key: tuple | None = None
+        self._init_cache()
         channel_view(self.step_s, self.codes, channel_axis, group_size)  # validates the layout
 
     def decoded(self) -> torch.Tensor:
         """``T^-1(codes)`` in ``dtype``, computed now: the per-call path, and what the cache holds."""
-        s = channel_view(self.step_s, self.codes, self.channel_axis, self.group_size)
-        e = channel_view(self.threshold_e, self.codes, self.channel_axis, self.group_size)
-        # inverse_t, not decode: decode's positivity check reads tensor values (a graph break
-        # under torch.compile). s, e > 0 is checked once, where they are created or loaded.
-        w = inverse_t(self.codes.to(torch.float32), self.kind, s, e)
-        return w if self.dtype == torch.float32 else w.to(self.dtype)
+        return self.decode_codes(self.codes)
 
     def caches(self) -> bool:
         """Whether ``forward`` returns a cached weight (``decode`` resolved on the codes' device)."""
-        mode = self.decode
-        if mode == "auto":
-            return self.codes.device.type == "cpu"
-        if mode == "cache":
-            return True
-        if mode == "per_call":
-            return False
-        raise ConfigError(f"CodedWeight: decode must be one of {DECODE_MODES}, got {mode!r}")
-
-    def _sources(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.codes, self.step_s, self.threshold_e
+        return self.caches_on(self.codes)
 
     def cache_fresh(self) -> bool:
-        """The cache holds ``T^-1(codes)`` for the current tensors, their contents and ``dtype``.
+        """The cache holds ``T^-1(codes)`` for the current tensors (:meth:`DecodeCache.fresh_for`)."""
+        return self.fresh_for(self.codes)
 
-        Traced by ``torch.compile``, the version counters are not compared: dynamo turns a
-        traced ``Tensor._version`` into a data-dependent integer, and branching on it breaks
-        the graph at every weight (Fashion-MNIST ResNet: 11 breaks, torch 2.14). The identity
-        and dtype checks trace as guards.
-        """
-        key = self._cache_key
-        if key is None or self._cache is None or key[0] != self.dtype:
-            return False
-        if torch.compiler.is_compiling():
-            return all(t is held for t, (held, _) in zip(self._sources(), key[1:]))
-        return all(t is held and t._version == version for t, (held, version) in zip(self._sources(), key[1:]))
-
-    @torch.no_grad()
     def fill_cache(self) -> torch.Tensor:
         """Decodes into the cache now (whatever ``decode`` says) and returns it."""
-        # inference_mode(False): a cache first filled under inference_mode would be an inference
-        # tensor, which a later autograd-recording op (a saliency gradient w.r.t. the input)
-        # refuses to save for backward.
-        # The key is taken before decoding and set after the cache: a reader in another thread
-        # sees a new cache under the old (stale) key at worst, and decodes again.
-        with torch.inference_mode(False):
-            key = (self.dtype, *((t, t._version) for t in self._sources()))
-            cache = self._cache = self.decoded()
-        self._cache_key = key
-        return cache
-
-    def clear_cache(self) -> None:
-        self._cache_key = None
-        self._cache = None
-
-    @property
-    def cache_nbytes(self) -> int:
-        """Bytes held by the cache now (0 when empty)."""
-        return 0 if self._cache is None else self._cache.numel() * self._cache.element_size()
+        return self.fill_from(self.codes)
 
     def forward(self) -> torch.Tensor:
-        if not self.caches():
-            return self.decoded()
-        if not self.cache_fresh():
-            if torch.compiler.is_compiling():
-                return self.decoded()
-            self.fill_cache()
-        return self._cache
+        return self.weight_from(self.codes)
 
     def _apply(self, fn, recurse=True):
+        # .to()/.half()/.cuda() drop the cache and, where the module still caches, re-decode at
+        # once (a model cast, then handed to torch.compile, reads a filled cache).
         refill = self._cache is not None
         self.clear_cache()
         out = super()._apply(fn, recurse)
         if refill and self.caches():
             self.fill_cache()
         return out
-
-    def __getstate__(self):
-        # Pickling and deepcopy carry the codes, not the decoded weight (4x their bytes in fp32);
-        # the copy re-decodes at its first call.
-        state = super().__getstate__()
-        state["_cache"] = state["_cache_key"] = None
-        return state
-
-    def __setstate__(self, state):
-        state.setdefault("decode", "auto")  # pickled before ``decode`` existed
-        state.setdefault("_cache", None)
-        state.setdefault("_cache_key", None)
-        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         dtype = "" if self.dtype == torch.float32 else f", dtype={str(self.dtype).replace('torch.', '')}"
