@@ -16,6 +16,10 @@ the "sequential" setting of the references), and for each block
 
 Weights used by an op other than linear/conv (embeddings: their inputs are indices) get no
 Hessian: the caller decides (the one-shot pass rounds them to nearest, and records it).
+
+:func:`model_hessians` is the independent setting instead (OBC's per-layer error tables): the
+whole uncompressed model (weights still ``get_attr`` s) run batch by batch, every weight's
+Hessian from the fp32 model's own activations, and every linear/conv op's MACs per sample.
 """
 from __future__ import annotations
 
@@ -26,11 +30,12 @@ import torch
 import torch.fx as fx
 
 from l2fx.blocks import BlockProgram, build_programs, calibration_inputs
+from l2fx.data import batch_size
 from l2fx.ir import WeightSite, arg_of, weighted_op
 from l2fx.modules import TransformedWeight
 from l2fx.solvers import HessianAccumulator, layer_rows
 
-__all__ = ["LayerStats", "block_hessians", "stream_blocks"]
+__all__ = ["LayerStats", "block_hessians", "stream_blocks", "DenseLayerStats", "model_hessians"]
 
 
 @dataclasses.dataclass
@@ -155,3 +160,73 @@ def stream_blocks(gm: fx.GraphModule, calib: Any, device: torch.device, max_samp
                 del cache[n]
 
         yield prog, inputs, advance
+
+
+@dataclasses.dataclass
+class DenseLayerStats:
+    """A linear/conv weight of the uncompressed model (:func:`model_hessians`): ``hessians``
+    ``[groups, cols, cols]`` (None when not asked for), ``macs``: multiply-accumulates per
+    calibration sample (output elements x the weight's ``flatten(1)`` width, summed over the ops
+    reading the weight)."""
+
+    param: str
+    family: str
+    shape: tuple[int, ...]
+    hessians: torch.Tensor | None
+    nsamples: int
+    macs: float
+
+
+class _DenseCapture(fx.Interpreter):
+    """Runs the uncompressed graph; per linear/conv op, counts MACs and feeds the accumulators."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set[str]):
+        super().__init__(gm)
+        self.wanted = wanted
+        self.accumulators: dict[str, list[HessianAccumulator]] = {}
+        self.macs: dict[str, float] = {}
+        self.meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        op = weighted_op(n)
+        w = arg_of(n, op.weight_arg) if op is not None else None
+        if op is None or op.family not in ("linear", "conv") or not (isinstance(w, fx.Node) and w.op == "get_attr"):
+            return out
+        param, weight = str(w.target), self.env[w]
+        shape = tuple(weight.shape)
+        self.macs[param] = self.macs.get(param, 0.0) + float(out.numel()) * float(weight[0].numel())
+        family = "linear" if op.family == "linear" else ("conv1d" if len(shape) == 3 else "conv2d")
+        self.meta[param] = (family, shape)
+        if param in self.wanted:
+            conv = _conv_params(n) if op.family == "conv" else {}
+            rows = layer_rows(self.env[n.args[0]].float(), family, shape, **conv)
+            if rows.dim() == 2:
+                rows = rows.unsqueeze(0)
+            accs = self.accumulators.setdefault(param, [HessianAccumulator(rows.shape[-1])
+                                                        for _ in range(rows.shape[0])])
+            for g in range(rows.shape[0]):
+                accs[g].add(rows[g])
+        return out
+
+
+@torch.no_grad()
+def model_hessians(gm: fx.GraphModule, calib: Any, device: torch.device, wanted: set[str],
+                   max_samples: int = 0) -> dict[str, DenseLayerStats]:
+    """Every linear/conv weight of ``gm`` (weights as ``get_attr`` s, before ``insert_transforms``):
+    its MACs per calibration sample, and for the parameters in ``wanted`` the Hessian of its
+    inputs in the uncompressed model. One calibration batch's activations are held at a time
+    (the interpreter frees each value after its last use)."""
+    cap = _DenseCapture(gm, wanted)
+    samples = 0
+    for pv in calibration_inputs(gm, calib, max_samples, device):
+        args = list(pv.values())
+        cap.run(*args)
+        samples += batch_size(args)
+    out = {}
+    for param, (family, shape) in cap.meta.items():
+        accs = cap.accumulators.get(param)
+        hess = torch.stack([a.hessian() for a in accs]) if accs else None
+        out[param] = DenseLayerStats(param, family, shape, hess, accs[0].nsamples if accs else 0,
+                                     cap.macs[param] / max(samples, 1))
+    return out

@@ -22,14 +22,16 @@ from typing import Callable
 
 from l2fx.config import CompileConfig
 from l2fx.errors import ConfigError
-from l2fx.passes import (BlockPartition, BlockReconstruction, EntropyAllocation, FoldBatchNorm, InsertTransforms,
-                         KeepReference, LowerKernels, MarkWeights, NetworkDistillation, Normalize, OneShotSolve,
-                         PlainStorage, PruneUnusedState, RangeCode, RateFit, RoundToNearest, SensitivityAnalysis,
-                         SnapWeights)
+from l2fx.passes import (BlockPartition, BlockReconstruction, CompoundPlan, EntropyAllocation, FoldBatchNorm,
+                         InsertTransforms, KeepReference, LowerKernels, MarkWeights, NetworkDistillation, Normalize,
+                         OneShotSolve, PlainStorage, PruneUnusedState, RangeCode, RateFit, RoundToNearest,
+                         SensitivityAnalysis, SnapWeights)
+from l2fx.passes import BitValueGrid, SmolPrecision, SmolRound
 from l2fx.pipeline import PassManager
+from l2fx.precision import SmolOptions
 
 __all__ = ["Method", "register_method", "methods", "get_method", "pipeline", "default_pipeline",
-           "structural_pipeline", "front_pipeline", "rtn_pipeline"]
+           "structural_pipeline", "front_pipeline", "rtn_pipeline", "compound_pipeline"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +174,54 @@ for _name, (_recipe, _opts, _desc) in _ONESHOT.items():
     register_method(_name, oneshot_pipeline(_recipe, **_opts), _desc + "; grids and bytes from L2's allocation")
 register_method("gptq+l2", oneshot_pipeline("gptq", then_l2=True),
                 "GPTQ's symbols as the starting point of L2's weight fine-tuning (block reconstruction stage (b))")
+
+
+def compound_pipeline(recipe: str) -> Callable[[CompileConfig], PassManager]:
+    """The pipeline of a compound method (OBC appendix A.10): ``compound_plan`` chooses every
+    layer's option from {dense, 2:4} x {8, 4} weight bits by a DP over its error table (the
+    layer losses of ``recipe``) under ``method_options`` ``bop_reduction``, fixing each layer's
+    grid and pattern; ``oneshot_solve`` then applies them with the same recipe, block by block
+    on the compressed prefix's inputs, and ``range_code`` counts and writes every byte as for any
+    method. The BOP target is what the method meets; its bytes follow from the plan, so
+    ``target_cr`` is not a constraint (not checked; the report's CR is the result)."""
+    def build(config: CompileConfig) -> PassManager:
+        pm = front_pipeline(config)
+        for p in (CompoundPlan(recipe), SensitivityAnalysis(), EntropyAllocation(check_target=False),
+                  InsertTransforms(), BlockPartition(), OneShotSolve(recipe), RangeCode(check_target=False),
+                  LowerKernels()):
+            pm.append(p)
+        return pm
+
+    return build
+
+
+register_method("obc-compound", compound_pipeline("obc-compound"),
+                "OBC compound (appendix A.10): per layer {dense, 2:4} x {8, 4} bits chosen by a DP under "
+                "method_options bop_reduction (activations fp32), ExactOBS tables and solves; CR is the result")
+register_method("adaprune+adaquant-compound", compound_pipeline("adaprune+adaquant-compound"),
+                "the same DP over AdaPrune+AdaQuant (dense: AdaQuant) tables and solves: OBC's compound baseline")
+
+
+def smol_pipeline(per_layer: bool) -> Callable[[CompileConfig], PassManager]:
+    """SMOL (seed 004): precisions learned by noise injection on block outputs (Eq. 12), one per
+    parameter or, ``per_layer``, one per layer (SMOL-L, Appendix D); then every weight rounded to
+    its integer precision on the bit-value grid, one per-model offset fitting the counted bytes
+    (zero precision = pruned); range coded like every method (the symbols carry the map).
+    Options: :class:`l2fx.precision.SmolOptions` via ``CompileConfig.method_options``."""
+    def build(config: CompileConfig) -> PassManager:
+        SmolOptions.from_pairs(config.method_options, per_layer)  # a bad option fails when the method is built
+        pm = front_pipeline(config)
+        for p in (BitValueGrid(per_layer), BlockPartition(), SmolPrecision(per_layer), SmolRound(per_layer),
+                  RangeCode(), LowerKernels()):
+            pm.append(p)
+        return pm
+
+    return build
+
+
+register_method("smol", smol_pipeline(False), "SMOL: a precision per parameter learned by noise injection "
+                                              "(Eq. 12) on block outputs, zero precision pruned, the map range coded")
+register_method("smol-l", smol_pipeline(True), "SMOL-L: one learned precision per layer (SMOL's Appendix D)")
 
 
 def rtn_pipeline(bits: int, prune_fraction: float = 0.0, fold_batchnorm: bool = True) -> PassManager:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from l2fx.passes.allocation import EntropyAllocation
 from l2fx.passes.baselines import RoundToNearest
+from l2fx.passes.bit_value_grid import BitValueGrid
 from l2fx.passes.block_partition import BlockPartition
 from l2fx.passes.block_reconstruction import BlockReconstruction
+from l2fx.passes.compound_plan import CompoundPlan
 from l2fx.passes.distill import KeepReference, NetworkDistillation
 from l2fx.passes.fold_batchnorm import FoldBatchNorm
 from l2fx.passes.insert_transforms import InsertTransforms
@@ -24,11 +26,14 @@ from l2fx.passes.prune_state import PruneUnusedState
 from l2fx.passes.range_code import RangeCode
 from l2fx.passes.rate_fit import RateFit
 from l2fx.passes.sensitivity import SensitivityAnalysis
+from l2fx.passes.smol_precision import SmolPrecision
+from l2fx.passes.smol_round import SmolRound
 from l2fx.passes.snap import SnapWeights
 
 __all__ = [
     "Normalize", "FoldBatchNorm", "PruneUnusedState", "MarkWeights", "PlainStorage", "SensitivityAnalysis",
     "EntropyAllocation", "InsertTransforms", "BlockPartition", "KeepReference", "BlockReconstruction",
     "NetworkDistillation", "SnapWeights", "RateFit", "RangeCode", "LowerKernels", "RoundToNearest",
-    "InstallDecodedWeights", "DecodedLayer", "OneShotSolve",
+    "InstallDecodedWeights", "DecodedLayer", "OneShotSolve", "CompoundPlan",
+    "BitValueGrid", "SmolPrecision", "SmolRound",
 ]

@@ -8,7 +8,9 @@ leaves the total a little under budget; ``rate_fit`` closes the gap on the real 
 
 Pre: every site has an ``l2fx.sensitivity`` curve. Post: every site has an
 ``l2fx.allocation``; the predicted total is within the budget. A target outside what the
-curves can reach raises TargetCRError stating the reachable range.
+curves can reach raises TargetCRError stating the reachable range, unless ``check_target`` is
+False (the compound methods: every grid fixed from a BOP target, one candidate per curve, the
+bytes are the result).
 """
 from __future__ import annotations
 
@@ -45,6 +47,11 @@ class EntropyAllocation(L2fxPass):
     name = "entropy_allocation"
     requires_meta = (SensitivityCurve,)
 
+    def __init__(self, check_target: bool = True):
+        # The compound methods fix every grid from a BOP target: their bytes are the result,
+        # so target_cr is not checked (the curves then hold one candidate each).
+        self.check_target = check_target
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()
         target = ctx.config.target_cr
@@ -60,7 +67,8 @@ class EntropyAllocation(L2fxPass):
         lo_cr, hi_cr = fp32 / largest, fp32 / smallest
         # rate_fit can move every step by a common factor, which widens the range a little;
         # the grid's ends are what the curves vouch for.
-        if not (lo_cr * (1 - ctx.config.cr_tolerance) <= target <= hi_cr * (1 + ctx.config.cr_tolerance)):
+        if self.check_target and not (lo_cr * (1 - ctx.config.cr_tolerance) <= target
+                                      <= hi_cr * (1 + ctx.config.cr_tolerance)):
             raise TargetCRError(
                 f"target_cr={target} is out of reach for this model: the reachable range of the "
                 f"compressed-parameter CR is {lo_cr:.2f} .. {hi_cr:.2f} (symbols limited to +-{ctx.config.coding.qmax})")

@@ -16,7 +16,8 @@ the block's real bytes land within ``cr_tolerance / 2`` under its target: its bu
 share of the earlier blocks' drift, as block reconstruction repays it. The recipe's result is
 measured, never predicted: pruning or error feedback change the symbols' entropy, so the grid
 the allocation chose for round-to-nearest does not give the budget's bytes by itself. A grid
-fixed by the user (a ``layers`` rule's bits) is not rescaled.
+fixed by the user (a ``layers`` rule's bits) is not rescaled; a block whose grids are all fixed
+is solved once.
 
 Layers the recipe cannot take fall back to round-to-nearest on their grid, recorded per layer
 with the reason: a weight read by an op with no input Hessian (embeddings), a transform kind
@@ -118,11 +119,17 @@ class OneShotSolve(L2fxPass):
                 # The second probe from the first solve: a halving of every step costs about one
                 # bit per weight that is not zero (numel / 8 bytes at no sparsity).
                 first = total(0.0)
-                coded = sum(int((r["_q"] != 0).sum()) for r in runs[0.0])
-                guess = (first - target * (1 - tol / 4)) * 8 / max(coded, 1)
-                second = min(max(guess, -2.0), 2.0) if abs(guess) > 1e-3 else None
-                t, nbytes = fit_log2_factor(lambda x: first if x == 0.0 else total(x), target, target * (1 - tol / 2),
-                                            floor=-2.0, ceil=2.0, max_evals=8, second=second)
+                if all(st.module.fixed for st in stats):
+                    # Every grid is fixed (the compound methods, a user's bits): no factor moves
+                    # the bytes, so one solve is the block's result.
+                    t, nbytes = 0.0, first
+                else:
+                    coded = sum(int((r["_q"] != 0).sum()) for r in runs[0.0])
+                    guess = (first - target * (1 - tol / 4)) * 8 / max(coded, 1)
+                    second = min(max(guess, -2.0), 2.0) if abs(guess) > 1e-3 else None
+                    t, nbytes = fit_log2_factor(lambda x: first if x == 0.0 else total(x), target,
+                                                target * (1 - tol / 2), floor=-2.0, ceil=2.0, max_evals=8,
+                                                second=second)
                 for st, r in zip(stats, runs[t]):
                     self._install(st.module, r)
                     layers[st.site.param] = {k: v for k, v in r.items() if not k.startswith("_")}

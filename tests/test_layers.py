@@ -28,7 +28,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "l2fx.accounting", "l2fx.formats", "l2fx.sparsity", "l2fx.triton_kernels"),
     1: ("l2fx.ir", "l2fx.modules", "l2fx.compiled", "l2fx.pipeline", "l2fx.data", "l2fx.evaluate", "l2fx.frontend",
         "l2fx.inplace", "l2fx.manifest", "l2fx.artifact", "l2fx.report", "l2fx.blocks", "l2fx.bytefit", "l2fx.optim",
-        "l2fx.tparams", "l2fx.solvers", "l2fx.layerwise", "l2fx.calibration", "l2fx.into_model"),
+        "l2fx.tparams", "l2fx.solvers", "l2fx.layerwise", "l2fx.calibration", "l2fx.into_model",
+        "l2fx.precision"),
     2: ("l2fx.passes",),
     3: ("l2fx.method", "l2fx.api", "l2fx.cli", "l2fx.zoo", "l2fx.analyze", "l2fx"),
 }

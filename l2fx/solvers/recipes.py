@@ -25,10 +25,19 @@ recipe               what, options
 ``adaprune``         AdaPrune: magnitude mask, exact refit of the kept weights, then RTN
 ``adaprune+adaquant``  the OBC paper's AdaPrune+AdaQuant baseline: AdaPrune, then AdaQuant of
                      the kept weights, the mask re-applied (pruned weights stay symbol 0)
+``obc-compound``     per layer as its options say (compound methods): ``obq`` when they ask
+                     no pruning (``sparsity`` 0 and no N:M), else ``obc`` with that pattern
+``adaprune+adaquant-compound``  the same for the baseline: ``adaquant`` dense, else
+                     ``adaprune+adaquant`` with the pattern, its refit on ``H`` damped by
+                     ``percdamp`` like OBC's
 ===================  ====================================================================
 
 Sparsity options: ``sparsity`` (fraction pruned, default 0 = none for the quantisers, 0.5 for
 the pruners), ``prune_n``/``prune_m`` (N kept of every M consecutive columns).
+
+``bop_reduction`` and ``bop_resolution`` are no recipe's: the compound methods' planning pass
+(``compound_plan``) reads them from the same options (``CompileConfig.method_options``), which
+is why they are known here.
 """
 from __future__ import annotations
 
@@ -52,6 +61,7 @@ __all__ = ["RECIPES", "DEFAULTS", "solve", "options_for"]
 DEFAULTS: dict[str, Any] = {
     "blocksize": 128, "percdamp": 0.01, "act_order": False, "sparsity": 0.0, "prune_n": 0, "prune_m": 0,
     "block": 1, "max_cost": DEFAULT_MAX_COST, "iters": 0, "lr": 1e-3, "reg_lambda": 0.01,
+    "bop_reduction": 0.0, "bop_resolution": 10000,
 }
 
 
@@ -124,13 +134,30 @@ def _adaprune(W, H, grid, o, layer):
     return _masked_rtn(pruned.w_hat, H, grid, pruned.mask)
 
 
-def _adaprune_adaquant(W, H, grid, o, layer):
+def _adaprune_adaquant(W, H, grid, o, layer, percdamp: float = 0.0):
     pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
-    pruned = adaprune(W, H, layer=layer, **pat)
+    pruned = adaprune(W, H, layer=layer, percdamp=percdamp, **pat)
     res = adaquant(pruned.w_hat, H, grid, iters=o["iters"] or 100, layer=layer)
     learnt = res.extra.get("grid", grid)
     out = _with_mask(res, W, H, learnt, pruned.mask)
     return SolverResult(out.w_hat, out.symbols, out.mask, out.loss, {**out.extra, "grid": learnt})
+
+
+def _pruning(o: Mapping[str, Any]) -> bool:
+    return bool(o["prune_m"] or o["sparsity"])
+
+
+def _obc_compound(W, H, grid, o, layer):
+    return _obc(W, H, grid, o, layer) if _pruning(o) else _obq(W, H, grid, o, layer)
+
+
+def _ada_compound(W, H, grid, o, layer):
+    # AdaPrune's refit on H damped by ``percdamp`` as OBC's is (the same H for both solvers):
+    # undamped, a dead input (a ReLU channel never on in the calibration set) leaves H_SS
+    # singular (measured: the tests' TinyConvNet fc).
+    if _pruning(o):
+        return _adaprune_adaquant(W, H, grid, o, layer, percdamp=o["percdamp"])
+    return _adaquant(W, H, grid, o, layer)
 
 
 RECIPES: dict[str, Callable[[Tensor, Tensor, Grid, Mapping[str, Any], str], SolverResult]] = {
@@ -145,6 +172,8 @@ RECIPES: dict[str, Callable[[Tensor, Tensor, Grid, Mapping[str, Any], str], Solv
     "adaquant": _adaquant,
     "adaprune": _adaprune,
     "adaprune+adaquant": _adaprune_adaquant,
+    "obc-compound": _obc_compound,
+    "adaprune+adaquant-compound": _ada_compound,
 }
 
 

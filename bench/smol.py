@@ -1,0 +1,150 @@
+"""SMOL, SMOL-L and L2 at matching counted bytes, the shuffled-precision control, the map's cost.
+
+    nice python bench/smol.py --models fmnist-resnet --targets 8 12 16 --control-targets 12 --num-calib 128 \
+        --option iters=100
+    nice python bench/smol.py --models fmnist-resnet --targets 12 --methods smol smol-shuffled --option lam=0.05
+
+Methods: ``smol`` (a precision per parameter), ``smol-l`` (per layer), ``smol-shuffled`` (the
+seed's Table 6 control: SMOL's learned precisions permuted within each layer, the range refitted
+to the same counted bytes, no retraining: the post-training analogue of its "re-trained with
+shuffled precisions"), and ``l2``. Each (method, target) compiles in a fresh spawned process.
+Columns: compressed-parameter CR on counted bytes (every byte of the artifact's layers, the
+precision map included), the zoo's metrics on data disjoint from the calibration data, bpp
+(counted bits per compressed weight), the mean integer precision, the fraction at zero
+precision, the precision map's share (Shannon bits of the map under one table per layer,
+``map_order0``, over the counted bytes and over the file), and what other map contexts
+would cost (``l2fx.precision.map_code_bits``: one table per output row, order 1 in C order).
+Writes ``bench/results/smol_<model>[_TAG].md/.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+import l2fx
+from l2fx import zoo
+from l2fx.cli import apply_settings
+
+from _results import RESULTS, command_line, write_results
+
+DEFAULT_METHODS = ["smol", "smol-l", "smol-shuffled", "l2"]
+
+
+def run_row(job: dict) -> dict:
+    """One compile and its evaluation (runs in its own process)."""
+    entry = zoo.get(job["model"])
+    model = entry.build()
+    calib = entry.calib(job["num_calib"], job["batch_size"], 0)
+    config = l2fx.CompileConfig.from_json(job["config"])
+    method = job["method"]
+    if method.startswith("smol"):
+        opts = tuple(job["smol_options"]) + ((("shuffle", True),) if method == "smol-shuffled" else ())
+        config = config.replace(method_options=opts)
+        method = "smol" if method == "smol-shuffled" else method
+    t0 = time.perf_counter()
+    try:
+        compiled = l2fx.compile(model, job["target"], calib, method=method, config=config)
+    except l2fx.L2fxError as exc:
+        return {**job, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    seconds = time.perf_counter() - t0
+    metrics = entry.evaluate(compiled, reference=model)
+    r = compiled.report
+    numel = sum(layer.numel for layer in r.layers)
+    row = {**job, "cr": r.compressed_cr, "file_cr": r.file_cr, "file_nbytes": r.file_nbytes,
+           "compressed_nbytes": r.compressed_nbytes, "bpp": 8.0 * r.compressed_nbytes / numel, "numel": numel,
+           "compile_s": seconds, "metrics": metrics, "pass_seconds": r.pass_seconds}
+    rnd = r.records.get("smol_round")
+    if rnd is not None:
+        code = [v["code_bits"] for v in rnd["layers"].values()]
+        row.update(mean_precision=rnd["mean_precision"], zero_fraction=rnd["zero_fraction"], offset=rnd["offset"],
+                   range_factor=rnd["range_factor"],
+                   map_bits={k: sum(c[k] for c in code) for k in ("joint", "map_order0", "map_per_row", "map_order1",
+                                                                   "values_given_p")},
+                   layers={k: {f: v[f] for f in ("numel", "mean_precision", "zero_fraction", "histogram", "bpp")}
+                           for k, v in rnd["layers"].items()},
+                   learned=r.records.get("smol_precision", {}).get("layers", {}))
+    return row
+
+
+def markdown(model: str, fp32: dict, rows: list[dict], command: str) -> str:
+    keys = [k for k in ("accuracy", "kl_mean", "top1_agreement") if any(k in r.get("metrics", {}) for r in rows)]
+    lines = [f"# {model}: SMOL vs SMOL-L vs L2 at matching counted bytes", "", f"Command: `{command}`", "",
+             "fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in fp32.items()), "",
+             "| method | target | CR counted | file CR | " + " | ".join(keys) + " | bpp | mean p | zero p | "
+             "map/counted | map/file | map per-row | map order-1 | compile s |",
+             "|---|---|---|---|" + "---|" * len(keys) + "---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['target']:g} | {r['error']} |" + " |" * (len(keys) + 10))
+            continue
+        vals = " | ".join(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in keys)
+        if "map_bits" in r:
+            mb = r["map_bits"]
+            smol = (f"{r['mean_precision']:.3f} | {r['zero_fraction']:.3f} | "
+                    f"{mb['map_order0'] / 8 / r['compressed_nbytes']:.1%} | "
+                    f"{mb['map_order0'] / 8 / r['file_nbytes']:.1%} | "
+                    + (f"{mb['map_per_row'] / mb['map_order0']:.3f}x | {mb['map_order1'] / mb['map_order0']:.3f}x"
+                       if mb["map_order0"] > 0 else "- | -"))
+        else:
+            smol = " | | | | | "
+        lines.append(f"| {r['method']} | {r['target']:g} | {r['cr']:.3f} | {r['file_cr']:.3f} | {vals} | "
+                     f"{r['bpp']:.3f} | {smol} | {r['compile_s']:.1f} |")
+    lines += ["", "bpp: counted bits per compressed weight (the map included). mean p / zero p: mean integer "
+              "precision and fraction at precision 0 (pruned). map/counted, map/file: Shannon bits of the precision "
+              "map under one table per layer (what the stored symbols spend on it: H(r) = H(p) + H(r|p)) over the "
+              "counted bytes and over the file. map per-row / order-1: the map's bits with one table per output row, "
+              "or conditioned on the previous precision (tables counted), relative to one table per layer."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["fmnist-resnet"])
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    p.add_argument("--targets", nargs="+", type=float, default=[8, 12, 16])
+    p.add_argument("--control-targets", nargs="+", type=float, default=None,
+                   help="targets at which smol-shuffled runs (default: all)")
+    p.add_argument("--skip", nargs="+", default=[], metavar="METHOD@TARGET",
+                   help="rows not to run (measured already, e.g. smol@12)")
+    p.add_argument("--num-calib", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a SMOL option (l2fx.precision.SmolOptions), JSON value")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any CompileConfig field")
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    config = apply_settings(l2fx.CompileConfig(), args.set)
+    smol_options = [(k, json.loads(v)) for k, v in (o.split("=", 1) for o in args.option)]
+    command = command_line()
+    ctx = multiprocessing.get_context("spawn")
+    for name in args.models:
+        entry = zoo.get(name)
+        fp32 = entry.evaluate(entry.build())
+        rows = []
+        out = RESULTS / (f"smol_{name}" + (f"_{args.tag}" if args.tag else ""))
+        for target in args.targets:
+            for method in args.methods:
+                controls = args.control_targets
+                if method == "smol-shuffled" and controls is not None and target not in controls:
+                    continue
+                if f"{method}@{target:g}" in args.skip:
+                    continue
+                job = {"model": name, "method": method, "target": target, "num_calib": args.num_calib,
+                       "batch_size": args.batch_size, "config": config.to_json(), "smol_options": smol_options}
+                with ctx.Pool(1, maxtasksperchild=1) as pool:
+                    row = pool.apply(run_row, (job,))
+                rows.append(row)
+                print(markdown(name, fp32, [row], "").splitlines()[8], flush=True)
+                write_results(out, markdown(name, fp32, rows, command), {"command": command, "fp32": fp32,
+                                                                        "rows": rows})
+        print(markdown(name, fp32, rows, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())

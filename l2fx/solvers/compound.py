@@ -1,0 +1,176 @@
+"""Compound compression (OBC, Frantar & Alistarh 2022, Sec. 6 and appendix A.10): one option per
+layer from {dense, 2:4} x {8, 4} weight bits, chosen by a dynamic program over per-layer error
+tables under a global BOP-reduction target.
+
+* An :class:`Option` is a sparsity pattern (dense or N:M) and a weight bit width; its BOPs are
+  ``MACs * (N/M) * weight bits * activation bits`` (:func:`option_bops`: 2:4 halves the MACs).
+  Activations are not quantised in l2fx (no activation fake-quantisation exists at runtime or
+  after ``l2fx.load``), so ``act_bits`` is 32 throughout and the BOP reduction is that of the
+  weights alone against the dense fp32 model (``32 x 32`` per MAC): dense 8-bit is 4x, 2:4 8-bit
+  and dense 4-bit 8x, 2:4 4-bit 16x. The seed's setting (8/4-bit activations as well) would need
+  a static per-tensor activation quantiser inserted as a structural pass that ``l2fx.load``
+  replays, its scales stored in the artifact; none exists, so that setting is not claimed.
+* :func:`option_errors`: one layer's row of the table, the layer loss ``tr(dW H dW^T)``
+  (:func:`l2fx.solvers.hessian.layer_loss`, on the calibration inputs' Hessian) of each option,
+  each solved by the given recipe (OBC's ExactOBS, or the AdaPrune+AdaQuant baseline).
+* :func:`choose_options`: the dynamic program. Costs are discretised in units of
+  ``budget / resolution`` and rounded *up*, so every plan the DP accepts meets the real budget;
+  on the rounded costs it is exact (the minimum summed error among all plans whose rounded
+  costs fit ``resolution`` units). What rounding can lose: plans within ``layers`` units of the
+  budget whose rounded costs no longer fit (at most ``layers / resolution`` of the budget).
+
+Pure tensors and numbers: no modules, no graph (``passes/compound_plan.py`` builds the tables
+from a model).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from torch import Tensor
+
+from l2fx.errors import ConfigError, TargetCRError
+from l2fx.solvers.grid import Grid
+from l2fx.solvers.recipes import solve
+
+__all__ = ["Option", "OPTIONS", "ACT_BITS", "option_bops", "option_errors", "Plan", "choose_options",
+           "DEFAULT_RESOLUTION"]
+
+ACT_BITS = 32  # activations stay fp32 (see the module docstring)
+DEFAULT_RESOLUTION = 10000  # DP budget units: costs rounded up lose at most layers/10000 of the budget
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A layer's compression option: ``bits`` per weight, ``prune_n`` kept of every ``prune_m``
+    consecutive input columns (0, 0: dense)."""
+
+    bits: int
+    prune_n: int = 0
+    prune_m: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ConfigError(f"Option.bits must be an int in 2..8, got {self.bits!r}")
+        if (self.prune_m == 0) != (self.prune_n == 0) or not 0 <= self.prune_n < max(self.prune_m, 1):
+            raise ConfigError(f"Option: prune_n/prune_m must be 0/0 (dense) or 0 < N < M, "
+                              f"got {self.prune_n}/{self.prune_m}")
+
+    @property
+    def dense(self) -> bool:
+        return self.prune_m == 0
+
+    @property
+    def density(self) -> float:
+        return 1.0 if self.dense else self.prune_n / self.prune_m
+
+    @property
+    def name(self) -> str:
+        return f"{'dense' if self.dense else f'{self.prune_n}:{self.prune_m}'}-w{self.bits}"
+
+    def solver_options(self) -> tuple[tuple[str, object], ...]:
+        """The one-shot options that make a recipe apply this pattern (dense: none pruned)."""
+        if self.dense:
+            return (("sparsity", 0.0), ("prune_n", 0), ("prune_m", 0))
+        return (("sparsity", 0.0), ("prune_n", self.prune_n), ("prune_m", self.prune_m))
+
+
+OPTIONS: tuple[Option, ...] = (Option(8), Option(4), Option(8, 2, 4), Option(4, 2, 4))
+
+
+def option_bops(macs: float, option: Option | None, act_bits: int = ACT_BITS) -> float:
+    """BOPs of a layer of ``macs`` multiply-accumulates under ``option`` (None: dense fp32)."""
+    if option is None:
+        return float(macs) * 32 * act_bits
+    return float(macs) * option.density * option.bits * act_bits
+
+
+def option_errors(recipe: str, W: Tensor, H: Tensor, grids: Mapping[int, Grid], options: Sequence[Option],
+                  base_options: Mapping[str, object], layer: str = "?") -> list[float]:
+    """The layer loss of each option (``grids[bits]``: the layer's grid at that width), the
+    pattern passed to ``recipe`` through its options, ``base_options`` (the method's) underneath."""
+    out = []
+    for opt in options:
+        res = solve(recipe, W, H, grids[opt.bits], {**base_options, **dict(opt.solver_options())}, layer=layer)
+        out.append(float(res.loss))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The DP's choice: ``choice[i]`` indexes layer i's options; ``error`` and ``cost`` are the
+    true (not rounded) sums; ``units``: the rounded cost in budget units of ``budget / resolution``."""
+
+    choice: tuple[int, ...]
+    error: float
+    cost: float
+    budget: float
+    resolution: int
+    units: int
+
+
+def _check_table(costs: Sequence[Sequence[float]], errors: Sequence[Sequence[float]]) -> None:
+    if len(costs) != len(errors) or not costs:
+        raise ConfigError(f"choose_options: need one cost and one error row per layer (got {len(costs)} cost rows, "
+                          f"{len(errors)} error rows)")
+    for i, (c, e) in enumerate(zip(costs, errors)):
+        if len(c) != len(e) or not c:
+            raise ConfigError(f"choose_options: layer {i} has {len(c)} costs and {len(e)} errors (need as many, >= 1)")
+        if not all(math.isfinite(x) and x >= 0 for x in c):
+            raise ConfigError(f"choose_options: layer {i}'s costs must be finite and >= 0, got {list(c)}")
+        if any(math.isnan(x) for x in e):
+            raise ConfigError(f"choose_options: layer {i}'s errors hold a NaN: {list(e)}")
+
+
+def choose_options(costs: Sequence[Sequence[float]], errors: Sequence[Sequence[float]], budget: float,
+                   resolution: int = DEFAULT_RESOLUTION,
+                   describe: Callable[[int], str] = lambda i: f"layer {i}") -> Plan:
+    """One option per layer minimising the summed error with the summed cost within ``budget``
+    (see the module docstring: exact on costs rounded up to units of ``budget / resolution``).
+    Ties go to the cheaper plan. Raises :class:`TargetCRError` when even the cheapest options
+    (rounded) exceed the budget, naming the cheapest total."""
+    _check_table(costs, errors)
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ConfigError(f"choose_options: resolution must be an int >= 1, got {resolution!r}")
+    if not (math.isfinite(budget) and budget > 0):
+        raise ConfigError(f"choose_options: budget must be finite and > 0, got {budget!r}")
+    unit = budget / resolution
+    R = resolution
+    # ceil with a relative guard: a cost that is an exact multiple of the unit stays that multiple.
+    units = [[int(math.ceil(c / unit * (1 - 1e-12))) for c in row] for row in costs]
+    cheapest = sum(min(row) for row in units)
+    if cheapest > R:
+        raise TargetCRError(f"BOP budget {budget:.4g} is out of reach: the cheapest option of every layer costs "
+                            f"{sum(min(r) for r in costs):.4g} ({cheapest} of {R} units)")
+    inf = math.inf
+    # best[b]: least summed error of the layers so far at a rounded cost of exactly b units.
+    best = np.full(R + 1, inf)
+    best[0] = 0.0
+    picks = []
+    for i, (urow, erow) in enumerate(zip(units, errors)):
+        new = np.full(R + 1, inf)
+        arg = np.full(R + 1, -1, dtype=np.int64)
+        for j, (u, e) in enumerate(zip(urow, erow)):
+            if u > R:
+                continue
+            cand = np.full(R + 1, inf)
+            cand[u:] = best[: R + 1 - u] + e
+            better = cand < new
+            new[better], arg[better] = cand[better], j
+        if not np.isfinite(new).any():
+            raise TargetCRError(f"BOP budget {budget:.4g} is out of reach at {describe(i)}")
+        best = new
+        picks.append(arg)
+    # The least error over every reachable rounded cost; among equal errors, the cheapest.
+    b = int(np.flatnonzero(best == best.min())[0])
+    total_units = b
+    choice = []
+    for i in range(len(units) - 1, -1, -1):
+        j = int(picks[i][b])
+        choice.append(j)
+        b -= units[i][j]
+    choice.reverse()
+    return Plan(tuple(choice), float(sum(errors[i][j] for i, j in enumerate(choice))),
+                float(sum(costs[i][j] for i, j in enumerate(choice))), float(budget), R, total_units)

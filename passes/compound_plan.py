@@ -1,0 +1,199 @@
+"""``compound_plan``: each weight's option from {dense, 2:4} x {8, 4} bits, chosen by a dynamic
+program over per-layer error tables under a global BOP-reduction target (OBC appendix A.10).
+
+Before: weights marked (``l2fx.site`` + ``l2fx.intent``, allocated grids), still ``get_attr`` s.
+After: every weight's ``l2fx.intent`` fixes its grid (``bits`` 8 or 4: RTN steps
+``max|w_c| / (2^(bits-1) - 1)`` per channel or group, LINEAR, never rescaled) and carries the
+one-shot options of its pattern (``prune_n``/``prune_m`` 2/4, or none pruned), which
+``oneshot_solve`` then applies; nothing else changes.
+
+1. :func:`l2fx.layerwise.model_hessians`: the uncompressed model over the calibration set
+   (one batch's activations at a time): every linear/conv weight's input Hessian and its MACs
+   per sample. The tables are OBC's independent setting: each layer on the fp32 model's inputs.
+2. Per weight and option, the layer loss ``tr(dW H dW^T)`` of the pass's recipe on that grid
+   (``obc-compound``: OBQ dense, OBS 2:4 then OBQ; ``adaprune+adaquant-compound``: the
+   baseline) and its BOPs ``MACs x N/M x weight bits x 32`` (activations stay fp32:
+   :mod:`l2fx.solvers.compound` says why and what the seed's activation bits would need).
+3. :func:`l2fx.solvers.compound.choose_options`: the least summed loss whose BOPs are within
+   ``dense fp32 BOPs / bop_reduction``, exact on costs rounded up to ``budget / bop_resolution``.
+
+Options (``CompileConfig.method_options``): ``bop_reduction`` (required, > 1: the BOP reduction
+against the dense fp32 model), ``bop_resolution`` (DP units, default 10000), and the recipe's.
+Layers that cannot take an option are recorded with the reason, never skipped silently: 2:4
+needs the column count to be a multiple of 4 (else dense only); a weight read by no linear/conv
+op has no MACs and no Hessian (an embedding: dense 8-bit, outside the BOP count); a layer kept
+uncompressed (a ``layers`` rule's ``keep``) counts as dense fp32 BOPs, one whose bits a rule
+fixes counts its BOPs at those bits, dense. A block-format rule is a ConfigError (its grid is
+not an option here), and so are T parameters along an axis other than the output rows. A
+target the options cannot reach is a TargetCRError naming the range.
+
+Pre: ``mark_weights`` ran; calibration data. Post: every site's intent has ``bits``; the tables
+and the plan in ``ctx.records["compound_plan"]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from l2fx.accounting import round_params
+from l2fx.errors import ConfigError, TargetCRError
+from l2fx.ir import LayerIntent, fetch_attr, get_meta, set_meta, weight_sites
+from l2fx.layerwise import model_hessians
+from l2fx.pipeline import L2fxPass, PassContext, PassResult
+from l2fx.solvers import Grid
+from l2fx.solvers.compound import ACT_BITS, OPTIONS, Option, choose_options, option_bops
+from l2fx.solvers.recipes import RECIPES, options_for, solve
+from l2fx.tparams import layout, scale_ratio, stored_vector
+from l2fx.transform import TransformKind
+
+__all__ = ["CompoundPlan"]
+
+
+def _fixed_intent(intent: LayerIntent, option: Option) -> LayerIntent:
+    """The intent that makes the later passes apply ``option``: a fixed LINEAR grid of its bits,
+    its pattern as the last (winning) one-shot options."""
+    return dataclasses.replace(intent, kind=TransformKind.LINEAR.value, bits=option.bits,
+                               options=tuple(intent.options) + option.solver_options())
+
+
+def _grids(w: torch.Tensor, site, intent: LayerIntent, bits: int, groups: int) -> list[Grid]:
+    """The fixed grid of ``bits`` exactly as ``sensitivity_analysis`` and ``insert_transforms``
+    build it (and ``oneshot_solve`` reads it back, storage-rounded), split per Hessian group."""
+    intent_b = dataclasses.replace(intent, kind=TransformKind.LINEAR.value, bits=bits)
+    qmax = (1 << (bits - 1)) - 1
+    amax = float(w.abs().max()) or 1.0
+    ratio = scale_ratio(w, site, intent_b)
+    s = stored_vector(amax / qmax, site, intent_b, ratio)
+    e = stored_vector(0.5 * amax / qmax, site, intent_b, ratio)
+    s, e, _ = round_params(TransformKind.LINEAR, s, e)
+    _, group = layout(site, intent_b)
+    rows = w.shape[0]
+    if group is None:
+        s, e = s.reshape(-1).expand(rows), e.reshape(-1).expand(rows)
+    per = rows // groups
+    return [Grid(TransformKind.LINEAR, s[g * per:(g + 1) * per].contiguous(), e[g * per:(g + 1) * per].contiguous(),
+                 -qmax, qmax, group) for g in range(groups)]
+
+
+class CompoundPlan(L2fxPass):
+    name = "compound_plan"
+    requires_meta = (LayerIntent,)
+    requires_calib = True
+
+    def __init__(self, recipe: str, options: tuple[Option, ...] = OPTIONS, **recipe_options: Any):
+        if recipe not in RECIPES:
+            raise ConfigError(f"compound_plan: unknown one-shot recipe {recipe!r}; known: {sorted(RECIPES)}")
+        if not options or not all(isinstance(o, Option) for o in options):
+            raise ConfigError(f"compound_plan: options must be a non-empty tuple of Option, got {options!r}")
+        options_for(recipe_options)
+        self.recipe, self.options, self.recipe_options = recipe, tuple(options), recipe_options
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        for node, site in weight_sites(gm):
+            if node.op != "get_attr":
+                self.fail("compound_plan runs before insert_transforms (weights as get_attr)", node)
+            if get_meta(node, LayerIntent).format is not None:
+                raise ConfigError(f"compound_plan: layer {site.param!r} has a block-format rule; the compound "
+                                  f"options are {', '.join(o.name for o in self.options)} (drop the format rule)")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        ctx = PassContext.current()
+        cfg = ctx.config
+        opts = options_for(self.recipe_options, cfg.method_options)
+        reduction, resolution = opts["bop_reduction"], opts["bop_resolution"]
+        if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or not reduction > 1:
+            raise ConfigError(f"method {cfg.method!r} needs method_options bop_reduction > 1 (the BOP reduction "
+                              f"against the dense fp32 model), got {reduction!r}")
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+            raise ConfigError(f"bop_resolution must be an int >= 1, got {resolution!r}")
+        t0 = time.perf_counter()
+        sites = list(weight_sites(gm))
+        stats = model_hessians(gm, ctx.calib, torch.device(ctx.device), {site.param for _, site in sites},
+                               cfg.reconstruction.max_samples)
+        site_params = {site.param for _, site in sites}
+        dense_bops = sum(option_bops(s.macs, None) for s in stats.values())
+        # Linear/conv weights left uncompressed: dense fp32 in the plan as in the baseline.
+        fixed_bops = sum(option_bops(s.macs, None) for p, s in stats.items() if p not in site_params)
+        kept = sorted(p for p in stats if p not in site_params)
+        layers: dict[str, dict[str, Any]] = {}
+        chosen: dict[str, Option] = {}
+        table_nodes, costs, errors, layer_opts = [], [], [], []
+        for node, site in sites:
+            intent = get_meta(node, LayerIntent)
+            st = stats.get(site.param)
+            if st is None:  # no linear/conv reads it: no MACs, no Hessian
+                chosen[site.param] = Option(8)
+                layers[site.param] = {"choice": Option(8).name, "macs": 0.0,
+                                      "note": "read by no linear/conv op: no MACs and no Hessian, dense 8-bit, "
+                                              "outside the BOP count"}
+                continue
+            if intent.bits is not None:  # a user's rule fixed its bits
+                chosen[site.param] = Option(intent.bits)
+                fixed_bops += option_bops(st.macs, Option(intent.bits))
+                layers[site.param] = {"choice": Option(intent.bits).name, "macs": st.macs,
+                                      "note": f"bits fixed at {intent.bits} by layers rule {intent.rule}"}
+                continue
+            w = fetch_attr(gm, site.param).detach().float()
+            W2 = w.reshape(w.shape[0], -1)
+            cols, groups = W2.shape[1], st.hessians.shape[0]
+            if layout(site, intent)[0] not in (0, None):
+                raise ConfigError(f"compound_plan: layer {site.param!r} has its T parameters along axis "
+                                  f"{site.channel_axis}; the solvers' grids run along the output rows (axis 0)")
+            usable, notes = [], []
+            for o in self.options:
+                if not o.dense and cols % o.prune_m:
+                    notes.append(f"{o.name}: {cols} columns are not a multiple of {o.prune_m}")
+                else:
+                    usable.append(o)
+            if not usable:
+                raise ConfigError(f"compound_plan: layer {site.param!r} takes none of the options: {'; '.join(notes)}")
+            per = W2.shape[0] // groups
+            grids = {b: _grids(w, site, intent, b, groups) for b in {o.bits for o in usable}}
+            row_err = []
+            for o in usable:
+                o_opts = {**opts, **dict(o.solver_options())}
+                row_err.append(sum(float(solve(self.recipe, W2[g * per:(g + 1) * per], st.hessians[g], grids[o.bits][g],
+                                               o_opts, layer=site.param).loss) for g in range(groups)))
+            table_nodes.append((node, site, intent))
+            costs.append([option_bops(st.macs, o) for o in usable])
+            errors.append(row_err)
+            layer_opts.append(usable)
+            layers[site.param] = {"macs": st.macs, "options": {o.name: {"bops": c, "error": e} for o, c, e in
+                                                              zip(usable, costs[-1], row_err)},
+                                  **({"note": "; ".join(notes)} if notes else {})}
+        budget = dense_bops / reduction
+        if not costs:
+            raise ConfigError("compound_plan: no layer has options to choose from (every weight is kept, fixed or "
+                              "read by no linear/conv op)")
+        free = budget - fixed_bops
+        cheapest = fixed_bops + sum(min(c) for c in costs)
+        if free <= 0 or cheapest > budget:
+            raise TargetCRError(f"bop_reduction={reduction} is out of reach: the options reach at most "
+                                f"{dense_bops / cheapest:.3f}x against dense fp32 (activations fp32)")
+        plan = choose_options(costs, errors, free, resolution,
+                              describe=lambda i: f"layer {table_nodes[i][1].param!r}")
+        for (node, site, intent), usable, j in zip(table_nodes, layer_opts, plan.choice):
+            chosen[site.param] = usable[j]
+            layers[site.param]["choice"] = usable[j].name
+        for node, site in sites:
+            set_meta(node, _fixed_intent(get_meta(node, LayerIntent), chosen[site.param]))
+        plan_bops = fixed_bops + plan.cost
+        ctx.records[self.name] = {
+            "recipe": self.recipe, "bop_reduction": reduction, "resolution": resolution, "act_bits": ACT_BITS,
+            "dense_bops": dense_bops, "budget_bops": budget, "plan_bops": plan_bops,
+            "achieved_reduction": dense_bops / plan_bops if plan_bops else math.inf,
+            "summed_error": plan.error, "dp_units": plan.units, "kept_layers": kept, "layers": layers,
+            "seconds": time.perf_counter() - t0}
+        ctx.log(self.name, f"{len(costs)} layers, BOP reduction {dense_bops / plan_bops:.3f}x "
+                           f"(target {reduction}x), summed layer loss {plan.error:.4g}")
+        return PassResult(gm, True)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        for node, _ in weight_sites(gm):
+            if get_meta(node, LayerIntent).bits is None:
+                self.fail("weight left without a compound option (intent.bits unset)", node)

@@ -1,0 +1,188 @@
+"""``smol_precision``: a precision per parameter (or per layer) learned by noise injection, Eq. 12.
+
+Post-training SMOL (seed 004): per block, streamed as the one-shot methods stream
+(:func:`l2fx.layerwise.stream_blocks`: the block's inputs are the outputs of the already
+rounded prefix, one block's inputs held at a time), Adam minimises over (s, w)
+
+    E_eps || B(w + sigmoid(s) 2^(P-1) u eps) - B_fp32 ||^2 / E||B_fp32||^2 + lambda * mean(log2(1 + e^-s))
+
+with ``eps ~ U(-1, 1)`` per weight (K = ``noise_samples`` draws per step, each with its mirror
+``-eps`` when ``antithetic``: the pair's first-order terms ``g . eps`` cancel, leaving the
+curvature term that ``s`` must learn from; with one plain draw that term is buried under the
+``g . eps`` noise, and Adam's normalised steps then follow the penalty alone), ``u`` the layer's
+symbol unit (``bit_value_grid``), ``B`` the block on a mini-batch of its calibration inputs and
+``B_fp32`` the block with fp32 weights on the same inputs: Eq. 12 with the block-output MSE
+as the loss and the penalty's sum replaced by the block's mean (one lambda for any block
+size; :class:`l2fx.precision.SmolOptions`). ``s`` is one value per weight element (``smol``)
+or one per layer (``smol-l``, Appendix D); ``sigmoid(s) = 2^(1-p)``, so the noise is half a cell
+of the precision-p grid. ``w`` moves only within the layer's range (``lr_w = 0``: not at all).
+
+Before the next block runs, this block's weights are rounded provisionally at
+``round(p)`` (offset 0) so that the later blocks learn on inputs of a rounded prefix; the
+continuous weights are then put back for ``smol_round``, which rounds every layer with one
+per-model offset once all precisions are known.
+
+Pre: blocks partitioned; every weight a ``TransformedWeight`` of ``bit_value_grid``. Post:
+every weight carries a :class:`~l2fx.precision.LearnedPrecision` (finite, >= 1; the weight's
+shape, or [1] per layer) and its weight lies within ``max|w|`` of its fp32 layer;
+per-block and per-layer records in ``ctx.records["smol_precision"]``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from l2fx.ir import Block, get_meta, set_meta, weight_sites
+from l2fx.layerwise import stream_blocks
+from l2fx.modules import TransformedWeight
+from l2fx.optim import Adam, Sampler, float_leaves, relative_mse
+from l2fx.pipeline import L2fxPass, PassContext, PassResult
+from l2fx.precision import (LearnedPrecision, SmolOptions, integer_precisions, precision_of_s, quantize_at,
+                            s_of_precision)
+
+__all__ = ["SmolPrecision"]
+
+
+class _Noisy(fx.Interpreter):
+    """Runs a block program with some weight modules' outputs replaced (``weights``: module
+    path -> tensor), so gradients reach the noisy weights; every other node as the program runs it."""
+
+    def __init__(self, gm: fx.GraphModule, weights: dict[str, torch.Tensor]):
+        super().__init__(gm)
+        self.weights = weights
+
+    def call_module(self, target, args, kwargs):
+        w = self.weights.get(str(target))
+        return w if w is not None else super().call_module(target, args, kwargs)
+
+
+class SmolPrecision(L2fxPass):
+    name = "smol_precision"
+    requires_meta = (Block,)
+    requires_weight_modules = (TransformedWeight,)
+    requires_calib = True
+
+    def __init__(self, per_layer: bool = False):
+        self.per_layer = per_layer
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        ctx = PassContext.current()
+        cfg = ctx.config
+        opts = SmolOptions.from_pairs(cfg.method_options, self.per_layer)
+        device = torch.device(ctx.device)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1) if device.type != "cpu" else gen
+        p0 = opts.start_precision(cfg.target_cr)
+        blocks, layers = [], {}
+        saved_flags = {id(p): p.requires_grad for p in gm.parameters()}
+        try:
+            for p in gm.parameters():
+                p.requires_grad_(False)
+            for prog, inputs, advance in stream_blocks(gm, ctx.calib, device, cfg.reconstruction.max_samples):
+                t0 = time.perf_counter()
+                rec = self._train_block(prog, inputs, opts, p0, gen, noise_gen)
+                # Provisional rounding at offset 0 for the next blocks' inputs, then back.
+                kept = []
+                with torch.no_grad():
+                    for node, m, _ in prog.weights:
+                        lp = get_meta(node, LearnedPrecision)
+                        kept.append(m.weight.detach().clone())
+                        pint = integer_precisions(lp.precision, 0.0, opts.max_precision)
+                        unit = m.step_s.detach().reshape(())
+                        m.weight.copy_(quantize_at(m.weight / unit, pint, opts.max_precision).float() * unit)
+                advance()
+                with torch.no_grad():
+                    for (node, m, site), w in zip(prog.weights, kept):
+                        m.weight.copy_(w)
+                        p = get_meta(node, LearnedPrecision).precision
+                        layers[site.param] = {"mean_precision": float(p.float().mean()),
+                                              "min_precision": float(p.min()), "max_precision": float(p.max())}
+                rec.update(index=prog.block.index, name=prog.block.name, seconds=time.perf_counter() - t0)
+                blocks.append(rec)
+                ctx.log(self.name, f"block {prog.block.name}: loss {rec['loss_first']:.4g} -> {rec['loss_last']:.4g}, "
+                                   f"mean p {rec['mean_precision']:.3f}")
+        finally:
+            for p in gm.parameters():
+                p.requires_grad_(saved_flags.get(id(p), True))
+        ctx.records[self.name] = {"per_layer": self.per_layer, "init_precision": p0, "lam": opts.lam,
+                                  "blocks": blocks, "layers": layers}
+        return PassResult(gm, True)
+
+    def _train_block(self, prog, inputs: list[list[Any]], opts: SmolOptions, p0: float, gen: torch.Generator,
+                     noise_gen: torch.Generator) -> dict[str, Any]:
+        P = opts.max_precision
+        with torch.no_grad():
+            targets = [tuple(prog.fp32(*args)) for args in inputs]
+            energy = sum(float(sum(t.float().pow(2).mean() for t in float_leaves(tg))) for tg in targets)
+            energy = energy / max(len(targets), 1) or 1.0
+        paths, mods, ss, ws, amaxes, amps = [], [], [], [], [], []
+        for node, m, _ in prog.weights:
+            w0 = m.weight.detach()
+            amax = float(w0.abs().max())
+            shape = (1,) if self.per_layer else tuple(w0.shape)
+            ss.append(torch.full(shape, float(s_of_precision(p0)), device=w0.device, requires_grad=True))
+            ws.append(w0.clone().requires_grad_(opts.lr_w > 0))
+            paths.append(str(node.target))
+            mods.append(m)
+            amaxes.append(amax)
+            # theta's unit in weights (no noise on an all-zero layer: smol_round prunes it whole)
+            amps.append(float(m.step_s.detach().reshape(())) * 2.0 ** (P - 1) if amax > 0 else 0.0)
+        numel = sum(w.numel() for w in ws)
+        sampler = Sampler([[] for _ in inputs], inputs, inputs, targets, opts.batch_size, 0.0, gen)
+        opt_s = Adam(ss, opts.lr_s, opts.iters, opts.schedule)
+        # Adam moves a parameter by about its learning rate: lr_w is a fraction of the layer's max|w|.
+        opt_w = Adam(ws, opts.lr_w, opts.iters, opts.schedule,
+                     scales=[torch.tensor(max(a, 1e-30), device=w.device) for a, w in zip(amaxes, ws)])
+
+        def penalty() -> torch.Tensor:
+            total = sum((precision_of_s(s) - 1.0).mean() * w.numel() for s, w in zip(ss, ws))
+            return total / max(numel, 1)
+
+        losses = []
+        for _ in range(opts.iters):
+            args, tgt = sampler.draw()
+            mse, runs = 0.0, 0
+            for _k in range(opts.noise_samples):
+                eps = [torch.rand(w.shape, generator=noise_gen, device=w.device) * 2.0 - 1.0 for w in ws]
+                for sign in ((1.0, -1.0) if opts.antithetic else (1.0,)):
+                    noisy = {path: w + torch.sigmoid(s) * (sign * amp) * e
+                             for path, s, w, amp, e in zip(paths, ss, ws, amps, eps)}
+                    mse = mse + relative_mse(_Noisy(prog.quant, noisy).run(*args), tgt, energy)
+                    runs += 1
+            mse = mse / runs
+            if not isinstance(mse, torch.Tensor) or not mse.requires_grad:
+                break  # the block's output does not depend on its weights
+            loss = mse + opts.lam * penalty()
+            loss.backward()
+            opt_s.step()
+            opt_w.step()
+            with torch.no_grad():
+                for w, a in zip(ws, amaxes):
+                    w.clamp_(-a, a)
+            losses.append(float(mse.detach()))
+        with torch.no_grad():
+            for (node, m, _), s, w, amax in zip(prog.weights, ss, ws, amaxes):
+                m.weight.copy_(w.detach())
+                set_meta(node, LearnedPrecision(precision_of_s(s.detach()).float().contiguous(), amax,
+                                                self.per_layer))
+            mean_p = float(penalty()) + 1.0
+        return {"iters": len(losses), "loss_first": losses[0] if losses else float("nan"),
+                "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else float("nan"),
+                "mean_precision": mean_p}
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        for node, _ in weight_sites(gm):
+            lp = get_meta(node, LearnedPrecision)
+            m = gm.get_submodule(str(node.target))
+            if lp is None:
+                self.fail("weight has no learned precision", node)
+            if tuple(lp.precision.shape) not in ((1,), tuple(m.weight.shape)):
+                self.fail(f"precision of shape {tuple(lp.precision.shape)} for a weight of {tuple(m.weight.shape)}",
+                          node)
+            if not (torch.isfinite(lp.precision).all() and (lp.precision >= 1.0).all()):
+                self.fail("a learned precision is not finite and >= 1", node)
+            if float(m.weight.detach().abs().max()) > lp.amax:
+                self.fail("a weight left its layer's range", node)
