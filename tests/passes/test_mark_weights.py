@@ -138,3 +138,30 @@ def test_a_tied_tensor_is_one_site():
     torch.manual_seed(0)
     gm = marked(_TiedLinears().eval(), torch.randn(4, 32), CompileConfig(min_numel=16))
     assert len(list(weight_sites(gm))) == 1
+
+
+class _TiedEmbeddingHead(nn.Module):
+    """A language model's tied input embedding and output projection, plus one other Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(40, 16)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 40, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mix(self.embed(ids))))
+
+
+@pytest.mark.parametrize("embeddings", [True, False])
+def test_a_tied_embedding_and_head_is_one_linear_site(embeddings):
+    """Read by F.embedding (axis 1) and F.linear (axis 0): one site of the linear family, one step
+    per vocabulary row; kept plain, as any embedding, when compress_embeddings is off. (It was
+    left plain whatever the config: the two families differ.)"""
+    torch.manual_seed(0)
+    gm = marked(_TiedEmbeddingHead().eval(), torch.randint(0, 40, (2, 5)),
+                CompileConfig(min_numel=16, compress_embeddings=embeddings))
+    sites = {s.param: (s.family, s.channel_axis, s.shape) for _, s in weight_sites(gm)}
+    tied = {"embed.weight": ("linear", 0, (40, 16))} if embeddings else {}
+    assert sites == {"mix.weight": ("linear", 0, (16, 16)), **tied}
