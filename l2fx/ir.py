@@ -257,7 +257,8 @@ class Block:
 class Reference:
     """The float32 value a tensor had before reconstruction moved it (set by ``keep_reference``
     on compressed weights and on the plain parameters the blocks tune; read by
-    ``network_distillation``, whose targets come from the original model)."""
+    ``network_distillation``, whose targets come from the original model, and by
+    ``block_reconstruction``, whose block targets then do too)."""
 
     META_KEY = "l2fx.reference"
     value: torch.Tensor

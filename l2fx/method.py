@@ -144,10 +144,16 @@ def oneshot_pipeline(recipe: str, *, then_l2: bool = False, **options) -> Callab
     def build(config: CompileConfig) -> PassManager:
         pm = front_pipeline(config)
         for p in (SensitivityAnalysis(), EntropyAllocation(), InsertTransforms(), BlockPartition(),
-                  RateFit("rate_prefill"), OneShotSolve(recipe, **options)):
+                  RateFit("rate_prefill")):
             pm.append(p)
+        if then_l2:  # the solve moves the weights: reconstruction's targets come from the originals
+            pm.append(KeepReference())
+        pm.append(OneShotSolve(recipe, **options))
         if then_l2:
             pm.append(BlockReconstruction(train_transform=False))
+            # Network distillation (distill_iters > 0) against the original model; with 0 it
+            # only drops the references (a float32 copy of every weight).
+            pm.append(NetworkDistillation())
             pm.append(SnapWeights())
         for p in (RateFit(), RangeCode(), LowerKernels()):
             pm.append(p)

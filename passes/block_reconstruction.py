@@ -55,7 +55,7 @@ from l2fx.blocks import BlockProgram, build_programs, calibration_inputs
 from l2fx.bytefit import block_nbytes, fit_block_nbytes
 from l2fx.config import PlainDtype, ReconstructionConfig
 from l2fx.counter import estimate_bits
-from l2fx.ir import Allocation, Block
+from l2fx.ir import Allocation, Block, Reference, get_meta
 from l2fx.modules import TransformedWeight
 from l2fx.optim import Adam, Sampler, finetune_weights, float_leaves, nbytes_of, relative_mse
 from l2fx.pipeline import L2fxPass, PassContext, PassResult, peak_rss_mib
@@ -257,8 +257,16 @@ class BlockReconstruction(L2fxPass):
         phs = [[pv[p] for p in prog.placeholders] for pv in ph_vals]
         xq = [[cache_q[n][i] for n in prog.inputs] for i in range(nb)]
         xf = [[cache_f[n][i] for n in prog.inputs] for i in range(nb)]
+        # Weights a pass before this one already moved (a one-shot solve, for gptq+l2) carry their
+        # original value as an l2fx.reference (keep_reference): the targets are the original
+        # block's, not the moved weights' (which would make every loss 0 and the pass a no-op).
+        refs = {f"{n.target}.weight": ref.value for n, _, _ in prog.weights
+                if (ref := get_meta(n, Reference)) is not None}
         with torch.no_grad():  # fp32 targets first: the block's weights are about to move
-            targets = [tuple(prog.fp32(*phs[i], *xf[i])) for i in range(nb)]
+            if refs:
+                targets = [tuple(functional_call(prog.fp32, refs, (*phs[i], *xf[i]), strict=False)) for i in range(nb)]
+            else:
+                targets = [tuple(prog.fp32(*phs[i], *xf[i])) for i in range(nb)]
             energy = sum(float(sum(t.float().pow(2).mean() for t in float_leaves(tg))) for tg in targets) / nb
         # Scale-free: no absolute floor (block outputs at 1e-8 are legitimate).
         return _BlockData(phs, xq, xf, targets, energy if energy > 0 else 1.0)

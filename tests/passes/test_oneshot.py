@@ -42,7 +42,21 @@ def test_gptq_beats_round_to_nearest_on_the_same_grids(compiled_methods):
     compiled, x = compiled_methods
     model = make_tiny_convnet()
     assert _error(compiled["gptq"], model, x[0]) < 0.5 * _error(compiled["rtn"], model, x[0])
-    assert _error(compiled["gptq+l2"], model, x[0]) <= _error(compiled["gptq"], model, x[0]) * 1.05
+
+
+
+def test_gptq_then_l2_reconstructs_against_the_original_weights(compiled_methods):
+    """gptq+l2's block targets are the original model's (keep_reference before the solve), so
+    fine-tuning from GPTQ's symbols lowers every block's loss and the output error: 2.03e-4 ->
+    1.54e-4 measured here. (Its targets were GPTQ's own outputs before: every loss 0, the
+    artifact GPTQ's.) The references are dropped afterwards."""
+    compiled, x = compiled_methods
+    model = make_tiny_convnet()
+    c = compiled["gptq+l2"]
+    blocks = c.report.records["block_reconstruction"]["blocks"]
+    assert all(b["loss_before"] > 0 and b["loss_after"] < b["loss_before"] for b in blocks), blocks
+    assert _error(c, model, x[0]) < 0.9 * _error(compiled["gptq"], model, x[0])
+    assert not any("l2fx.reference" in n.meta for n in c.graph_module.graph.nodes)
 
 
 def test_two_four_methods_keep_two_of_every_four_in_every_layer(compiled_methods):
