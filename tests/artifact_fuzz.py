@@ -173,8 +173,12 @@ def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
 
 
 #: Manifest fields whose values define weights: a file with another value in range is another
-#: valid model (the symbols' offset, the transform's formula).
-CONTENT_FIELDS = ("qmin", "kind")
+#: valid model (the symbols' offset, the transform's formula, and the chunk size: with nchunks
+#: unchanged, a chunk size between numel / nchunks and the next split makes each stream decode
+#: a few symbols more or fewer; the decoder's exhaustion check catches fewer only when words
+#: are left, and more decode from the stream's final state. Bounded by the layer's numel and
+#: memory-safe, like any re-encoded content; found by the v3 corpus' fuzzing.)
+CONTENT_FIELDS = ("qmin", "kind", "chunk")
 
 
 def _mutate_field(c: Chooser, manifest: dict) -> str:
