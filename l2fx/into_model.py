@@ -56,8 +56,10 @@ class DecodeWeight(DecodeCache):
     Buffers: ``step_s`` and ``threshold_e``, float32, ``[1]`` (per tensor), ``[C]`` (per channel
     along ``channel_axis``) or ``[rows, groups]`` (per group of ``group_size``), exactly as the
     artifact stores them. The codes are the parametrization's ``original`` (owned by
-    ``torch.nn.utils.parametrize``), so they appear once in ``state_dict()`` however many
-    names (tied weights) decode through this module.
+    ``torch.nn.utils.parametrize``): one tensor however many names (tied weights) decode
+    through this module; ``state_dict()``, as for any tied parameter, lists that one tensor
+    under each owning module's name (``embed_tokens.parametrizations.weight.original`` and
+    ``lm_head.parametrizations.weight.original`` are the same storage).
 
     The decode is :class:`~l2fx.modules.CodedWeight`'s (the same ``inverse_t`` on the same
     float32 values, then the cast): bit-identical to ``l2fx.load``'s graph. ``decode``
