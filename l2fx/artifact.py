@@ -240,6 +240,17 @@ _TOP_KEYS_REQUIRED = ("format", "version", "capture", "fingerprint", "config", "
 _TOP_KEYS_OPTIONAL = ("passes", "fold_batchnorm", "torch")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: a repeated key (which parsers resolve differently:
+    Python keeps the last, others the first) is refused, so the manifest means one thing."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {dup[:40]!r} appears twice in one object")
+    return out
+
+
 class ArtifactReader:
     """Opens, checks and describes an artifact; decodes nothing until asked.
 
@@ -291,7 +302,7 @@ class ArtifactReader:
             raise CorruptArtifactError("checksum mismatch in the manifest")
         try:
             text = decode_manifest(self.arrays[MANIFEST].tobytes(), self.version)
-            self.manifest = json.loads(text.decode())
+            self.manifest = json.loads(text.decode(), object_pairs_hook=_unique_keys)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             raise CorruptArtifactError(f"the manifest is not valid JSON: {str(exc)[:200]}") from exc
         m = self.manifest

@@ -200,3 +200,22 @@ def test_inspect_bounds_what_it_decodes_by_the_file_size(corpus, tmp_path):
             l2fx.inspect(bad, max_symbols=1 << 31)
         with pytest.raises(l2fx.errors.ArchitectureMismatchError, match="shape"):
             l2fx.load(bad, model=make_tiny_convnet())
+
+
+def test_a_repeated_manifest_key_is_refused(corpus, tmp_path):
+    """A key twice in one JSON object (Python keeps the last, other parsers the first): the
+    fuzzer's 'add key' of an existing field loaded another model before. Refused, named."""
+    import json
+    import zlib
+    _path, _good, parts, _reference = corpus
+    manifest, arrays = parts.arrays()
+    text = json.dumps(manifest, separators=(",", ":"))
+    first = manifest["layers"][0]
+    dup = text.replace(f'"qmin":{first["qmin"]},', f'"qmin":{first["qmin"]},"qmin":{first["qmin"] + 1},', 1)
+    assert dup != text
+    bad = tmp_path / "dup.l2fx"
+    bad.write_bytes(write(None, arrays, zlib.compress(dup.encode(), 9)))
+    with pytest.raises(l2fx.errors.CorruptArtifactError, match="'qmin' appears twice"):
+        l2fx.load(bad, model=make_tiny_convnet())
+    with pytest.raises(l2fx.errors.CorruptArtifactError, match="appears twice"):
+        l2fx.inspect(bad)
