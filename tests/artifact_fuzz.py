@@ -194,8 +194,11 @@ def _mutate_field(c: Chooser, manifest: dict) -> str:
         del parent[key]
         return f"delete {where}"
     if op == "add_key" and isinstance(parent[key], dict):
-        parent[key][c.choice(["x", "qmin", "ü", "layers"])] = c.choice(_INTS)
-        return f"add key under {where}"
+        new = c.choice(["x", "qmin", "ü", "layers"])
+        existed = new in parent[key]
+        parent[key][new] = c.choice(_INTS)
+        # An existing key is overwritten: a set of that field (a layer's qmin is content).
+        return f"set {where}/{new}" if existed else f"add key under {where}"
     if op == "duplicate" and isinstance(parent[key], list) and parent[key]:
         parent[key].append(copy.deepcopy(parent[key][c.integer(0, len(parent[key]) - 1)]))
         return f"duplicate an element of {where}"
