@@ -11,8 +11,9 @@ import contextlib
 import importlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,6 +74,21 @@ def check_calib_args(num_samples: int, batch_size: int) -> None:
         raise CalibrationError(
             f"calib needs num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}"
         )
+
+
+_Batch = TypeVar("_Batch")
+
+
+def text_calib(pool: Sequence[str], num_samples: int, batch_size: int, seed: int,
+               tokenize: Callable[[list[str]], _Batch]) -> list[_Batch]:
+    """``num_samples`` paragraphs of ``pool`` drawn without replacement with ``seed``, tokenized
+    in batches of ``batch_size`` (the text models' calibration sets)."""
+    check_calib_args(num_samples, batch_size)
+    if num_samples > len(pool):
+        raise CalibrationError(f"{len(pool)} calibration paragraphs available, asked {num_samples}")
+    rng = np.random.default_rng(seed)
+    texts = [pool[i] for i in rng.choice(len(pool), size=num_samples, replace=False)]
+    return [tokenize(texts[s]) for s in chunks(num_samples, batch_size)]
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:

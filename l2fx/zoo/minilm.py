@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CalibrationError
-from .common import ZooError, check_calib_args, chunks, require
+from .common import ZooError, chunks, require, text_calib
 from .pydocs import doc_paragraphs
 
 __all__ = [
@@ -104,13 +103,8 @@ def build() -> nn.Module:
 
 def calib(num_samples: int, batch_size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """``num_samples`` calibration paragraphs drawn without replacement, tokenised in batches."""
-    check_calib_args(num_samples, batch_size)
     _, pool = minilm_split()
-    if num_samples > len(pool):
-        raise CalibrationError(f"{len(pool)} calibration paragraphs available, asked {num_samples}")
-    rng = np.random.default_rng(seed)
-    texts = [pool[i] for i in rng.choice(len(pool), size=num_samples, replace=False)]
-    return [_tokenize(texts[s]) for s in chunks(num_samples, batch_size)]
+    return text_calib(pool, num_samples, batch_size, seed, _tokenize)
 
 
 def example_inputs() -> dict[str, torch.Tensor]:
