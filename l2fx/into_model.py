@@ -42,8 +42,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from l2fx.config import DECODE_MODES
-from l2fx.errors import ArchitectureMismatchError, ConfigError
+from l2fx.errors import ArchitectureMismatchError
 from l2fx.modules import DecodeCache
 from l2fx.transform import TransformKind
 
@@ -72,19 +71,8 @@ class DecodeWeight(DecodeCache):
                  channel_axis: int | None, dtype: torch.dtype = torch.float32, group_size: int | None = None,
                  decode: str = "auto", weight_requires_grad: bool = True):
         super().__init__()
-        if not dtype.is_floating_point:
-            raise ConfigError(f"DecodeWeight: dtype must be a floating dtype, got {dtype}")
-        if decode not in DECODE_MODES:
-            raise ConfigError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
-        self.register_buffer("step_s", step_s.detach().float().contiguous())
-        self.register_buffer("threshold_e", threshold_e.detach().float().contiguous())
-        self.kind = TransformKind(kind)
-        self.channel_axis = channel_axis
-        self.group_size = group_size
-        self.dtype = dtype
-        self.decode = decode
+        self._init_decoder(kind, step_s, threshold_e, channel_axis, dtype, group_size, decode)
         self.weight_requires_grad = weight_requires_grad  # of the Parameter it replaced: materialize() restores it
-        self._init_cache()
 
     def decoded(self, codes: torch.Tensor) -> torch.Tensor:
         return self.decode_codes(codes)

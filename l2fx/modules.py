@@ -124,6 +124,22 @@ class DecodeCache(StoredParams):
     group_size: int | None
     decode: str
 
+    def _init_decoder(self, kind: TransformKind, step_s: torch.Tensor, threshold_e: torch.Tensor,
+                      channel_axis: int | None, dtype: torch.dtype, group_size: int | None, decode: str) -> None:
+        """Validates and sets what both subclasses hold: the T-parameter buffers (float32), the
+        layout, ``dtype``, ``decode`` and an empty cache."""
+        if not dtype.is_floating_point:
+            raise ConfigError(f"{type(self).__name__}: dtype must be a floating dtype, got {dtype}")
+        _check_decode(decode)
+        self.register_buffer("step_s", step_s.detach().float().contiguous())
+        self.register_buffer("threshold_e", threshold_e.detach().float().contiguous())
+        self.kind = TransformKind(kind)
+        self.channel_axis = channel_axis
+        self.group_size = group_size
+        self.dtype = dtype
+        self.decode = decode
+        self._init_cache()
+
     def _init_cache(self) -> None:
         self._cache: torch.Tensor | None = None
         self._cache_key: tuple | None = None
@@ -247,21 +263,11 @@ class CodedWeight(DecodeCache):
                  threshold_e: torch.Tensor, channel_axis: int | None, dtype: torch.dtype = torch.float32,
                  group_size: int | None = None, decode: str = "auto"):
         super().__init__()
-        if not dtype.is_floating_point:
-            raise ConfigError(f"CodedWeight: dtype must be a floating dtype, got {dtype}")
         if not (torch.isfinite(step_s).all() and torch.isfinite(threshold_e).all()
                 and (step_s > 0).all() and (threshold_e > 0).all()):
             raise ConfigError("CodedWeight: step_s and threshold_e must be finite and > 0")
-        _check_decode(decode)
         self.register_buffer("codes", codes.to(torch.int8).contiguous())
-        self.register_buffer("step_s", step_s.detach().float().contiguous())
-        self.register_buffer("threshold_e", threshold_e.detach().float().contiguous())
-        self.kind = TransformKind(kind)
-        self.channel_axis = channel_axis
-        self.group_size = group_size
-        self.dtype = dtype
-        self.decode = decode
-        self._init_cache()
+        self._init_decoder(kind, step_s, threshold_e, channel_axis, dtype, group_size, decode)
         channel_view(self.step_s, self.codes, channel_axis, group_size)  # validates the layout
 
     def decoded(self) -> torch.Tensor:
