@@ -1,7 +1,7 @@
 """Seed 002 on our models: does sparsity before quantisation beat the reverse, are the two
 orthogonal, and does Q->S accumulate error faster through depth?
 
-    python bench/interplay.py                         # the three zoo models
+    python bench/interplay.py                         # the four zoo models
     python bench/interplay.py --models fmnist-resnet --num-calib 128
 
 For each model, :func:`l2fx.analyze.interplay` with {50 % unstructured (per tensor), 2:4} x
@@ -9,7 +9,8 @@ For each model, :func:`l2fx.analyze.interplay` with {50 % unstructured (per tens
 bit), INT8 and INT4 per channel}, every scheme evaluated with the zoo entry's task metrics and
 fidelity to the fp32 model. Writes ``bench/results/interplay_<model>.{md,json}`` and
 ``interplay_<model>_{layers,gap}.png``, and prints the three claims per model with the numbers
-and where each fails. SmolLM2 is not in the zoo (no offline weights yet), so it is not run.
+and where each fails. SmolLM2's weights were Q4_1 before packaging (``l2fx/zoo/smollm2.py``):
+its INT4 rows find a 4-bit grid already there, which flatters INT4 against the block formats.
 """
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ FORMATS = ("mxfp8_e4m3", "mxfp6_e3m2", "mxfp4_e2m1", "mxint8", "hbfp8", "int8_ch
 # Calibration samples: every layer's H and the accumulated errors are measured on them. The
 # schemes fit nothing to them (magnitude masks, round-to-nearest), so few are needed; the
 # vision/text models' forward passes (twice per scheme, 37 schemes) set the cost.
-NUM_CALIB = {"fmnist-resnet": 256, "efficientnet-lite0": 32, "minilm": 32}
-BATCH = {"fmnist-resnet": 64, "efficientnet-lite0": 16, "minilm": 16}
+NUM_CALIB = {"fmnist-resnet": 256, "efficientnet-lite0": 32, "minilm": 32, "smollm2": 16}
+BATCH = {"fmnist-resnet": 64, "efficientnet-lite0": 16, "minilm": 16, "smollm2": 8}
 METRICS = {"fmnist-resnet": ("accuracy", "top1_agreement", "kl_mean"),
            "efficientnet-lite0": ("accuracy", "top1_agreement", "kl_mean"),
-           "minilm": ("recall@1", "cosine_mean")}
+           "minilm": ("recall@1", "cosine_mean"),
+           "smollm2": ("perplexity", "ppl_ratio", "top1_agreement", "kl_mean")}
+OUTPUT = {"minilm": "embeddings", "smollm2": "next-token logits"}
 
 
 class MemoReference(nn.Module):
@@ -53,6 +56,8 @@ class MemoReference(nn.Module):
         leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), str(t.dtype), float(t.double().sum()))
                     for t in leaves) + (tuple(sorted(kwargs)),)
+        if hasattr(self.reference, "generation_config"):
+            kwargs = {**kwargs, "use_cache": False}  # a transformers causal LM: keep no KV cache
         if key not in self._cache:
             with torch.no_grad():
                 self._cache[key] = self.reference(*args, **kwargs)
@@ -114,9 +119,10 @@ def run(name: str, num_calib: int, batch: int, evaluate: bool) -> tuple[Interpla
         f"# Sparsity x block quantisation interplay: {name}",
         f"`{command_line()}`; {report.seconds:.0f} s on the shared 2-core CPU (OMP_NUM_THREADS=1, niced). "
         f"Definitions: `l2fx/analyze.py` and `docs/interplay.md`. One-shot, no fine-tuning; BatchNorm not folded. "
-        f"Output error: relative squared error of the {'embeddings' if name == 'minilm' else 'logits'} on the "
+        f"Output error: relative squared error of the {OUTPUT.get(name, 'logits')} on the "
         f"{report.calib_samples} calibration samples; metrics: the zoo's evaluation "
-        f"({', '.join(METRICS[name])}) against the fp32 model. SmolLM2 is not available offline yet and is not run.",
+        f"({', '.join(METRICS[name])}) against the fp32 model." + (" SmolLM2's weights were Q4_1 before packaging: "
+        "its INT4 rows find a 4-bit grid already there." if name == "smollm2" else ""),
         "```\n" + text + "\n```",
         report.table(),
         "## Per layer, MXFP8 E4M3 and MXFP4 (every pair is in the JSON)",
@@ -138,7 +144,7 @@ def _layer_table(report: InterplayReport, formats: tuple[str, ...]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(NUM_CALIB), choices=list(NUM_CALIB))
-    ap.add_argument("--num-calib", type=int, help="calibration samples (default per model: fmnist-resnet 256, efficientnet-lite0 32, minilm 32)")
+    ap.add_argument("--num-calib", type=int, help="calibration samples (default per model: fmnist-resnet 256, efficientnet-lite0 32, minilm 32, smollm2 16)")
     ap.add_argument("--no-eval", action="store_true", help="skip the zoo evaluation (output errors only)")
     args = ap.parse_args()
     texts = []
@@ -149,7 +155,6 @@ def main() -> None:
         print(f"[{name}: {time.perf_counter() - t0:.0f} s, wrote {RESULTS / f'interplay_{name}'}.md/.json/_*.png]\n",
               flush=True)
         texts.append(text)
-    print("SmolLM2: not available offline yet; not run.")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,12 @@ class SensitivityConfig(_JsonConfig):
     exact; its model-output error is measured on ``num_samples`` calibration inputs for
     ``measured_points`` candidates per dead-zone family and, for the others, scaled from the
     weight error by the measured output-error/weight-error ratio (interpolated in log space).
+
+    ``formats``: block formats (``TransformKind.MXFP4_E2M1``, ``"mxfp8_e4m3"``, ...) offered to
+    every allocated layer as candidates besides its grids: each format one candidate, its bytes
+    exact and its output error measured (one model evaluation per layer and format). Where the
+    allocation picks one, the layer is stored in that format exactly as a ``layers`` rule's
+    ``format=`` stores it. Empty (the default): grids only.
     """
 
     num_samples: int = 8
@@ -106,6 +112,7 @@ class SensitivityConfig(_JsonConfig):
     step_ratio: float = 2 ** 0.5
     deadzones: tuple[float, ...] = (0.5, 1.0)
     measured_points: int = 2
+    formats: tuple[TransformKind, ...] = ()
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -115,6 +122,11 @@ class SensitivityConfig(_JsonConfig):
         _require(self.measured_points >= 1, n, f"measured_points must be >= 1, got {self.measured_points}")
         _require(len(self.deadzones) >= 1 and all(d >= 0.5 for d in self.deadzones), n,
                  f"deadzones must be non-empty ratios e/s >= 0.5, got {self.deadzones}")
+        _require(isinstance(self.formats, (tuple, list)) and all(f in FORMAT_KINDS for f in self.formats), n,
+                 f"formats must be block formats ({[k.value for k in FORMAT_KINDS]}), got {self.formats!r}")
+        formats = tuple(TransformKind(f) for f in self.formats)
+        _require(len(set(formats)) == len(formats), n, f"formats holds a format twice: {[f.value for f in formats]}")
+        object.__setattr__(self, "formats", formats)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ from l2fx.config import Granularity
 from l2fx.ir import LayerIntent, WeightSite
 from l2fx.transform import FORMAT_KINDS, TransformKind, param_shape
 
-__all__ = ["layout", "fixed_qmax", "format_scales", "channel_ratio", "group_ratio", "scale_ratio", "stored_vector"]
+__all__ = ["layout", "format_intent", "fixed_qmax", "format_scales", "channel_ratio", "group_ratio", "scale_ratio", "stored_vector"]
 
 
 def layout(site: WeightSite, intent: LayerIntent) -> tuple[int | None, int | None]:
@@ -40,6 +40,15 @@ def layout(site: WeightSite, intent: LayerIntent) -> tuple[int | None, int | Non
     if granularity is Granularity.PER_CHANNEL:
         return site.channel_axis, None
     return None, None
+
+
+def format_intent(fmt: TransformKind, options: tuple = (), rule: int | None = None) -> LayerIntent:
+    """The intent of a layer stored in block format ``fmt``: the format's blocks as groups along
+    the rows, its own grid. What a ``layers`` rule's ``format=`` gives (``mark_weights``) and what
+    ``entropy_allocation`` installs where it picked a format candidate."""
+    fmt = TransformKind(fmt)
+    return LayerIntent(kind=fmt.value, granularity=Granularity.PER_GROUP.value,
+                       group_size=FORMAT_KINDS[fmt].block_size, options=tuple(options), rule=rule, format=fmt.value)
 
 
 def fixed_qmax(intent: LayerIntent) -> int | None:

@@ -6,8 +6,15 @@ lambda every layer takes the candidate minimising ``distortion + lambda * bytes`
 bisected (in log space) to the smallest value whose total fits the budget. The discrete grid
 leaves the total a little under budget; ``rate_fit`` closes the gap on the real symbols.
 
+A picked candidate of a block-format kind (offered by ``SensitivityConfig.formats``) makes the
+layer a block-format layer: its ``l2fx.intent`` becomes the format's, exactly as a ``layers``
+rule's ``format=`` would have made it, so every later pass stores it in that format.
+
 Pre: every site has an ``l2fx.sensitivity`` curve. Post: every site has an
-``l2fx.allocation``; the predicted total is within the budget. A target outside what the
+``l2fx.allocation``; the predicted total is within the budget; a site allocated a block format
+has that format's intent. Picked formats are fixed (``rate_fit`` does not rescale them): when the
+other layers could not then fill the budget, the allocation is redone without the offered formats
+and the reason recorded (``records["entropy_allocation"]["formats_dropped"]``). A target outside what the
 curves can reach raises TargetCRError stating the reachable range, unless ``check_target`` is
 False (the compound methods: every grid fixed from a BOP target, one candidate per curve, the
 bytes are the result).
@@ -19,8 +26,10 @@ import math
 import torch.fx as fx
 
 from l2fx.errors import TargetCRError
-from l2fx.ir import Allocation, Candidate, SensitivityCurve, get_meta, set_meta, weight_sites
+from l2fx.ir import Allocation, Candidate, LayerIntent, SensitivityCurve, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
+from l2fx.tparams import format_intent
+from l2fx.transform import FORMAT_KINDS, TransformKind
 
 
 def lagrangian_pick(curves: list[tuple[Candidate, ...]], lam: float) -> list[Candidate]:
@@ -73,16 +82,40 @@ class EntropyAllocation(L2fxPass):
                 f"target_cr={target} is out of reach for this model: the reachable range of the "
                 f"compressed-parameter CR is {lo_cr:.2f} .. {hi_cr:.2f} (symbols limited to +-{ctx.config.coding.qmax})")
         picks = allocate(curves, budget)
-        for (node, _), pick in zip(sites, picks):
+        intents = [get_meta(node, LayerIntent) for node, _ in sites]
+        offered = [lambda c, i=i: c.kind in FORMAT_KINDS and c.kind != i.format for i in intents]
+        dropped = None
+        if any(is_offered(p) for is_offered, p in zip(offered, picks)):
+            # A picked format is fixed (rate_fit does not rescale it): the other layers, at their
+            # finest, must still fill the budget to rate_fit's lower bound, else the CR misses.
+            reach = sum(p.nbytes if is_offered(p) else max(c.nbytes for c in curve)
+                        for is_offered, p, curve in zip(offered, picks, usable))
+            low = budget * (1 - ctx.config.cr_tolerance / 2)
+            if reach < low:
+                dropped = (f"with the picked formats fixed the other layers reach at most {reach:.0f} of the "
+                           f"{low:.0f} bytes the target needs; allocated without the offered formats")
+                curves = [tuple(c for c in curve if not is_offered(c)) for is_offered, curve in zip(offered, curves)]
+                picks = allocate(curves, budget)
+        formats: dict[str, str] = {}
+        for (node, site), pick in zip(sites, picks):
             set_meta(node, Allocation(pick.kind, pick.step_s, pick.threshold_e, pick.nbytes, pick.channel_scaled))
+            intent = get_meta(node, LayerIntent)
+            if pick.kind in FORMAT_KINDS and intent.format != pick.kind:
+                set_meta(node, format_intent(TransformKind(pick.kind), intent.options, intent.rule))
+                formats[site.param] = pick.kind
         ctx.records[self.name] = {
             "budget_nbytes": budget,
             "predicted_nbytes": sum(p.nbytes for p in picks),
             "predicted_distortion": sum(p.distortion for p in picks if math.isfinite(p.distortion)),
+            "formats_chosen": formats,
+            **({"formats_dropped": dropped} if dropped else {}),
         }
         return PassResult(gm, True)
 
     def ensures(self, gm: fx.GraphModule) -> None:
         for node, _ in weight_sites(gm):
-            if get_meta(node, Allocation) is None:
+            alloc = get_meta(node, Allocation)
+            if alloc is None:
                 self.fail("weight was given no allocation", node)
+            if alloc.kind in FORMAT_KINDS and get_meta(node, LayerIntent).format != alloc.kind:
+                self.fail(f"weight allocated block format {alloc.kind} keeps another intent", node)

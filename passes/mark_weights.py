@@ -29,9 +29,10 @@ import torch
 import torch.fx as fx
 
 from l2fx.errors import NoCompressibleLayersError, NonFiniteWeightError
-from l2fx.config import CompileConfig, Granularity, LayerRule
+from l2fx.config import CompileConfig, LayerRule
 from l2fx.ir import LayerIntent, WeightSite, fetch_attr, set_meta, weight_consumers, weight_sites
-from l2fx.transform import FORMAT_KINDS, TransformKind
+from l2fx.tparams import format_intent
+from l2fx.transform import TransformKind
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 
 
@@ -44,9 +45,7 @@ def intent_of(cfg: CompileConfig, rule: LayerRule | None) -> LayerIntent:
     bits = rule.bits if rule is not None else None
     fmt = rule.format if rule is not None else None
     if fmt is not None:  # the format's blocks: per group of its block size, along the rows
-        return LayerIntent(kind=fmt.value, granularity=Granularity.PER_GROUP.value,
-                           group_size=FORMAT_KINDS[fmt].block_size, options=rule.options,
-                           rule=cfg.layers.index(rule), format=fmt.value)
+        return format_intent(fmt, rule.options, cfg.layers.index(rule))
     kind = TransformKind.LINEAR if bits is not None else pick("kind", cfg.transform)
     return LayerIntent(kind=TransformKind(kind).value, granularity=pick("granularity", cfg.granularity).value,
                        group_size=pick("group_size", cfg.group_size), bits=bits,

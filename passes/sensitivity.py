@@ -10,6 +10,9 @@ ratios e/s), the pass measures
 * the distortion: the model's output error on ``num_samples`` calibration inputs with only
   this layer compressed, relative to the output's energy.
 
+With ``config.sensitivity.formats``, every allocated layer's curve also holds one candidate per
+block format (kind: the format), bytes exact and output error measured.
+
 Distortions are assumed additive across layers (the usual high-rate assumption); the
 allocation pass then picks one point per curve. Measuring every candidate would cost one
 model evaluation each (EfficientNet-Lite0: ~46 layers x 28 candidates); a few per dead-zone
@@ -33,7 +36,7 @@ from l2fx.data import output_vector, relative_error, take_samples, to_device
 from l2fx.evaluate import DownstreamRunner
 from l2fx.ir import Candidate, LayerIntent, SensitivityCurve, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
-from l2fx.tparams import fixed_qmax, format_scales, layout, scale_ratio, stored_vector
+from l2fx.tparams import fixed_qmax, format_intent, format_scales, layout, scale_ratio, stored_vector
 from l2fx.transform import FORMAT_KINDS, TransformKind, channel_view, decode, encode
 
 def candidate_params(w: torch.Tensor, kind: TransformKind, cfg: CompileConfig) -> list[tuple[float, float]]:
@@ -132,6 +135,30 @@ def _decoded(w: torch.Tensor, kind: TransformKind, view, sv: torch.Tensor, ev: t
     return thunk
 
 
+def _points(w: torch.Tensor, site, intent: LayerIntent, ratios, params, cfg: CompileConfig) -> list[tuple]:
+    """(s, e, nbytes, weight mse, w_hat thunk, channel_scaled, kind) per (ratio, (s, e)) of a
+    layer under ``intent``: ``ratio`` None is one step for the whole tensor, else the stored
+    parameters are ``s * ratio``; bytes exact (:func:`predict_layer_nbytes`)."""
+    kind = TransformKind(intent.kind)
+    qmax = fixed_qmax(intent) or cfg.coding.qmax
+    axis, group = layout(site, intent)
+    points = []
+    for ratio in ratios:
+        if ratio is not None:
+            view = functools.partial(channel_view, like=w, channel_axis=axis, group_size=group)
+        else:  # one step for the whole tensor: a 0-d parameter broadcasts
+            view = lambda p: p.reshape(-1)[:1].reshape(())  # noqa: E731
+        for s, e in params:
+            sv, ev = stored_vector(s, site, intent, ratio), stored_vector(e, site, intent, ratio)
+            st, et = view(sv), view(ev)
+            q = encode(w, kind, st, et, qmax)
+            nbytes = predict_layer_nbytes(site.param, kind, q.cpu(), axis, cfg.coding.chunk_size, sv, ev, group).total
+            mse = float((decode(q, kind, st, et) - w).pow(2).mean())
+            del q, st, et
+            points.append((s, e, nbytes, mse, _decoded(w, kind, view, sv, ev, qmax), ratio is not None, kind.value))
+    return points
+
+
 class SensitivityAnalysis(L2fxPass):
     name = "sensitivity_analysis"
     requires_meta = (LayerIntent,)
@@ -158,18 +185,14 @@ class SensitivityAnalysis(L2fxPass):
                 d = relative_error(output_vector(runner.run_with(node, w_hat)), reference)
                 return d if math.isfinite(d) else math.inf
 
-            # (s, e, nbytes, weight mse, w_hat thunk, channel_scaled). The decoded weights are
-            # re-made for the few candidates whose output error is measured rather than kept
+            # Points (see _points) hold a w_hat thunk: the decoded weights are re-made for the few candidates whose output error is measured rather than kept
             # for all of them: ~56 copies of a layer (a 4096x4096 Linear: peak RSS 4.4 GB for
             # a 64 MB model; VGG-11's 392 MB classifier layer was killed at 24 GB).
-            points = []
             # Two step families: one step for the whole tensor (MSE-optimal under entropy
             # coding), and steps proportional to each channel's (or group's) range (no channel
             # is rounded away: BN folding leaves depthwise convs with channels 100x apart).
             intent = get_meta(node, LayerIntent)
             kind = TransformKind(intent.kind)
-            qmax = fixed_qmax(intent) or cfg.coding.qmax
-            axis, group = layout(site, intent)
             ratio = scale_ratio(w, site, intent)
             if intent.format is not None:
                 # A block format's own grid: one candidate, its max-scaled power-of-two scales.
@@ -178,27 +201,21 @@ class SensitivityAnalysis(L2fxPass):
                 # A fixed grid (a layers rule's bits): one candidate, RTN steps max|w_c| / qmax
                 # per channel (or group), so the allocation takes it as it is.
                 amax = float(w.abs().max()) or 1.0
+                qmax = fixed_qmax(intent)
                 ratios, params = [ratio], [(amax / qmax, 0.5 * amax / qmax)]
             else:
                 ratios, params = [None] + ([ratio] if ratio is not None else []), candidate_params(w, kind, cfg)
-            for ratio in ratios:
-                if ratio is not None:
-                    view = functools.partial(channel_view, like=w, channel_axis=axis, group_size=group)
-                else:  # one step for the whole tensor: a 0-d parameter broadcasts
-                    view = lambda p: p.reshape(-1)[:1].reshape(())  # noqa: E731
-                for s, e in params:
-                    sv, ev = stored_vector(s, site, intent, ratio), stored_vector(e, site, intent, ratio)
-                    st, et = view(sv), view(ev)
-                    q = encode(w, kind, st, et, qmax)
-                    nbytes = predict_layer_nbytes(site.param, kind, q.cpu(), axis, cfg.coding.chunk_size,
-                                                  sv, ev, group).total
-                    mse = float((decode(q, kind, st, et) - w).pow(2).mean())
-                    del q
-                    del st, et
-                    points.append((s, e, nbytes, mse, _decoded(w, kind, view, sv, ev, qmax), ratio is not None))
+            points = _points(w, site, intent, ratios, params, cfg)
             distortions = estimate_distortions(points, cfg.sensitivity.measured_points, output_error)
+            if intent.format is None and intent.bits is None:
+                # Block formats offered beside the grids: one candidate each, measured.
+                for fmt in cfg.sensitivity.formats:
+                    f_intent = format_intent(fmt, intent.options, intent.rule)
+                    (point,) = _points(w, site, f_intent, [format_scales(w, f_intent)], [(1.0, 0.5)], cfg)
+                    points.append(point)
+                    distortions.append((output_error(point[4]()), True))
             measured += sum(1 for _, exact in distortions if exact)
-            candidates = sorted((Candidate(kind.value, s, e, nbytes, d, scaled) for (s, e, nbytes, _, _, scaled), (d, _)
+            candidates = sorted((Candidate(kind, s, e, nbytes, d, scaled) for (s, e, nbytes, _, _, scaled, kind), (d, _)
                                  in zip(points, distortions)), key=lambda c: (c.nbytes, c.distortion))
             set_meta(node, SensitivityCurve(tuple(candidates)))
         ctx.records[self.name] = {"model_evaluations": measured, "candidates": sum(

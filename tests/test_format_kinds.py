@@ -220,3 +220,76 @@ def test_a_crafted_table_beyond_the_element_codes_is_refused(tmp_path):
         l2fx.load(bad, model=make_tiny_convnet())
     with pytest.raises(l2fx.L2fxError, match="element codes"):
         l2fx.inspect(bad)
+
+
+def _on_mxfp4_lattice_mlp() -> torch.nn.Module:
+    """Six Linear(128, 128) layers; two hold weights on the MXFP4 lattice with block scales 2^-6 ..
+    2^6 apart (no per-channel grid fits them), the others Gaussian."""
+    torch.manual_seed(0)
+    mods = []
+    for _ in range(6):
+        mods += [torch.nn.Linear(128, 128), torch.nn.ReLU()]
+    m = torch.nn.Sequential(*mods[:-1])
+    fmt = FORMAT_KINDS[TransformKind.MXFP4_E2M1]
+    with torch.no_grad():
+        for i in (0, 4):
+            w = m[i].weight
+            blocks = 2.0 ** torch.randint(-6, 7, (128, 4)).repeat_interleave(32, 1)
+            q = formats.quantize(w * blocks, fmt, axis=-1)
+            w.copy_(formats.dequantize(q.symbols, q.scales, fmt, axis=-1))
+    return m.eval()
+
+
+def _offering(*kinds, recon: bool = False) -> CompileConfig:
+    base = make_fast_config()
+    return base.replace(sensitivity=dataclasses.replace(base.sensitivity, formats=kinds),
+                        reconstruction=dataclasses.replace(base.reconstruction, enabled=recon))
+
+
+def test_allocation_picks_an_offered_format_where_it_wins_and_stores_it_as_a_rule_would(tmp_path):
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    c = l2fx.compile(_on_mxfp4_lattice_mlp(), 6, x, config=_offering("mxfp4_e2m1"), verify=True)
+    assert abs(c.report.compressed_cr / 6 - 1) <= 0.01
+    chosen = c.report.records["entropy_allocation"]["formats_chosen"]
+    assert chosen and set(chosen.values()) == {"mxfp4_e2m1"}
+    kinds = {layer.param: layer.kind for layer in c.report.layers}
+    assert all(kinds[p] == "mxfp4_e2m1" for p in chosen)
+    assert any(k != "mxfp4_e2m1" for k in kinds.values())  # the others keep their allocated grids
+    # The layer is stored exactly as LayerRule(format=) stores it: for weights on the lattice, losslessly.
+    path = tmp_path / "m.l2fx"
+    l2fx.save(c, path)
+    reader = ArtifactReader(path)
+    original = dict(_on_mxfp4_lattice_mlp().named_parameters())
+    loaded = l2fx.load(path, model=_on_mxfp4_lattice_mlp(), verify=True)
+    for param in chosen:
+        entry = next(e for e in reader.layers if e.param == param)
+        assert entry.kind is TransformKind.MXFP4_E2M1 and entry.pdtype == "e8m0"
+        assert torch.equal(_coded_weight(loaded, param), original[param].detach())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), c(x))
+
+
+def _coded_weight(compiled, param: str) -> torch.Tensor:
+    gm = compiled.graph_module
+    from l2fx.ir import weight_sites
+    node = next(n for n, site in weight_sites(gm) if site.param == param)
+    return gm.get_submodule(str(node.target))()
+
+
+def test_a_format_the_other_layers_cannot_balance_is_dropped_with_the_reason():
+    # fc is 94 % of the tiny ConvNet: HBFP4 there leaves the target to two small layers that
+    # cannot fill it, so the allocation is redone on the grids alone and says why.
+    c = l2fx.compile(make_tiny_convnet(), 7, make_tiny_calib(), config=_offering(TransformKind.HBFP4), verify=True)
+    rec = c.report.records["entropy_allocation"]
+    assert rec["formats_chosen"] == {} and "allocated without the offered formats" in rec["formats_dropped"]
+    assert abs(c.report.compressed_cr / 7 - 1) <= 0.01
+
+
+def test_sensitivity_formats_are_validated_and_round_trip():
+    from l2fx.config import SensitivityConfig
+    c = SensitivityConfig(formats=("mxfp4_e2m1", TransformKind.MXFP8_E4M3))
+    assert c.formats == (TransformKind.MXFP4_E2M1, TransformKind.MXFP8_E4M3)
+    assert SensitivityConfig.from_json(c.to_json()) == c
+    for bad in (("int4",), ("mxfp4_e2m1", "mxfp4_e2m1"), "mxfp4_e2m1"):
+        with pytest.raises(ConfigError, match="formats"):
+            SensitivityConfig(formats=bad)
