@@ -3,6 +3,7 @@
     python bench/fuzz.py --mutations 100000            # about 40 ms a mutation on a free core
     python bench/fuzz.py --mutations 100000 --seconds 3600   # whatever an hour reaches, reported as such
     python bench/fuzz.py --mutations 2000 --tag quick
+    python bench/fuzz.py --mutations 100000 --workers 2     # the same mutations, shared by two processes
 
 Mutation classes and outcomes are those of ``tests/artifact_fuzz.py``: every file is loaded
 (``l2fx.load`` into a fresh instance of the model) and inspected, under RLIMIT_DATA at the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import multiprocessing
 import resource
 import signal
 import sys
@@ -77,36 +79,31 @@ def make_corpus(tmp: Path, name: str) -> dict:
             "model_nbytes": 4 * sum(p.numel() for p in make().parameters())}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mutations", type=int, default=100_000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout", type=float, default=30.0)
-    ap.add_argument("--budget-mib", type=int, default=256)
-    ap.add_argument("--tag", default="")
-    ap.add_argument("--seconds", type=float, default=0.0,
-                    help="stop after this many seconds (0: never) and report the mutations run by then")
-    ap.add_argument("--export-share", type=float, default=0.05,
-                    help="share of the mutations made of the export-captured corpus (its loads re-run torch.export)")
-    ap.add_argument("--v3-share", type=float, default=0.3,
-                    help="share made of the version-3 corpus (MXFP4 layer with E8M0 scales, group-wise convs)")
-    args = ap.parse_args()
+def _worker_share(args, tmp: Path, worker: int) -> dict:
+    """One worker process (spawned: the parent's OpenMP state must not be forked): its own
+    corpora, made as the parent makes them (same models, seeds and artifacts), then its share."""
     torch.set_num_threads(1)
+    sub = tmp / f"worker_{worker}"
+    sub.mkdir()
+    corpora = [make_corpus(sub, name) for name in ("fx", "export", "v3")]
+    return run_share(args, corpora, sub, worker, args.workers, time.perf_counter())
 
-    tmp = Path(tempfile.mkdtemp(prefix="l2fx-fuzz-"))
-    corpora = [make_corpus(tmp, name) for name in ("fx", "export", "v3")]
+
+def run_share(args, corpora: list[dict], tmp: Path, worker: int, workers: int, t_start: float) -> dict:
+    """Mutations ``worker, worker + workers, ...`` below ``args.mutations`` (each its own seed,
+    ``args.seed * 1_000_000_007 + i``, so the set run does not depend on ``workers``)."""
+    torch.set_num_threads(1)
     counts: dict[tuple[str, str], int] = collections.Counter()
     errors: dict[str, int] = collections.Counter()
     failures, slowest, peak_ratio = [], (0.0, ""), (0.0, "", 0.0)
     signal.signal(signal.SIGALRM, _alarm)
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    t_start = time.perf_counter()
-    bad = tmp / "mutated.l2fx"
+    bad = tmp / f"mutated_{worker}.l2fx"
     done = 0
-    for i in range(args.mutations):
+    for i in range(worker, args.mutations, workers):
         if args.seconds and time.perf_counter() - t_start > args.seconds:
             break
-        done = i + 1
+        done += 1
         seed = args.seed * 1_000_000_007 + i
         rng = np.random.default_rng(seed)
         u = rng.random()
@@ -140,9 +137,49 @@ def main() -> None:
         if is_failure(cls, result) or result == "hang":
             failures.append({"seed": seed, "class": cls, "mutation": what, "outcome": result, "detail": detail})
             print(f"FAILURE seed {seed}: {cls} ({what}): {result}: {detail}", flush=True)
-        if (i + 1) % 5000 == 0:
-            print(f"{i + 1} mutations, {len(failures)} failures, {time.perf_counter() - t_start:.0f} s, "
+        if done % max(1, 5000 // workers) == 0:
+            print(f"worker {worker}: {done} mutations, {len(failures)} failures, {time.perf_counter() - t_start:.0f} s, "
                   f"data size {_data_size() >> 20} MiB", flush=True)
+    return {"counts": counts, "errors": errors, "failures": failures, "slowest": slowest, "peak_ratio": peak_ratio,
+            "done": done}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mutations", type=int, default=100_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=30.0)
+    ap.add_argument("--budget-mib", type=int, default=256)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--seconds", type=float, default=0.0,
+                    help="stop after this many seconds (0: never) and report the mutations run by then")
+    ap.add_argument("--export-share", type=float, default=0.05,
+                    help="share of the mutations made of the export-captured corpus (its loads re-run torch.export)")
+    ap.add_argument("--v3-share", type=float, default=0.3,
+                    help="share made of the version-3 corpus (MXFP4 layer with E8M0 scales, group-wise convs)")
+    ap.add_argument("--workers", type=int, default=1, help="processes sharing the mutations (the same ones, any count)")
+    args = ap.parse_args()
+    if args.workers < 1:
+        ap.error("--workers must be >= 1")
+    torch.set_num_threads(1)
+
+    tmp = Path(tempfile.mkdtemp(prefix="l2fx-fuzz-"))
+    t_start = time.perf_counter()
+    if args.workers == 1:
+        corpora = [make_corpus(tmp, name) for name in ("fx", "export", "v3")]
+        parts = [run_share(args, corpora, tmp, 0, 1, time.perf_counter())]
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            parts = pool.starmap(_worker_share, [(args, tmp, k) for k in range(args.workers)])
+    counts: dict[tuple[str, str], int] = collections.Counter()
+    errors: dict[str, int] = collections.Counter()
+    for part in parts:
+        counts.update(part["counts"])
+        errors.update(part["errors"])
+    failures = sorted((f for part in parts for f in part["failures"]), key=lambda f: f["seed"])
+    slowest = max((part["slowest"] for part in parts), key=lambda x: x[0])
+    peak_ratio = max((part["peak_ratio"] for part in parts), key=lambda x: x[0])
+    done = sum(part["done"] for part in parts)
 
     outcomes = ["error", "identical", "different", "unexpected", "escaped", "hang"]
     rows = [f"| class | {' | '.join(outcomes)} | total |", "|---|" + "---|" * (len(outcomes) + 1)]
@@ -155,7 +192,8 @@ def main() -> None:
                if done < args.mutations else "")
     lines = [f"# Artifact fuzzing: {done:,} mutations{stopped}", "",
              f"`python bench/fuzz.py --mutations {args.mutations} --seed {args.seed} --v3-share {args.v3_share} "
-             f"--export-share {args.export_share}{f' --seconds {args.seconds:g}' if args.seconds else ''}` "
+             f"--export-share {args.export_share}{f' --seconds {args.seconds:g}' if args.seconds else ''}"
+             f"{f' --workers {args.workers}' if args.workers > 1 else ''}` "
              f"({time.perf_counter() - t_start:.0f} s on this machine). Corpora: the tests' tiny ConvNet "
              f"(110k weights, fx; format version 2), for {args.v3_share:.0%} of the mutations the same with fc in "
              f"MXFP4 (E8M0 scales) and group-wise convs (version 3), and for {args.export_share:.0%} their DictInputNet "

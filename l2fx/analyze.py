@@ -83,6 +83,7 @@ import json
 import math
 import re
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -913,7 +914,7 @@ def interplay(model: torch.nn.Module, calib: Any, *, patterns: Iterable["str | P
         batches = [cast_floats(b, torch.float32) for b in batches]
     check_runs(gm, batches[0])
     with PassContext(calib=batches):
-        gm = structural_pipeline(fold_batchnorm=False)(gm).graph_module
+        gm = _mode_only(structural_pipeline(fold_batchnorm=False)(gm).graph_module)
     layers, skipped = _find_layers(gm, max_layers)
     if not layers:
         raise NoCompressibleLayersError(f"{type(model).__name__}: no linear or conv weight to analyse")
@@ -1052,6 +1053,19 @@ def interplay(model: torch.nn.Module, calib: Any, *, patterns: Iterable["str | P
     return InterplayReport(model=name or type(model).__name__, patterns=tuple(p.name for p in pats),
                            formats=tuple(f.name for f in fms), layers=tuple(rows), models=tuple(model_rows),
                            skipped=tuple(skipped), calib_samples=n_samples, seconds=time.perf_counter() - t_start)
+
+
+def _mode_only(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` (the analysis's own capture) with ``train()``/``eval()`` recording the mode only, as
+    :class:`l2fx.CompiledModel`'s do: the graph was captured in eval mode, torch.export's graphs
+    refuse both, and the zoo's evaluations call ``eval()``."""
+    def train(self, mode: bool = True):
+        self.training = mode
+        return self
+
+    gm.train = types.MethodType(train, gm)
+    gm.eval = types.MethodType(lambda self: self.train(False), gm)
+    return gm
 
 
 @torch.no_grad()
