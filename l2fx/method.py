@@ -26,12 +26,12 @@ from l2fx.passes import (BlockPartition, BlockReconstruction, CompoundPlan, Entr
                          InsertTransforms, KeepReference, LowerKernels, MarkWeights, NetworkDistillation, Normalize,
                          OneShotSolve, PlainStorage, PruneUnusedState, RangeCode, RateFit, RoundToNearest,
                          SensitivityAnalysis, SnapWeights)
-from l2fx.passes import BitValueGrid, SmolPrecision, SmolRound
+from l2fx.passes import AssignFormat, BitValueGrid, SmolPrecision, SmolRound
 from l2fx.pipeline import PassManager
 from l2fx.precision import SmolOptions
 
 __all__ = ["Method", "register_method", "methods", "get_method", "pipeline", "default_pipeline",
-           "structural_pipeline", "front_pipeline", "rtn_pipeline", "compound_pipeline"]
+           "structural_pipeline", "front_pipeline", "rtn_pipeline", "format_pipeline", "compound_pipeline"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,3 +237,17 @@ def rtn_pipeline(bits: int, prune_fraction: float = 0.0, fold_batchnorm: bool = 
     for p in (MarkWeights(), PlainStorage(), RoundToNearest(bits, prune_fraction), RangeCode(check_target=False)):
         pm.append(p)
     return pm
+
+
+def format_pipeline(fmt, config: CompileConfig | None = None) -> PassManager:
+    """Baseline, not a method (it reaches whatever CR the format gives; ``target_cr`` is not
+    checked): every weight no ``layers`` rule names stored in block format ``fmt`` (MXFP4, MXFP8,
+    MXINT8, HBFP ...) as its spec quantises it, then range coded in l2fx's byte accounting. Its
+    measured CR is the target at which to compare a method against the format."""
+    config = config or CompileConfig()
+    pm = front_pipeline(config)
+    for p in (AssignFormat(fmt), SensitivityAnalysis(), EntropyAllocation(check_target=False), InsertTransforms(),
+              RangeCode(check_target=False), LowerKernels()):
+        pm.append(p)
+    return pm
+

@@ -8,6 +8,7 @@ them are methods (:mod:`l2fx.method`); users insert their own passes with
 from __future__ import annotations
 
 from l2fx.passes.allocation import EntropyAllocation
+from l2fx.passes.assign_format import AssignFormat
 from l2fx.passes.baselines import RoundToNearest
 from l2fx.passes.bit_value_grid import BitValueGrid
 from l2fx.passes.block_partition import BlockPartition
@@ -35,5 +36,5 @@ __all__ = [
     "EntropyAllocation", "InsertTransforms", "BlockPartition", "KeepReference", "BlockReconstruction",
     "NetworkDistillation", "SnapWeights", "RateFit", "RangeCode", "LowerKernels", "RoundToNearest",
     "InstallDecodedWeights", "DecodedLayer", "OneShotSolve", "CompoundPlan",
-    "BitValueGrid", "SmolPrecision", "SmolRound",
+    "BitValueGrid", "SmolPrecision", "SmolRound", "AssignFormat",
 ]

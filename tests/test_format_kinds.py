@@ -293,3 +293,21 @@ def test_sensitivity_formats_are_validated_and_round_trip():
     for bad in (("int4",), ("mxfp4_e2m1", "mxfp4_e2m1"), "mxfp4_e2m1"):
         with pytest.raises(ConfigError, match="formats"):
             SensitivityConfig(formats=bad)
+
+
+def test_format_pipeline_stores_every_unruled_weight_in_the_format(tmp_path):
+    from l2fx.method import format_pipeline
+    x = make_tiny_calib()
+    config = make_fast_config().replace(layers=(LayerRule("out", bits=8),))
+    c = l2fx.compile(make_tiny_convnet(), 4, x, pipeline=format_pipeline("mxfp4_e2m1", config), config=config,
+                     verify=True)
+    kinds = {layer.param: layer.kind for layer in c.report.layers}
+    assert kinds == {"c2.weight": "mxfp4_e2m1", "fc.weight": "mxfp4_e2m1", "out.weight": "linear"}
+    want, _ = _spec(TransformKind.MXFP4_E2M1, make_tiny_convnet().fc.weight.detach())
+    assert torch.equal(_coded_weight(c, "fc.weight"), want)
+    path = tmp_path / "m.l2fx"
+    l2fx.save(c, path)
+    with torch.no_grad():
+        assert torch.equal(l2fx.load(path, model=make_tiny_convnet())(x[0]), c(x[0]))
+    with pytest.raises(ConfigError, match="not a block format"):
+        format_pipeline("int4")
