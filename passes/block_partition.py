@@ -26,21 +26,26 @@ block, a transformer layer. The pass finds them in three steps.
    Items of a ModuleList/Sequential are the repeated units authors write as "blocks"; merging
    only along cut points keeps every block single-exit whatever the names say.
 
+A weight belongs to the region of its first consumer, except a tied embedding/output table: the
+region of its linear consumer (``lm_head``), where its error lands and where its input Hessian
+is; the embedding's region reads its current value as an input.
+
 Before: any graph after ``insert_transforms``. After: every main node and every compressed
 weight node carries ``l2fx.block`` (:class:`Block`); block indices follow the topological
 order; side nodes carry none. The graph itself is unchanged.
 
 Pre: every compressed weight is a ``TransformedWeight`` call_module. Post: every compressed
-weight node belongs to exactly one block; each block holds at least one compressed weight.
+weight node belongs to exactly one block; each block holds at least one compressed weight; no
+node reads a later block's value except a weight (a tied table, above).
 """
 from __future__ import annotations
 
 import networkx as nx
 import torch.fx as fx
 
-from l2fx.blocks import block_key, is_state, side_nodes, tensor_valued
+from l2fx.blocks import block_key, is_state, is_weight_node, side_nodes, tensor_valued
 from l2fx.data import to_device
-from l2fx.ir import Block, get_meta, set_meta, weight_sites
+from l2fx.ir import Block, get_meta, set_meta, weight_sites, weighted_op
 from l2fx.modules import TransformedWeight
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 
@@ -107,7 +112,12 @@ class BlockPartition(L2fxPass):
             users = [u for u in wnode.users if u in region_of]
             if not users:
                 self.fail("compressed weight feeds no node on the main path", wnode)
-            r = min(region_of[u] for u in users)
+            # A tied table (read by an embedding and a linear op, mark_weights) belongs to the
+            # block of its linear read: its error lands in the logits, and there it has an input
+            # Hessian for the one-shot solvers (the gather only copies rows). The embedding's
+            # block reads its current (fake-quantised) value like any other input.
+            hessian_users = [u for u in users if (op := weighted_op(u)) is not None and op.family != "embedding"]
+            r = min(region_of[u] for u in (hessian_users or users))
             weights_of.setdefault(r, []).append((wnode, block_key(site.param)))
 
         # Group regions: a weightless region joins the next weighted one; adjacent weighted
@@ -161,7 +171,9 @@ class BlockPartition(L2fxPass):
                 continue
             for a in node.all_input_nodes:
                 ab = get_meta(a, Block)
-                if ab is not None and ab.index > b.index:
+                # A weight is a parameter, not data flow: a tied table owned by the lm_head block
+                # is read by the embedding's block (module docstring).
+                if ab is not None and ab.index > b.index and not is_weight_node(gm, a):
                     self.fail(f"block {b.index} reads {a.name!r} of the later block {ab.index}", node)
         if sorted(seen) != list(range(len(seen))):
             self.fail(f"blocks without a compressed weight: have weights in {sorted(seen)}")

@@ -138,3 +138,16 @@ def test_tied_embeddings_are_one_tensor_under_export(tmp_path):
         want = compiled(**calib[0]).logits
         assert torch.equal(loaded(**calib[0], use_cache=False).logits, want)
         assert torch.equal(l2fx.load(path, tiny_llama(seed=6, tie=True))(**calib[0]).logits, want)
+
+
+def test_tied_table_is_solved_in_the_lm_head_block_with_its_hessian():
+    """The tied table belongs to the block of its linear read (block_partition), so a one-shot
+    solver rounds it with lm_head's input Hessian instead of falling back to round-to-nearest."""
+    compiled = l2fx.compile(tiny_llama(tie=True), target_cr=8, calib=llama_calib(), method="gptq", config=fast())
+    records = compiled.report.records
+    assert "model.embed_tokens.weight" not in records["oneshot_solve"]["fallbacks"]
+    assert records["oneshot_solve"]["layers"]["model.embed_tokens.weight"]["recipe"] == "gptq"
+    blocks = records["block_partition"]["blocks"]
+    assert any("embed_tokens" in w for w in blocks[-1]["weights"])
+    assert not any("embed_tokens" in w for b in blocks[:-1] for w in b["weights"])
+    assert abs(compiled.report.compressed_cr / 8 - 1) <= 0.01
