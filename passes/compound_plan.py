@@ -18,7 +18,11 @@ one-shot options of its pattern (``prune_n``/``prune_m`` 2/4, or none pruned), w
    ``dense fp32 BOPs / bop_reduction``, exact on costs rounded up to ``budget / bop_resolution``.
 
 Options (``CompileConfig.method_options``): ``bop_reduction`` (required, > 1: the BOP reduction
-against the dense fp32 model), ``bop_resolution`` (DP units, default 10000), and the recipe's.
+against the dense fp32 model), ``bop_resolution`` (DP units, default 10000), ``bop_formats``
+(block formats offered to every layer as dense options, e.g. ``["mxfp4_e2m1", "mxfp8_e4m3"]``:
+BOPs at their element bits, error of the spec's quantisation, stored as a ``layers`` rule's
+``format=`` stores it; ``oneshot_solve`` rounds them to nearest, recorded as a fallback), and
+the recipe's.
 Layers that cannot take an option are recorded with the reason, never skipped silently: 2:4
 needs the column count to be a multiple of 4 (else dense only); a weight read by no linear/conv
 op has no MACs and no Hessian (an embedding: dense 8-bit, outside the BOP count); a layer kept
@@ -27,7 +31,8 @@ fixes counts its BOPs at those bits, dense. A block-format rule is a ConfigError
 not an option here), and so are T parameters along an axis other than the output rows. A
 target the options cannot reach is a TargetCRError naming the range.
 
-Pre: ``mark_weights`` ran; calibration data. Post: every site's intent has ``bits``; the tables
+Pre: ``mark_weights`` ran; calibration data. Post: every site's intent has ``bits`` or a
+block ``format``; the tables
 and the plan in ``ctx.records["compound_plan"]``.
 """
 from __future__ import annotations
@@ -46,9 +51,9 @@ from l2fx.ir import LayerIntent, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.layerwise import model_hessians
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 from l2fx.solvers import Grid
-from l2fx.solvers.compound import ACT_BITS, OPTIONS, Option, choose_options, option_bops
+from l2fx.solvers.compound import ACT_BITS, OPTIONS, Option, choose_options, format_loss, option_bops
 from l2fx.solvers.recipes import RECIPES, options_for, solve
-from l2fx.tparams import layout, scale_ratio, stored_vector
+from l2fx.tparams import format_intent, layout, scale_ratio, stored_vector
 from l2fx.transform import TransformKind
 
 __all__ = ["CompoundPlan"]
@@ -56,9 +61,12 @@ __all__ = ["CompoundPlan"]
 
 def _fixed_intent(intent: LayerIntent, option: Option) -> LayerIntent:
     """The intent that makes the later passes apply ``option``: a fixed LINEAR grid of its bits,
-    its pattern as the last (winning) one-shot options."""
-    return dataclasses.replace(intent, kind=TransformKind.LINEAR.value, bits=option.bits,
-                               options=tuple(intent.options) + option.solver_options())
+    its pattern as the last (winning) one-shot options; a format option: the format's intent,
+    as a ``layers`` rule's ``format=`` gives it."""
+    options = tuple(intent.options) + option.solver_options()
+    if option.format is not None:
+        return format_intent(TransformKind(option.format), options, intent.rule)
+    return dataclasses.replace(intent, kind=TransformKind.LINEAR.value, bits=option.bits, options=options)
 
 
 def _grids(w: torch.Tensor, site, intent: LayerIntent, bits: int, groups: int) -> list[Grid]:
@@ -99,13 +107,18 @@ class CompoundPlan(L2fxPass):
                 self.fail("compound_plan runs before insert_transforms (weights as get_attr)", node)
             if get_meta(node, LayerIntent).format is not None:
                 raise ConfigError(f"compound_plan: layer {site.param!r} has a block-format rule; the compound "
-                                  f"options are {', '.join(o.name for o in self.options)} (drop the format rule)")
+                                  f"options are {', '.join(o.name for o in self.options)} (drop the format rule, "
+                                  f"or offer formats to every layer with method_options bop_formats)")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()
         cfg = ctx.config
         opts = options_for(self.recipe_options, cfg.method_options)
         reduction, resolution = opts["bop_reduction"], opts["bop_resolution"]
+        fmts = opts["bop_formats"]
+        if isinstance(fmts, str) or not isinstance(fmts, (tuple, list)):
+            raise ConfigError(f"bop_formats must be a list of block formats, got {fmts!r}")
+        offered = self.options + tuple(o for o in (Option.of_format(f) for f in fmts) if o not in self.options)
         if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or not reduction > 1:
             raise ConfigError(f"method {cfg.method!r} needs method_options bop_reduction > 1 (the BOP reduction "
                               f"against the dense fp32 model), got {reduction!r}")
@@ -145,7 +158,7 @@ class CompoundPlan(L2fxPass):
                 raise ConfigError(f"compound_plan: layer {site.param!r} has its T parameters along axis "
                                   f"{site.channel_axis}; the solvers' grids run along the output rows (axis 0)")
             usable, notes = [], []
-            for o in self.options:
+            for o in offered:
                 if not o.dense and cols % o.prune_m:
                     notes.append(f"{o.name}: {cols} columns are not a multiple of {o.prune_m}")
                 else:
@@ -153,9 +166,13 @@ class CompoundPlan(L2fxPass):
             if not usable:
                 raise ConfigError(f"compound_plan: layer {site.param!r} takes none of the options: {'; '.join(notes)}")
             per = W2.shape[0] // groups
-            grids = {b: _grids(w, site, intent, b, groups) for b in {o.bits for o in usable}}
+            grids = {b: _grids(w, site, intent, b, groups) for b in {o.bits for o in usable if o.format is None}}
             row_err = []
             for o in usable:
+                if o.format is not None:  # the spec's quantisation, rounded to nearest (format_loss)
+                    row_err.append(sum(format_loss(W2[g * per:(g + 1) * per], st.hessians[g], o.format)
+                                       for g in range(groups)))
+                    continue
                 o_opts = {**opts, **dict(o.solver_options())}
                 row_err.append(sum(float(solve(self.recipe, W2[g * per:(g + 1) * per], st.hessians[g], grids[o.bits][g],
                                                o_opts, layer=site.param).loss) for g in range(groups)))
@@ -195,5 +212,6 @@ class CompoundPlan(L2fxPass):
 
     def ensures(self, gm: fx.GraphModule) -> None:
         for node, _ in weight_sites(gm):
-            if get_meta(node, LayerIntent).bits is None:
-                self.fail("weight left without a compound option (intent.bits unset)", node)
+            intent = get_meta(node, LayerIntent)
+            if intent.bits is None and intent.format is None:
+                self.fail("weight left without a compound option (intent.bits and format unset)", node)

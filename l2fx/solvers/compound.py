@@ -1,6 +1,7 @@
 """Compound compression (OBC, Frantar & Alistarh 2022, Sec. 6 and appendix A.10): one option per
 layer from {dense, 2:4} x {8, 4} weight bits, chosen by a dynamic program over per-layer error
-tables under a global BOP-reduction target.
+tables under a global BOP-reduction target; block formats (MXFP4, MXFP8 ...) can join the options
+(:meth:`Option.of_format`, ``method_options`` ``bop_formats``), rounded as their spec says.
 
 * An :class:`Option` is a sparsity pattern (dense or N:M) and a weight bit width; its BOPs are
   ``MACs * (N/M) * weight bits * activation bits`` (:func:`option_bops`: 2:4 halves the MACs).
@@ -31,11 +32,14 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from torch import Tensor
 
+from l2fx import formats
 from l2fx.errors import ConfigError, TargetCRError
 from l2fx.solvers.grid import Grid
+from l2fx.solvers.hessian import layer_loss
 from l2fx.solvers.recipes import solve
+from l2fx.transform import FORMAT_KINDS, TransformKind
 
-__all__ = ["Option", "OPTIONS", "ACT_BITS", "option_bops", "option_errors", "Plan", "choose_options",
+__all__ = ["Option", "OPTIONS", "ACT_BITS", "option_bops", "option_errors", "format_loss", "Plan", "choose_options",
            "DEFAULT_RESOLUTION"]
 
 ACT_BITS = 32  # activations stay fp32 (see the module docstring)
@@ -50,6 +54,7 @@ class Option:
     bits: int
     prune_n: int = 0
     prune_m: int = 0
+    format: str | None = None  # a block format (dense): its spec's quantisation, ``bits`` its element bits
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -57,6 +62,23 @@ class Option:
         if (self.prune_m == 0) != (self.prune_n == 0) or not 0 <= self.prune_n < max(self.prune_m, 1):
             raise ConfigError(f"Option: prune_n/prune_m must be 0/0 (dense) or 0 < N < M, "
                               f"got {self.prune_n}/{self.prune_m}")
+        if self.format is not None:
+            if self.format not in FORMAT_KINDS:
+                raise ConfigError(f"Option.format must be a block format ({[k.value for k in FORMAT_KINDS]}), "
+                                  f"got {self.format!r}")
+            object.__setattr__(self, "format", TransformKind(self.format).value)
+            if self.prune_m or self.bits != FORMAT_KINDS[TransformKind(self.format)].element_bits:
+                raise ConfigError(f"Option {self.format}: a format option is dense with bits = its element bits "
+                                  f"({FORMAT_KINDS[TransformKind(self.format)].element_bits}); use Option.of_format")
+
+    @classmethod
+    def of_format(cls, fmt: "str | TransformKind") -> "Option":
+        """The dense option of block format ``fmt`` (BOPs at its element bits: the per-block scale
+        multiplies once per block of MACs, which BOPs do not count)."""
+        if fmt not in FORMAT_KINDS:
+            raise ConfigError(f"bop_formats: {fmt!r} is not a block format; known: {[k.value for k in FORMAT_KINDS]}")
+        kind = TransformKind(fmt)
+        return cls(FORMAT_KINDS[kind].element_bits, format=kind.value)
 
     @property
     def dense(self) -> bool:
@@ -68,6 +90,8 @@ class Option:
 
     @property
     def name(self) -> str:
+        if self.format is not None:
+            return self.format
         return f"{'dense' if self.dense else f'{self.prune_n}:{self.prune_m}'}-w{self.bits}"
 
     def solver_options(self) -> tuple[tuple[str, object], ...]:
@@ -93,9 +117,22 @@ def option_errors(recipe: str, W: Tensor, H: Tensor, grids: Mapping[int, Grid], 
     pattern passed to ``recipe`` through its options, ``base_options`` (the method's) underneath."""
     out = []
     for opt in options:
+        if opt.format is not None:
+            out.append(format_loss(W, H, opt.format))
+            continue
         res = solve(recipe, W, H, grids[opt.bits], {**base_options, **dict(opt.solver_options())}, layer=layer)
         out.append(float(res.loss))
     return out
+
+
+def format_loss(W: Tensor, H: Tensor, fmt: str) -> float:
+    """The layer loss of ``W`` [rows, K] stored in block format ``fmt``: its spec's quantisation
+    along the rows (blocks of the format along K, as ``l2fx.tparams.format_scales`` makes them).
+    Rounded to nearest: the solvers' grids are uniform, so no recipe searches a format's element
+    set (``oneshot_solve`` records such a layer as a round-to-nearest fallback)."""
+    spec = FORMAT_KINDS[TransformKind(fmt)]
+    q = formats.quantize(W.detach().float(), spec, axis=1)
+    return layer_loss(W, formats.dequantize(q.symbols, q.scales, spec, axis=1), H)
 
 
 @dataclasses.dataclass(frozen=True)

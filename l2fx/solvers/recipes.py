@@ -35,7 +35,8 @@ recipe               what, options
 Sparsity options: ``sparsity`` (fraction pruned, default 0 = none for the quantisers, 0.5 for
 the pruners), ``prune_n``/``prune_m`` (N kept of every M consecutive columns).
 
-``bop_reduction`` and ``bop_resolution`` are no recipe's: the compound methods' planning pass
+``bop_reduction``, ``bop_resolution`` and ``bop_formats`` (block formats offered as dense
+options beside {dense, 2:4} x {8, 4}) are no recipe's: the compound methods' planning pass
 (``compound_plan``) reads them from the same options (``CompileConfig.method_options``), which
 is why they are known here.
 """
@@ -61,7 +62,7 @@ __all__ = ["RECIPES", "DEFAULTS", "solve", "options_for"]
 DEFAULTS: dict[str, Any] = {
     "blocksize": 128, "percdamp": 0.01, "act_order": False, "sparsity": 0.0, "prune_n": 0, "prune_m": 0,
     "block": 1, "max_cost": DEFAULT_MAX_COST, "iters": 0, "lr": 1e-3, "reg_lambda": 0.01,
-    "bop_reduction": 0.0, "bop_resolution": 10000,
+    "bop_reduction": 0.0, "bop_resolution": 10000, "bop_formats": (),
 }
 
 

@@ -127,3 +127,47 @@ def test_bad_targets_name_the_problem():
     # c cannot take 2:4, so the most is below 16x: 1/(2160/16 + 480/8) * 2640 = 13.5x.
     with pytest.raises(TargetCRError, match=r"out of reach: the options reach at most 13\.5"):
         l2fx.compile(_model(), 8, _calib(), method="obc-compound", config=_config(14.0))
+
+
+def test_block_formats_join_the_options_and_are_stored_in_their_format(tmp_path):
+    """``bop_formats``: MXFP4 / MXFP8 offered to every layer beside {dense, 2:4} x {8, 4}; a
+    layer the plan puts in a format is stored as the spec quantises it (rounded to nearest,
+    recorded), its loss in the table is that quantisation's, and the file loads bit-exactly."""
+    from l2fx import formats
+    from l2fx.errors import ConfigError
+    from l2fx.solvers.compound import Option
+    from l2fx.transform import FORMAT_KINDS, TransformKind
+    from l2fx.passes import CompoundPlan
+    cfg = _config(6.0).replace(method_options=(("bop_reduction", 6.0), ("bop_formats", ["mxfp4_e2m1", "mxfp8_e4m3"])))
+    # Grids limited to dense 8-bit (4x): 6x needs some layer in MXFP4 (8x at 4-bit elements).
+    pm = l2fx.method.pipeline("adaprune+adaquant-compound", cfg).remove("compound_plan").insert_before(
+        "sensitivity_analysis", CompoundPlan("adaprune+adaquant-compound", options=(Option(8),)))
+    c = l2fx.compile(_model(), 8, _calib(), pipeline=pm, config=cfg, verify=True)
+    rec = c.report.records["compound_plan"]
+    assert rec["plan_bops"] <= rec["budget_bops"] * (1 + 1e-9)
+    for name in ("a", "b", "c"):
+        assert {"mxfp4_e2m1", "mxfp8_e4m3"} <= set(rec["layers"][f"{name}.weight"]["options"])
+        assert rec["layers"][f"{name}.weight"]["options"]["mxfp4_e2m1"]["bops"] * 2 == pytest.approx(
+            rec["layers"][f"{name}.weight"]["options"]["mxfp8_e4m3"]["bops"])
+    in_format = {n: rec["layers"][f"{n}.weight"]["choice"] for n in "abc"
+                 if rec["layers"][f"{n}.weight"]["choice"] in ("mxfp4_e2m1", "mxfp8_e4m3")}
+    assert "mxfp4_e2m1" in in_format.values()
+    kinds = {layer.param: layer.kind for layer in c.report.layers}
+    for n, fmt in in_format.items():
+        assert kinds[f"{n}.weight"] == fmt
+        assert f"{n}.weight" in c.report.records["oneshot_solve"]["fallbacks"]
+        w = getattr(_model(), n).weight.detach()
+        spec = FORMAT_KINDS[TransformKind(fmt)]
+        q = formats.quantize(w, spec, axis=1)
+        want = formats.dequantize(q.symbols, q.scales, spec, axis=1)
+        assert torch.equal(c.graph_module.get_submodule(f"l2fx_weights.{n}__weight")(), want)
+    path = tmp_path / "m.l2fx"
+    l2fx.save(c, path)
+    x = _calib()[0]
+    with torch.no_grad():
+        assert torch.equal(l2fx.load(path, model=_model())(x), c(x))
+    with pytest.raises(ConfigError, match="not a block format"):
+        Option.of_format("int4")
+    with pytest.raises(ConfigError, match="bop_formats"):
+        l2fx.compile(_model(), 8, _calib(), method="obc-compound",
+                     config=_config(10.0).replace(method_options=(("bop_reduction", 10.0), ("bop_formats", "mxfp4_e2m1"))))
