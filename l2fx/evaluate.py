@@ -9,7 +9,7 @@ this halves the work; for the last layers it is nearly free.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Mapping
 
 import networkx as nx
 import torch
@@ -36,8 +36,10 @@ def _flat_inputs(gm: fx.GraphModule, batch: Batch) -> list[Any]:
 class DownstreamRunner:
     """Caches all node values of ``gm`` on ``batch``; re-evaluates the part a node reaches."""
 
-    def __init__(self, gm: fx.GraphModule, batch: Batch):
+    def __init__(self, gm: fx.GraphModule, batch: Batch, overrides: Mapping[fx.Node, Any] | None = None):
+        """``overrides``: values some nodes take instead of their own (e.g. compressed weights)."""
         self.gm = gm
+        overrides = overrides or {}
         self.order = list(gm.graph.nodes)
         self.graph = nx.DiGraph()
         for node in self.order:
@@ -50,7 +52,9 @@ class DownstreamRunner:
         self.cache: dict[fx.Node, Any] = dict(zip(placeholders, flat))
         with torch.no_grad():
             for node in self.order:
-                if node.op != "placeholder":
+                if node in overrides:
+                    self.cache[node] = overrides[node]
+                elif node.op != "placeholder":
                     self.cache[node] = self._execute(node, self.cache)
         self.output = self.cache[self.order[-1]]
 

@@ -26,9 +26,9 @@ import torch
 from l2fx import formats
 from l2fx.config import Granularity
 from l2fx.ir import LayerIntent, WeightSite
-from l2fx.transform import FORMAT_KINDS, TransformKind, param_shape
+from l2fx.transform import FORMAT_KINDS, TransformKind, channel_view, decode, encode, param_shape
 
-__all__ = ["layout", "format_intent", "fixed_qmax", "format_scales", "channel_ratio", "group_ratio", "scale_ratio", "stored_vector"]
+__all__ = ["layout", "format_intent", "candidate_weight", "fixed_qmax", "format_scales", "channel_ratio", "group_ratio", "scale_ratio", "stored_vector"]
 
 
 def layout(site: WeightSite, intent: LayerIntent) -> tuple[int | None, int | None]:
@@ -107,3 +107,24 @@ def stored_vector(value: float, site: WeightSite, intent: LayerIntent,
     if ratio is not None:
         return float(value) * ratio
     return torch.full(param_shape(site.shape, *layout(site, intent)), float(value))
+
+
+def candidate_weight(w: torch.Tensor, site: WeightSite, intent: LayerIntent, kind: str, step_s: float,
+                     threshold_e: float, channel_scaled: bool, qmax: int) -> torch.Tensor:
+    """``w`` as the artifact would decode it under one rate-distortion candidate (its ``kind``,
+    per-tensor ``step_s``/``threshold_e``, ``channel_scaled``), the T parameters laid out as
+    ``insert_transforms`` stores them: a block-format kind under its format's intent and scales;
+    ``qmax``: the alphabet's (a fixed grid's or a format's own applies instead)."""
+    if kind in FORMAT_KINDS:
+        intent = format_intent(TransformKind(kind), intent.options, intent.rule)
+        s = format_scales(w, intent)
+        e = 0.5 * s
+    else:
+        ratio = scale_ratio(w, site, intent) if channel_scaled else None
+        s, e = stored_vector(step_s, site, intent, ratio), stored_vector(threshold_e, site, intent, ratio)
+    axis, group = layout(site, intent)
+    st = channel_view(s, like=w, channel_axis=axis, group_size=group)
+    et = channel_view(e, like=w, channel_axis=axis, group_size=group)
+    k = TransformKind(kind)
+    return decode(encode(w, k, st, et, fixed_qmax(intent) or qmax), k, st, et).to(w.dtype)
+

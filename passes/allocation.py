@@ -6,6 +6,11 @@ lambda every layer takes the candidate minimising ``distortion + lambda * bytes`
 bisected (in log space) to the smallest value whose total fits the budget. The discrete grid
 leaves the total a little under budget; ``rate_fit`` closes the gap on the real symbols.
 
+With ``SensitivityConfig.joint_rounds``, the additive assumption is checked and corrected:
+:func:`joint_correction` measures the picks' joint error, rescales each layer's curve by its
+measured marginal share over its predicted distortion and re-allocates at the same budget,
+keeping a round only when the measured joint error falls (``records[...]["joint"]``).
+
 A picked candidate of a block-format kind (offered by ``SensitivityConfig.formats``) makes the
 layer a block-format layer: its ``l2fx.intent`` becomes the format's, exactly as a ``layers``
 rule's ``format=`` would have made it, so every later pass stores it in that format.
@@ -21,14 +26,18 @@ bytes are the result).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import torch
 import torch.fx as fx
 
 from l2fx.errors import TargetCRError
-from l2fx.ir import Allocation, Candidate, LayerIntent, SensitivityCurve, get_meta, set_meta, weight_sites
+from l2fx.data import output_vector, relative_error, take_samples, to_device
+from l2fx.evaluate import DownstreamRunner
+from l2fx.ir import Allocation, Candidate, LayerIntent, SensitivityCurve, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
-from l2fx.tparams import format_intent
+from l2fx.tparams import candidate_weight, format_intent
 from l2fx.transform import FORMAT_KINDS, TransformKind
 
 
@@ -50,6 +59,67 @@ def allocate(curves: list[tuple[Candidate, ...]], budget: float) -> list[Candida
         else:
             lo = mid
     return lagrangian_pick(curves, 10.0 ** hi)
+
+
+# A layer's curve moves by the square root of its measured / predicted ratio, at most 4x per
+# round: one round's marginals are noisy and interact (restoring one layer changes the others').
+_RATIO_CLAMP = 4.0
+_DAMPING = 0.5
+
+
+@torch.no_grad()
+def joint_correction(gm: fx.GraphModule, sites, intents, curves, picks, budget: float):
+    """``SensitivityConfig.joint_rounds`` rounds of the interaction correction (the config's
+    docstring): returns the picks kept and the record of every round (predicted = the picks'
+    summed curve distortions, measured = their joint output error on the sensitivity samples)."""
+    ctx = PassContext.current()
+    cfg = ctx.config
+    batch = to_device(take_samples(list(ctx.calib), cfg.sensitivity.num_samples), ctx.device)
+    weights = [fetch_attr(gm, site.param).detach() for _, site in sites]
+    reference = output_vector(DownstreamRunner(gm, batch).output)
+
+    def decoded(chosen):
+        return {node: candidate_weight(w.float(), site, intent, c.kind, c.step_s, c.threshold_e, c.channel_scaled,
+                                       cfg.coding.qmax).to(w.dtype)
+                for (node, site), intent, w, c in zip(sites, intents, weights, chosen)}
+
+    def error(runner_output) -> float:
+        d = relative_error(output_vector(runner_output), reference)
+        return d if math.isfinite(d) else math.inf
+
+    scale = [1.0] * len(sites)
+    rounds = []
+    runner = DownstreamRunner(gm, batch, overrides=decoded(picks))
+    measured = error(runner.output)
+    for r in range(cfg.sensitivity.joint_rounds):
+        predicted = sum(c.distortion * k for c, k in zip(picks, scale))
+        ratios = []
+        for i, ((node, _), w) in enumerate(zip(sites, weights)):
+            # The layer's marginal share of the joint error: how much restoring it alone removes.
+            marginal = measured - error(runner.run_with(node, w))
+            d = picks[i].distortion * scale[i]
+            raw = marginal / d if d > 0 and math.isfinite(marginal) else 1.0
+            ratio = min(max(max(raw, 0.0) ** _DAMPING, 1 / _RATIO_CLAMP), _RATIO_CLAMP)
+            ratios.append(ratio)
+        trial_scale = [k * q for k, q in zip(scale, ratios)]
+        scaled = [tuple(dataclasses.replace(c, distortion=c.distortion * k) for c in curve)
+                  for curve, k in zip(curves, trial_scale)]
+        trial = [curve[scaled_curve.index(p)] for curve, scaled_curve, p in zip(curves, scaled,
+                                                                                 allocate(scaled, budget))]
+        trial_runner = DownstreamRunner(gm, batch, overrides=decoded(trial))
+        trial_measured = error(trial_runner.output)
+        accepted = trial_measured < measured
+        rounds.append({"round": r + 1, "predicted": predicted, "measured": measured,
+                       "trial_measured": trial_measured, "accepted": accepted,
+                       "layers_moved": sum(a != b for a, b in zip(picks, trial)),
+                       "ratio_range": [min(ratios), max(ratios)]})
+        ctx.log("entropy_allocation", f"joint round {r + 1}: predicted {predicted:.4g}, measured {measured:.4g}, "
+                                      f"re-allocated {trial_measured:.4g} ({'kept' if accepted else 'dropped'})")
+        if not accepted:
+            break
+        picks, scale, runner, measured = trial, trial_scale, trial_runner, trial_measured
+    return picks, {"rounds": rounds, "final_measured": measured,
+                   "predicted_additive": sum(c.distortion for c in picks)}
 
 
 class EntropyAllocation(L2fxPass):
@@ -83,6 +153,9 @@ class EntropyAllocation(L2fxPass):
                 f"compressed-parameter CR is {lo_cr:.2f} .. {hi_cr:.2f} (symbols limited to +-{ctx.config.coding.qmax})")
         picks = allocate(curves, budget)
         intents = [get_meta(node, LayerIntent) for node, _ in sites]
+        joint = None  # the interaction correction runs first; a dropped format redoes the picks without it
+        if ctx.config.sensitivity.joint_rounds and ctx.calib:
+            picks, joint = joint_correction(gm, sites, intents, curves, picks, budget)
         offered = [lambda c, i=i: c.kind in FORMAT_KINDS and c.kind != i.format for i in intents]
         dropped = None
         if any(is_offered(p) for is_offered, p in zip(offered, picks)):
@@ -109,6 +182,7 @@ class EntropyAllocation(L2fxPass):
             "predicted_distortion": sum(p.distortion for p in picks if math.isfinite(p.distortion)),
             "formats_chosen": formats,
             **({"formats_dropped": dropped} if dropped else {}),
+            **({"joint": joint} if joint else {}),
         }
         return PassResult(gm, True)
 

@@ -138,3 +138,28 @@ def test_without_curves_the_pass_names_itself_and_the_node():
     first = next(node for node, _ in weight_sites(gm))
     with pytest.raises(PassError, match=rf"'entropy_allocation' at node '{first.name}'.*l2fx.sensitivity"):
         run(gm, [EntropyAllocation()])
+
+
+def test_joint_rounds_measure_the_picks_and_keep_only_what_lowers_the_joint_error():
+    """joint_rounds: the chosen allocation's joint error is measured (all layers compressed), each
+    round re-allocates on rescaled curves at the same budget and is kept only if its measured
+    joint error is lower; predicted vs measured recorded per round."""
+    import dataclasses
+
+    import l2fx
+    from conftest import make_fast_config, make_tiny_calib, make_tiny_convnet
+
+    base = make_fast_config()
+    cfg = base.replace(sensitivity=dataclasses.replace(base.sensitivity, joint_rounds=3),
+                       reconstruction=dataclasses.replace(base.reconstruction, enabled=False))
+    c = l2fx.compile(make_tiny_convnet(), 10, make_tiny_calib(), config=cfg, verify=True)
+    joint = c.report.records["entropy_allocation"]["joint"]
+    rounds = joint["rounds"]
+    assert 1 <= len(rounds) <= 3
+    assert all(r["accepted"] == (r["trial_measured"] < r["measured"]) for r in rounds)
+    assert all(r["accepted"] for r in rounds[:-1])  # a dropped round ends the correction
+    assert joint["final_measured"] <= rounds[0]["measured"]
+    assert joint["final_measured"] == min([rounds[0]["measured"]] + [r["trial_measured"] for r in rounds if r["accepted"]])
+    assert abs(c.report.compressed_cr / 10 - 1) <= 0.01
+    with pytest.raises(l2fx.errors.ConfigError, match="joint_rounds"):
+        l2fx.SensitivityConfig(joint_rounds=-1)
