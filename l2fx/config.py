@@ -100,6 +100,11 @@ class SensitivityConfig(_JsonConfig):
     ``measured_points`` candidates per dead-zone family and, for the others, scaled from the
     weight error by the measured output-error/weight-error ratio (interpolated in log space).
 
+    ``fit``: how the measured points of a family become its curve: ``"interpolate"`` (each
+    measured point as it is, ratios interpolated between them) or ``"least_squares"`` (with 3 or
+    more measured points, a least-squares line of log(output error / weight MSE) against log weight
+    MSE, measured points included: one noisy measurement does not bend the curve).
+
     ``joint_rounds``: rounds of the allocation's interaction correction (0: off). Each measures
     the chosen allocation's joint output error (all layers compressed) and, per layer, its
     marginal share (the error drop when that layer alone is restored), rescales the layer's curve
@@ -121,6 +126,7 @@ class SensitivityConfig(_JsonConfig):
     measured_points: int = 2
     formats: tuple[TransformKind, ...] = ()
     joint_rounds: int = 0
+    fit: str = "interpolate"
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -134,6 +140,8 @@ class SensitivityConfig(_JsonConfig):
                  f"formats must be block formats ({[k.value for k in FORMAT_KINDS]}), got {self.formats!r}")
         _require(isinstance(self.joint_rounds, int) and not isinstance(self.joint_rounds, bool)
                  and 0 <= self.joint_rounds <= 16, n, f"joint_rounds must be an int in 0..16, got {self.joint_rounds!r}")
+        _require(self.fit in ("interpolate", "least_squares"), n,
+                 f"fit must be 'interpolate' or 'least_squares', got {self.fit!r}")
         formats = tuple(TransformKind(f) for f in self.formats)
         _require(len(set(formats)) == len(formats), n, f"formats holds a format twice: {[f.value for f in formats]}")
         object.__setattr__(self, "formats", formats)

@@ -71,7 +71,20 @@ def candidate_params(w: torch.Tensor, kind: TransformKind, cfg: CompileConfig) -
     return [(s, e) for s in grid(span)]
 
 
-def estimate_distortions(points, measured_points: int, output_error) -> list[tuple[float, bool]]:
+def _ratio_model(anchors: list[tuple[float, float]], fit: str):
+    """log alpha as a function of log weight MSE through the anchors (sorted by x): linear
+    interpolation between them (held constant outside), or (``fit="least_squares"``, three or
+    more anchors) the least-squares line, evaluated within the anchors' x range."""
+    xs, ys = zip(*anchors)
+    if fit == "least_squares" and len(set(xs)) >= 3:
+        slope, intercept = np.polyfit(np.asarray(xs), np.asarray(ys), 1)
+        lo, hi = xs[0], xs[-1]
+        return lambda x: float(intercept + slope * min(max(x, lo), hi))
+    return lambda x: float(np.interp(x, xs, ys))
+
+
+def estimate_distortions(points, measured_points: int, output_error,
+                         fit: str = "interpolate") -> list[tuple[float, bool]]:
     """(distortion, measured?) per candidate.
 
     Candidates sharing a dead-zone ratio e/s form a family ordered by step. In each family
@@ -82,6 +95,10 @@ def estimate_distortions(points, measured_points: int, output_error) -> list[tup
     alpha captures how much this layer's noise reaches the output). A family without a usable
     measured ratio uses the layer's other families'; a layer whose every measurement is 0
     gets 0; only a layer with no usable ratio at all measures every candidate.
+
+    ``fit="least_squares"``: a family with three or more usable measured ratios takes the
+    least-squares line through them instead, for its measured candidates too (one noisy
+    measurement is then not a point of the curve as it is).
     """
     families: dict[tuple, list[int]] = {}
     for idx, (s, e, *_rest) in enumerate(points):
@@ -107,15 +124,18 @@ def estimate_distortions(points, measured_points: int, output_error) -> list[tup
     measured = [d for d, exact in result if exact]
     for key, members in families.items():
         usable = anchors[key] or pooled
+        model = _ratio_model(usable, fit) if usable else None
+        smooth = model is not None and fit == "least_squares" and len(set(x for x, _ in usable)) >= 3
         for idx in members:
             if result[idx][1]:
+                if smooth and points[idx][3] > 0 and 0 < result[idx][0] < math.inf:
+                    result[idx] = (points[idx][3] * math.exp(model(math.log(points[idx][3]))), True)
                 continue
             mse = points[idx][3]
             if mse == 0:
                 result[idx] = (0.0, False)
             elif usable:
-                xs, ys = zip(*usable)
-                result[idx] = (mse * math.exp(float(np.interp(math.log(mse), xs, ys))), False)
+                result[idx] = (mse * math.exp(model(math.log(mse))), False)
             elif measured and all(d == 0 for d in measured):  # no noise of this layer reaches the output
                 result[idx] = (0.0, False)
             else:
@@ -206,7 +226,8 @@ class SensitivityAnalysis(L2fxPass):
             else:
                 ratios, params = [None] + ([ratio] if ratio is not None else []), candidate_params(w, kind, cfg)
             points = _points(w, site, intent, ratios, params, cfg)
-            distortions = estimate_distortions(points, cfg.sensitivity.measured_points, output_error)
+            distortions = estimate_distortions(points, cfg.sensitivity.measured_points, output_error,
+                                               cfg.sensitivity.fit)
             if intent.format is None and intent.bits is None:
                 # Block formats offered beside the grids: one candidate each, measured.
                 for fmt in cfg.sensitivity.formats:
