@@ -32,7 +32,8 @@ not an option here), and so are T parameters along an axis other than the output
 target the options cannot reach is a TargetCRError naming the range.
 
 Pre: ``mark_weights`` ran; calibration data. Post: every site's intent has ``bits`` or a
-block ``format``; the tables
+block ``format`` and a ``compound_plan.choice`` (:class:`CompoundChoice`; a graph whose every
+site has one is left unchanged, so the pass is idempotent); the tables
 and the plan in ``ctx.records["compound_plan"]``.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ import torch.fx as fx
 
 from l2fx.accounting import round_params
 from l2fx.errors import ConfigError, TargetCRError
-from l2fx.ir import LayerIntent, fetch_attr, get_meta, set_meta, weight_sites
+from l2fx.ir import LayerIntent, fetch_attr, get_meta, meta_entry, set_meta, weight_sites
 from l2fx.layerwise import model_hessians
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 from l2fx.solvers import Grid
@@ -56,7 +57,17 @@ from l2fx.solvers.recipes import RECIPES, options_for, solve
 from l2fx.tparams import format_intent, layout, scale_ratio, stored_vector
 from l2fx.transform import TransformKind
 
-__all__ = ["CompoundPlan"]
+__all__ = ["CompoundPlan", "CompoundChoice"]
+
+
+@meta_entry
+@dataclasses.dataclass(frozen=True)
+class CompoundChoice:
+    """The option ``compound_plan`` chose for a weight (its name). A graph whose every weight
+    carries one is planned: the pass leaves it as it is (idempotent)."""
+
+    META_KEY = "compound_plan.choice"
+    option: str
 
 
 def _fixed_intent(intent: LayerIntent, option: Option) -> LayerIntent:
@@ -113,6 +124,9 @@ class CompoundPlan(L2fxPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()
         cfg = ctx.config
+        if all(get_meta(node, CompoundChoice) is not None for node, _ in weight_sites(gm)):
+            ctx.log(self.name, "every weight already carries its compound option: nothing to plan")
+            return PassResult(gm, False)
         opts = options_for(self.recipe_options, cfg.method_options)
         reduction, resolution = opts["bop_reduction"], opts["bop_resolution"]
         fmts = opts["bop_formats"]
@@ -199,6 +213,7 @@ class CompoundPlan(L2fxPass):
             layers[site.param]["choice"] = usable[j].name
         for node, site in sites:
             set_meta(node, _fixed_intent(get_meta(node, LayerIntent), chosen[site.param]))
+            set_meta(node, CompoundChoice(chosen[site.param].name))
         plan_bops = fixed_bops + plan.cost
         ctx.records[self.name] = {
             "recipe": self.recipe, "bop_reduction": reduction, "resolution": resolution, "act_bits": ACT_BITS,

@@ -171,3 +171,21 @@ def test_block_formats_join_the_options_and_are_stored_in_their_format(tmp_path)
     with pytest.raises(ConfigError, match="bop_formats"):
         l2fx.compile(_model(), 8, _calib(), method="obc-compound",
                      config=_config(10.0).replace(method_options=(("bop_reduction", 10.0), ("bop_formats", "mxfp4_e2m1"))))
+
+
+def test_planning_twice_is_planning_once():
+    from l2fx.passes import CompoundPlan
+    from l2fx.passes.compound_plan import CompoundChoice
+    from l2fx.ir import get_meta, weight_sites
+    from pass_cases import marked, run
+    cfg = _config(10.0)
+    gm = marked(_model(), _calib()[0], cfg)
+    once, records, modified = run(gm, [CompoundPlan("adaprune+adaquant-compound")], cfg, _calib())
+    assert modified
+    chosen = {site.param: (get_meta(n, CompoundChoice).option, get_meta(n, l2fx.ir.LayerIntent))
+              for n, site in weight_sites(once)}
+    assert {c for c, _ in chosen.values()} <= {"dense-w8", "dense-w4", "2:4-w8", "2:4-w4"}
+    twice, _, modified = run(once, [CompoundPlan("adaprune+adaquant-compound")], cfg, _calib())
+    assert not modified
+    assert {site.param: (get_meta(n, CompoundChoice).option, get_meta(n, l2fx.ir.LayerIntent))
+            for n, site in weight_sites(twice)} == chosen
