@@ -146,7 +146,7 @@ def _embed_eval(model: nn.Module) -> torch.Tensor:
     """Embeddings [2000, 384]: rows 0..999 queries, 1000..1999 targets."""
     model.eval()
     batches, order = _eval_batches()
-    emb = torch.cat([model(b["input_ids"], b["attention_mask"]).float() for b in batches])
+    emb = torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).float() for b in batches])
     return emb[order]
 
 
