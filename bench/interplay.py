@@ -15,6 +15,7 @@ its INT4 rows find a 4-bit grid already there, which flatters INT4 against the b
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 
@@ -117,7 +118,7 @@ def run(name: str, num_calib: int, batch: int, evaluate: bool) -> tuple[Interpla
     out = RESULTS / f"interplay_{name}"
     md = "\n\n".join([
         f"# Sparsity x block quantisation interplay: {name}",
-        f"`{command_line()}`; {report.seconds:.0f} s on the shared 2-core CPU (OMP_NUM_THREADS=1, niced). "
+        f"`{command_line()}`; {report.seconds:.0f} s on the shared 2-core CPU ({torch.get_num_threads()} torch threads, nice {os.nice(0)}). "
         f"Definitions: `l2fx/analyze.py` and `docs/interplay.md`. One-shot, no fine-tuning; BatchNorm not folded. "
         f"Output error: relative squared error of the {OUTPUT.get(name, 'logits')} on the "
         f"{report.calib_samples} calibration samples; metrics: the zoo's evaluation "
