@@ -28,7 +28,7 @@ from l2fx.config import Granularity
 from l2fx.ir import LayerIntent, WeightSite
 from l2fx.transform import FORMAT_KINDS, TransformKind, channel_view, decode, encode, param_shape
 
-__all__ = ["layout", "format_intent", "candidate_weight", "fixed_qmax", "format_scales", "channel_ratio", "group_ratio", "scale_ratio", "stored_vector"]
+__all__ = ["layout", "format_intent", "allocated_params", "candidate_weight", "fixed_qmax", "format_scales", "channel_ratio", "group_ratio", "scale_ratio", "stored_vector"]
 
 
 def layout(site: WeightSite, intent: LayerIntent) -> tuple[int | None, int | None]:
@@ -109,6 +109,18 @@ def stored_vector(value: float, site: WeightSite, intent: LayerIntent,
     return torch.full(param_shape(site.shape, *layout(site, intent)), float(value))
 
 
+def allocated_params(w: torch.Tensor, site: WeightSite, intent: LayerIntent, step_s: float, threshold_e: float,
+                     channel_scaled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored (step, threshold) of an allocated per-tensor ``step_s``/``threshold_e``: a
+    block-format intent's own scales (threshold half a step), else the values in the site's
+    layout, scaled per channel or group when ``channel_scaled``."""
+    if intent.format is not None:
+        s = format_scales(w, intent)
+        return s, 0.5 * s
+    ratio = scale_ratio(w, site, intent) if channel_scaled else None
+    return stored_vector(step_s, site, intent, ratio), stored_vector(threshold_e, site, intent, ratio)
+
+
 def candidate_weight(w: torch.Tensor, site: WeightSite, intent: LayerIntent, kind: str, step_s: float,
                      threshold_e: float, channel_scaled: bool, qmax: int) -> torch.Tensor:
     """``w`` as the artifact would decode it under one rate-distortion candidate (its ``kind``,
@@ -117,11 +129,7 @@ def candidate_weight(w: torch.Tensor, site: WeightSite, intent: LayerIntent, kin
     ``qmax``: the alphabet's (a fixed grid's or a format's own applies instead)."""
     if kind in FORMAT_KINDS:
         intent = format_intent(TransformKind(kind), intent.options, intent.rule)
-        s = format_scales(w, intent)
-        e = 0.5 * s
-    else:
-        ratio = scale_ratio(w, site, intent) if channel_scaled else None
-        s, e = stored_vector(step_s, site, intent, ratio), stored_vector(threshold_e, site, intent, ratio)
+    s, e = allocated_params(w, site, intent, step_s, threshold_e, channel_scaled)
     axis, group = layout(site, intent)
     st = channel_view(s, like=w, channel_axis=axis, group_size=group)
     et = channel_view(e, like=w, channel_axis=axis, group_size=group)

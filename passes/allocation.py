@@ -170,9 +170,8 @@ class EntropyAllocation(L2fxPass):
                 curves = [tuple(c for c in curve if not is_offered(c)) for is_offered, curve in zip(offered, curves)]
                 picks = allocate(curves, budget)
         formats: dict[str, str] = {}
-        for (node, site), pick in zip(sites, picks):
+        for (node, site), intent, pick in zip(sites, intents, picks):
             set_meta(node, Allocation(pick.kind, pick.step_s, pick.threshold_e, pick.nbytes, pick.channel_scaled))
-            intent = get_meta(node, LayerIntent)
             if pick.kind in FORMAT_KINDS and intent.format != pick.kind:
                 set_meta(node, format_intent(TransformKind(pick.kind), intent.options, intent.rule))
                 formats[site.param] = pick.kind

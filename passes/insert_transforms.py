@@ -21,7 +21,7 @@ import torch.fx as fx
 from l2fx.ir import Allocation, LayerIntent, fetch_attr, get_meta, replace_weight, weight_sites
 from l2fx.modules import TransformedWeight
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
-from l2fx.tparams import fixed_qmax, format_scales, layout, scale_ratio, stored_vector
+from l2fx.tparams import allocated_params, fixed_qmax, layout
 from l2fx.transform import TransformKind
 
 
@@ -39,13 +39,7 @@ class InsertTransforms(L2fxPass):
             w = fetch_attr(gm, str(node.target)).detach()
             intent = get_meta(node, LayerIntent)
             axis, group = layout(site, intent)
-            if intent.format is not None:  # the block format's own scales
-                s = format_scales(w, intent)
-                step, threshold = s, 0.5 * s
-            else:
-                ratio = scale_ratio(w, site, intent) if alloc.channel_scaled else None
-                step = stored_vector(alloc.step_s, site, intent, ratio)
-                threshold = stored_vector(alloc.threshold_e, site, intent, ratio)
+            step, threshold = allocated_params(w, site, intent, alloc.step_s, alloc.threshold_e, alloc.channel_scaled)
             module = TransformedWeight(
                 w, TransformKind(alloc.kind), step, threshold, axis, fixed_qmax(intent) or cfg.coding.qmax, group,
                 fixed=intent.bits is not None or intent.format is not None).to(w.device)
