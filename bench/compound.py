@@ -1,17 +1,22 @@
 """OBC compound against AdaPrune+AdaQuant at matching BOP reductions (OBC appendix A.10).
 
     nice -n 10 python bench/compound.py --model fmnist-resnet --reductions 8 12 14 --seeds 0 1 2
+    python bench/compound.py --reductions 12 16 20 --tag wide \
+        --options dense-w8 dense-w6 dense-w4 dense-w3 2:4-w8 2:4-w4 2:4-w3 4block50-w4 4block50-w3
 
 Each (method, reduction) row compiles the zoo model with ``method_options`` ``bop_reduction``
-(``obc-compound`` / ``adaprune+adaquant-compound``: per layer {dense, 2:4} x {8, 4} weight bits
-chosen by the DP over that solver's layer-loss table) in a fresh process, and evaluates it with
+(``obc-compound`` / ``adaprune+adaquant-compound``: per layer {dense, 2:4} x {8, 4} weight bits,
+or the ``--options`` given (``bop_options``), chosen by the DP over that solver's layer-loss
+table) in a fresh process, and evaluates it with
 the zoo's evaluation (accuracy on data disjoint from the calibration set, vs fp32). BOPs count
 weight bits x 32 (activations stay fp32 in l2fx: no activation quantiser exists at runtime), so
 a "12x" here is a weight-only BOP reduction against dense fp32, not the seed's w+a setting.
 Columns: the BOP reduction the plan reaches, the summed layer loss of the plan's table, the
 task metric, the counted CR (range coded and fixed-width packed: the CR is the result, not a
 target), compile time, and the plan (option per layer).
-Writes ``bench/results/compound_<model>[_TAG].md/.json``.
+Writes ``bench/results/compound_<model>[_TAG].md/.json`` and ``..._curve.png`` (the task metric
+against the BOP reduction reached, one line per method, as the seed's Figures 4-6 plot it; and
+the plan of each method at the highest reduction, option per layer).
 """
 from __future__ import annotations
 
@@ -26,11 +31,26 @@ import torch
 
 import l2fx
 from l2fx import zoo
+from l2fx.solvers.compound import Option
 
 from _results import RESULTS, command_line, write_results
 
 METHODS = ["obc-compound", "adaprune+adaquant-compound"]
-SHORT = {"dense-w8": "d8", "dense-w4": "d4", "2:4-w8": "s8", "2:4-w4": "s4"}
+
+
+def short(option: str) -> str:
+    """``dense-w8`` -> ``d8``, ``2:4-w4`` -> ``s4`` (other N:M keep theirs: ``1:4/4``),
+    ``4block50-w3`` -> ``b50/3``; formats as they are."""
+    if "-w" not in option:
+        return option
+    pattern, bits = option.rsplit("-w", 1)
+    if pattern == "dense":
+        return f"d{bits}"
+    if pattern == "2:4":
+        return f"s{bits}"
+    if pattern.startswith("4block"):
+        return f"b{pattern[6:]}/{bits}"
+    return f"{pattern}/{bits}"
 
 
 def run_row(job: dict) -> dict:
@@ -42,7 +62,8 @@ def run_row(job: dict) -> dict:
     entry = zoo.get(job["model"])
     model = entry.build()
     calib = entry.calib(job["num_calib"], job["batch_size"], job["seed"])
-    config = l2fx.CompileConfig(method_options=(("bop_reduction", job["reduction"]),))
+    opts = (("bop_reduction", job["reduction"]),) + ((("bop_options", job["options"]),) if job["options"] else ())
+    config = l2fx.CompileConfig(method_options=opts)
     t0 = time.perf_counter()
     try:
         # target_cr is not a constraint of the compound methods (their bytes follow from the
@@ -63,6 +84,53 @@ def run_row(job: dict) -> dict:
             "fallbacks": r.records.get("oneshot_solve", {}).get("fallbacks", {})}
 
 
+def plot(model: str, fp32: dict, rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "metrics" in r]
+    metric = next((k for k in ("accuracy", "top1_agreement") if all(k in r["metrics"] for r in ok)), None)
+    if not ok or metric is None:
+        return
+    methods = sorted({r["method"] for r in ok}, key=lambda m: METHODS.index(m) if m in METHODS else 99)
+    top = max(r["reduction"] for r in ok)
+    layer_names = list(next(r["plan"] for r in ok))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.3]})
+    for m in methods:
+        pts: dict[float, list[float]] = {}
+        for r in ok:
+            if r["method"] == m:
+                pts.setdefault(r["achieved_reduction"], []).append(r["metrics"][metric])
+        xs = sorted(pts)
+        ax.errorbar(xs, [sum(pts[x]) / len(pts[x]) for x in xs],
+                    yerr=[(max(pts[x]) - min(pts[x])) / 2 for x in xs], fmt="o-", capsize=3, label=m)
+    if metric in fp32:
+        ax.axhline(fp32[metric], color="gray", ls="--", label="fp32")
+    ax.set_xlabel("BOP reduction reached (weights x fp32 activations)")
+    ax.set_ylabel(f"{metric} (mean over calibration seeds; bars: range)")
+    ax.set_title(f"{model}: compound compression")
+    ax.legend()
+    # Cheapest option at the bottom: BOPs per MAC, then name.
+    options = sorted({v for r in ok for v in r["plan"].values()},
+                     key=lambda o: (Option.parse(o).density * Option.parse(o).bits, o))
+    for i, m in enumerate(methods):
+        r = next((r for r in ok if r["method"] == m and r["reduction"] == top), None)
+        if r is None:
+            continue
+        ys = [options.index(r["plan"][n]) + (i - (len(methods) - 1) / 2) * 0.15 for n in layer_names]
+        ax2.plot(range(len(layer_names)), ys, "o-", alpha=0.8, label=f"{m} at {r['achieved_reduction']:.1f}x")
+    ax2.set_yticks(range(len(options)), options)
+    ax2.set_xticks(range(len(layer_names)), [n.removesuffix(".weight") for n in layer_names], rotation=70,
+                   fontsize=7)
+    ax2.set_title(f"the plan at {top:g}x: option per layer")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_name(out.name + "_curve.png"), dpi=110)
+    plt.close(fig)
+
+
 def markdown(model: str, fp32: dict, rows: list[dict], command: str) -> str:
     keys = [k for k in ("accuracy", "top1_agreement", "kl_mean") if any(k in r.get("metrics", {}) for r in rows)]
     layer_names = next((list(r["plan"]) for r in rows if "plan" in r), [])
@@ -71,8 +139,12 @@ def markdown(model: str, fp32: dict, rows: list[dict], command: str) -> str:
              "BOPs = MACs x density x weight bits x 32: activations stay fp32 (no activation quantiser in l2fx), "
              "so the reduction is the weights' alone against dense fp32 (dense w8 4x, 2:4 w8 and dense w4 8x, "
              "2:4 w4 16x). The DP is exact on costs rounded up to budget/10000.", "",
+             "Options offered to every layer: " + ", ".join(next((r["options"] for r in rows if r.get("options")),
+                                                                  None) or ["dense-w8", "dense-w4", "2:4-w8",
+                                                                            "2:4-w4"]) + ".", "",
              "fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in fp32.items()), "",
-             "Plan: per layer (in order: " + ", ".join(layer_names) + ") d = dense, s = 2:4, then weight bits.", "",
+             "Plan: per layer (in order: " + ", ".join(layer_names) + ") d = dense, s = 2:4, b<P> = 4-blocks "
+             "with P% pruned, then weight bits.", "",
              "| method | target | calib seed | BOP red. | summed layer loss | " + " | ".join(keys) +
              " | delta acc vs fp32 | CR coded | CR packed | compile s | plan |",
              "|---|---|---|---|---|" + "---|" * len(keys) + "---|---|---|---|---|"]
@@ -83,7 +155,7 @@ def markdown(model: str, fp32: dict, rows: list[dict], command: str) -> str:
             continue
         vals = " | ".join(f"{r['metrics'][k]:.4f}" for k in keys)
         delta = r["metrics"]["accuracy"] - fp32["accuracy"] if "accuracy" in fp32 else float("nan")
-        plan = " ".join(SHORT.get(v, v) for v in r["plan"].values())
+        plan = " ".join(short(v) for v in r["plan"].values())
         lines.append(f"| {r['method']} | {r['reduction']:g}x | {r['seed']} | {r['achieved_reduction']:.2f}x | "
                      f"{r['summed_error']:.4g} | {vals} | {100 * delta:+.2f} pt | {r['cr']:.2f} | "
                      f"{r['packed_cr']:.2f} | "
@@ -122,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="calibration-set seeds (one row each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per compile")
+    p.add_argument("--options", nargs="+", default=[],
+                   help="bop_options: option names offered to every layer (default the seed's dense/2:4 x 8/4)")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     command = command_line()
@@ -132,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for reduction, seed, method in itertools.product(args.reductions, args.seeds, args.methods):
         job = {"model": args.model, "method": method, "reduction": reduction, "num_calib": args.num_calib,
-               "batch_size": args.batch_size, "threads": args.threads, "seed": seed}
+               "batch_size": args.batch_size, "threads": args.threads, "seed": seed, "options": args.options}
         with ctx.Pool(1, maxtasksperchild=1) as pool:
             row = pool.apply(run_row, (job,))
         rows.append(row)
@@ -141,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
               f"acc {row['metrics']['accuracy']:.4f} ({row['compile_s']:.0f} s)", flush=True)
         write_results(out, markdown(args.model, fp32, rows, command),
                       {"command": command, "fp32": fp32, "act_bits": 32, "rows": rows})
+    plot(args.model, fp32, rows, out)
     print(markdown(args.model, fp32, rows, command))
     return 0
 

@@ -184,8 +184,9 @@ register_method("gptq+l2", oneshot_pipeline("gptq", then_l2=True),
 
 def compound_pipeline(recipe: str) -> Callable[[CompileConfig], PassManager]:
     """The pipeline of a compound method (OBC appendix A.10): ``compound_plan`` chooses every
-    layer's option from {dense, 2:4} x {8, 4} weight bits by a DP over its error table (the
-    layer losses of ``recipe``) under ``method_options`` ``bop_reduction``, fixing each layer's
+    layer's option from {dense, 2:4} x {8, 4} weight bits (or ``method_options`` ``bop_options``)
+    by a DP over its error table (the layer losses of ``recipe``) under ``method_options``
+    ``bop_reduction``, fixing each layer's
     grid and pattern; ``oneshot_solve`` then applies them with the same recipe, block by block
     on the compressed prefix's inputs, and ``range_code`` counts and writes every byte as for any
     method. The BOP target is what the method meets; its bytes follow from the plan, so
@@ -202,8 +203,9 @@ def compound_pipeline(recipe: str) -> Callable[[CompileConfig], PassManager]:
 
 
 register_method("obc-compound", compound_pipeline("obc-compound"),
-                "OBC compound (appendix A.10): per layer {dense, 2:4} x {8, 4} bits chosen by a DP under "
-                "method_options bop_reduction (activations fp32), ExactOBS tables and solves; CR is the result")
+                "OBC compound (appendix A.10): per layer {dense, 2:4} x {8, 4} bits (or bop_options) chosen "
+                "by a DP under method_options bop_reduction (activations fp32), ExactOBS tables and solves; "
+                "CR is the result")
 register_method("adaprune+adaquant-compound", compound_pipeline("adaprune+adaquant-compound"),
                 "the same DP over AdaPrune+AdaQuant (dense: AdaQuant) tables and solves: OBC's compound baseline")
 

@@ -1,30 +1,35 @@
-"""``compound_plan``: each weight's option from {dense, 2:4} x {8, 4} bits, chosen by a dynamic
-program over per-layer error tables under a global BOP-reduction target (OBC appendix A.10).
+"""``compound_plan``: each weight's option (by default the seed's {dense, 2:4} x {8, 4} bits;
+``bop_options`` offers others: 6/3 bits, N:M, 4-blocks), chosen by a dynamic program over
+per-layer error tables under a global BOP-reduction target (OBC appendix A.10).
 
 Before: weights marked (``l2fx.site`` + ``l2fx.intent``, allocated grids), still ``get_attr`` s.
-After: every weight's ``l2fx.intent`` fixes its grid (``bits`` 8 or 4: RTN steps
+After: every weight's ``l2fx.intent`` fixes its grid (``bits`` of its option: RTN steps
 ``max|w_c| / (2^(bits-1) - 1)`` per channel or group, LINEAR, never rescaled) and carries the
-one-shot options of its pattern (``prune_n``/``prune_m`` 2/4, or none pruned), which
-``oneshot_solve`` then applies; nothing else changes.
+one-shot options of its pattern (``prune_n``/``prune_m``, ``sparsity`` with ``block`` 4, or none
+pruned), which ``oneshot_solve`` then applies; nothing else changes.
 
 1. :func:`l2fx.layerwise.model_hessians`: the uncompressed model over the calibration set
    (one batch's activations at a time): every linear/conv weight's input Hessian and its MACs
    per sample. The tables are OBC's independent setting: each layer on the fp32 model's inputs.
 2. Per weight and option, the layer loss ``tr(dW H dW^T)`` of the pass's recipe on that grid
    (``obc-compound``: OBQ dense, OBS 2:4 then OBQ; ``adaprune+adaquant-compound``: the
-   baseline) and its BOPs ``MACs x N/M x weight bits x 32`` (activations stay fp32:
+   baseline; 4-blocks: OBS of whole blocks / magnitude-of-block AdaPrune) and its BOPs
+   ``MACs x density x weight bits x 32`` (density N/M, or 1 - the 4-block sparsity: BOPs assume
+   a runtime that skips pruned blocks; l2fx's does not, it decodes them as zeros; activations stay fp32:
    :mod:`l2fx.solvers.compound` says why and what the seed's activation bits would need).
 3. :func:`l2fx.solvers.compound.choose_options`: the least summed loss whose BOPs are within
    ``dense fp32 BOPs / bop_reduction``, exact on costs rounded up to ``budget / bop_resolution``.
 
 Options (``CompileConfig.method_options``): ``bop_reduction`` (required, > 1: the BOP reduction
-against the dense fp32 model), ``bop_resolution`` (DP units, default 10000), ``bop_formats``
+against the dense fp32 model), ``bop_resolution`` (DP units, default 10000), ``bop_options``
+(option names replacing the seed's four, :meth:`~l2fx.solvers.compound.Option.parse`:
+``dense-w<b>``, ``<N>:<M>-w<b>``, ``4block<percent pruned>-w<b>``, bits 2..8), ``bop_formats``
 (block formats offered to every layer as dense options, e.g. ``["mxfp4_e2m1", "mxfp8_e4m3"]``:
 BOPs at their element bits, error of the spec's quantisation, stored as a ``layers`` rule's
 ``format=`` stores it; ``oneshot_solve`` rounds them to nearest, recorded as a fallback), and
 the recipe's.
-Layers that cannot take an option are recorded with the reason, never skipped silently: 2:4
-needs the column count to be a multiple of 4 (else dense only); a weight read by no linear/conv
+Layers that cannot take an option are recorded with the reason, never skipped silently: N:M
+and 4-blocks need the column count to be a multiple of M (4) (else those options are not offered); a weight read by no linear/conv
 op has no MACs and no Hessian (an embedding: dense 8-bit, outside the BOP count); a layer kept
 uncompressed (a ``layers`` rule's ``keep``) counts as dense fp32 BOPs, one whose bits a rule
 fixes counts its BOPs at those bits, dense. A block-format rule is a ConfigError (its grid is
@@ -132,7 +137,12 @@ class CompoundPlan(L2fxPass):
         fmts = opts["bop_formats"]
         if isinstance(fmts, str) or not isinstance(fmts, (tuple, list)):
             raise ConfigError(f"bop_formats must be a list of block formats, got {fmts!r}")
-        offered = self.options + tuple(o for o in (Option.of_format(f) for f in fmts) if o not in self.options)
+        names = opts["bop_options"]
+        if isinstance(names, str) or not isinstance(names, (tuple, list)):
+            raise ConfigError(f"bop_options must be a list of option names (e.g. ['dense-w8', 'dense-w6', "
+                              f"'2:4-w4', '4block50-w3']), got {names!r}")
+        base = tuple(dict.fromkeys(Option.parse(n) for n in names)) if names else self.options
+        offered = base + tuple(o for o in (Option.of_format(f) for f in fmts) if o not in base)
         if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or not reduction > 1:
             raise ConfigError(f"method {cfg.method!r} needs method_options bop_reduction > 1 (the BOP reduction "
                               f"against the dense fp32 model), got {reduction!r}")
@@ -173,8 +183,8 @@ class CompoundPlan(L2fxPass):
                                   f"{site.channel_axis}; the solvers' grids run along the output rows (axis 0)")
             usable, notes = [], []
             for o in offered:
-                if not o.dense and cols % o.prune_m:
-                    notes.append(f"{o.name}: {cols} columns are not a multiple of {o.prune_m}")
+                if cols % o.group:
+                    notes.append(f"{o.name}: {cols} columns are not a multiple of {o.group}")
                 else:
                     usable.append(o)
             if not usable:

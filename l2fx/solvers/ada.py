@@ -161,12 +161,13 @@ def adaquant(W: Tensor, H: Tensor, grid: Grid, *, iters: int = 100, lr_w: float 
 
 @torch.no_grad()
 def adaprune(W: Tensor, H: Tensor, mask: Tensor | None = None, *, sparsity: float = 0.5, prune_n: int = 0,
-             prune_m: int = 0, percdamp: float = 0.0, layer: str = "?") -> SolverResult:
+             prune_m: int = 0, block: int = 1, percdamp: float = 0.0, layer: str = "?") -> SolverResult:
     """AdaPrune in closed form (see the module docstring). ``mask`` (True = kept) defaults to
-    per-layer magnitude pruning at ``sparsity`` (or N:M). ``percdamp`` (default 0: the exact
-    optimum SGD converges to) damps ``H`` when ``H_SS`` is singular."""
+    per-layer magnitude pruning at ``sparsity`` (of single weights, or of 4-blocks of consecutive
+    columns with ``block=4``) or N:M. ``percdamp`` (default 0: the exact optimum SGD converges
+    to) damps ``H`` when ``H_SS`` is singular."""
     check_layer(W, H, layer)
     if mask is None:
-        mask = magnitude_mask(W, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, layer=layer)
+        mask = magnitude_mask(W, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, block=block, layer=layer)
     w_hat = refit_masked(W, H, mask, percdamp=percdamp, layer=layer).to(torch.float32)
     return SolverResult(w_hat=w_hat, symbols=None, mask=mask.clone(), loss=layer_loss(W, w_hat, H))

@@ -1,10 +1,13 @@
 """Compound compression (OBC, Frantar & Alistarh 2022, Sec. 6 and appendix A.10): one option per
-layer from {dense, 2:4} x {8, 4} weight bits, chosen by a dynamic program over per-layer error
-tables under a global BOP-reduction target; block formats (MXFP4, MXFP8 ...) can join the options
-(:meth:`Option.of_format`, ``method_options`` ``bop_formats``), rounded as their spec says.
+layer from {dense, 2:4} x {8, 4} weight bits (the seed's; ``method_options`` ``bop_options`` offers
+any of dense / N:M / 4-block x 2..8 bits, :meth:`Option.parse`), chosen by a dynamic program over
+per-layer error tables under a global BOP-reduction target; block formats (MXFP4, MXFP8 ...) can
+join the options (:meth:`Option.of_format`, ``bop_formats``), rounded as their spec says.
 
-* An :class:`Option` is a sparsity pattern (dense or N:M) and a weight bit width; its BOPs are
-  ``MACs * (N/M) * weight bits * activation bits`` (:func:`option_bops`: 2:4 halves the MACs).
+* An :class:`Option` is a sparsity pattern (dense, N:M, or a fraction of 4-blocks) and a weight
+  bit width; its BOPs are ``MACs * density * weight bits * activation bits`` (:func:`option_bops`:
+  2:4 halves the MACs; 4-blocks at 50% too, on a runtime that skips them, as OBC's CPU setting
+  assumes of DeepSparse; l2fx's own runtime decodes pruned blocks as zeros).
   Activations are not quantised in l2fx (no activation fake-quantisation exists at runtime or
   after ``l2fx.load``), so ``act_bits`` is 32 throughout and the BOP reduction is that of the
   weights alone against the dense fp32 model (``32 x 32`` per MAC): dense 8-bit is 4x, 2:4 8-bit
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -39,22 +43,26 @@ from l2fx.solvers.hessian import layer_loss
 from l2fx.solvers.recipes import solve
 from l2fx.transform import FORMAT_KINDS, TransformKind
 
-__all__ = ["Option", "OPTIONS", "ACT_BITS", "option_bops", "option_errors", "format_loss", "Plan", "choose_options",
+__all__ = ["Option", "OPTIONS", "BLOCK", "ACT_BITS", "option_bops", "option_errors", "format_loss", "Plan", "choose_options",
            "DEFAULT_RESOLUTION"]
 
+BLOCK = 4  # the 4-block pattern: 4 consecutive input columns of a row pruned together
 ACT_BITS = 32  # activations stay fp32 (see the module docstring)
 DEFAULT_RESOLUTION = 10000  # DP budget units: costs rounded up lose at most layers/10000 of the budget
 
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """A layer's compression option: ``bits`` per weight, ``prune_n`` kept of every ``prune_m``
-    consecutive input columns (0, 0: dense)."""
+    """A layer's compression option: ``bits`` per weight and a pattern: dense, ``prune_n`` kept of
+    every ``prune_m`` consecutive input columns (N:M), or ``block_sparsity`` of the layer's
+    4-blocks (:data:`BLOCK` consecutive input columns of one row, OBC's CPU pattern) pruned; or a
+    block ``format`` (dense)."""
 
     bits: int
     prune_n: int = 0
     prune_m: int = 0
     format: str | None = None  # a block format (dense): its spec's quantisation, ``bits`` its element bits
+    block_sparsity: float = 0.0  # fraction of the layer's 4-blocks pruned (0: no block pruning)
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -62,12 +70,18 @@ class Option:
         if (self.prune_m == 0) != (self.prune_n == 0) or not 0 <= self.prune_n < max(self.prune_m, 1):
             raise ConfigError(f"Option: prune_n/prune_m must be 0/0 (dense) or 0 < N < M, "
                               f"got {self.prune_n}/{self.prune_m}")
+        s = self.block_sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+            raise ConfigError(f"Option.block_sparsity must be a fraction in [0, 1), got {s!r}")
+        object.__setattr__(self, "block_sparsity", float(s))
+        if s and self.prune_m:
+            raise ConfigError(f"Option: give N:M ({self.prune_n}:{self.prune_m}) or block_sparsity ({s}), not both")
         if self.format is not None:
             if self.format not in FORMAT_KINDS:
                 raise ConfigError(f"Option.format must be a block format ({[k.value for k in FORMAT_KINDS]}), "
                                   f"got {self.format!r}")
             object.__setattr__(self, "format", TransformKind(self.format).value)
-            if self.prune_m or self.bits != FORMAT_KINDS[TransformKind(self.format)].element_bits:
+            if self.prune_m or s or self.bits != FORMAT_KINDS[TransformKind(self.format)].element_bits:
                 raise ConfigError(f"Option {self.format}: a format option is dense with bits = its element bits "
                                   f"({FORMAT_KINDS[TransformKind(self.format)].element_bits}); use Option.of_format")
 
@@ -80,26 +94,68 @@ class Option:
         kind = TransformKind(fmt)
         return cls(FORMAT_KINDS[kind].element_bits, format=kind.value)
 
+    @classmethod
+    def parse(cls, name: str) -> "Option":
+        """The option named ``name`` (its :attr:`name`): ``dense-w<b>``, ``<N>:<M>-w<b>``,
+        ``4block<percent pruned>-w<b>`` (e.g. ``4block50-w4``) or a block format's name."""
+        if not isinstance(name, str):
+            raise ConfigError(f"bop_options: an option is a name such as 'dense-w6', '2:4-w4' or '4block50-w4', "
+                              f"got {name!r}")
+        if name in FORMAT_KINDS:
+            return cls.of_format(name)
+        m = _OPTION_NAME.fullmatch(name)
+        if m is None:
+            raise ConfigError(f"bop_options: {name!r} is not an option name: 'dense-w<bits>', '<N>:<M>-w<bits>', "
+                              f"'4block<percent pruned>-w<bits>' (bits 2..8) or a block format "
+                              f"({[k.value for k in FORMAT_KINDS]})")
+        bits = int(m["bits"])
+        if m["n"] is not None:
+            return cls(bits, int(m["n"]), int(m["m"]))
+        if m["pct"] is not None:
+            pct = float(m["pct"])
+            if not 0 < pct < 100:
+                raise ConfigError(f"bop_options: {name!r}: the percentage of 4-blocks pruned must be in (0, 100)")
+            return cls(bits, block_sparsity=pct / 100)
+        return cls(bits)
+
     @property
     def dense(self) -> bool:
-        return self.prune_m == 0
+        return self.prune_m == 0 and self.block_sparsity == 0.0
+
+    @property
+    def group(self) -> int:
+        """The number of input columns the pattern works on together (1 dense; M; 4 for 4-blocks):
+        the layer's column count must be a multiple of it."""
+        return self.prune_m or (BLOCK if self.block_sparsity else 1)
 
     @property
     def density(self) -> float:
-        return 1.0 if self.dense else self.prune_n / self.prune_m
+        """The fraction of weights kept (of 4-blocks: the nominal one; the layer rounds its pruned
+        block count to the nearest whole block)."""
+        if self.prune_m:
+            return self.prune_n / self.prune_m
+        return 1.0 - self.block_sparsity
 
     @property
     def name(self) -> str:
         if self.format is not None:
             return self.format
-        return f"{'dense' if self.dense else f'{self.prune_n}:{self.prune_m}'}-w{self.bits}"
+        if self.prune_m:
+            pattern = f"{self.prune_n}:{self.prune_m}"
+        elif self.block_sparsity:
+            pattern = f"{BLOCK}block{100 * self.block_sparsity:g}"
+        else:
+            pattern = "dense"
+        return f"{pattern}-w{self.bits}"
 
     def solver_options(self) -> tuple[tuple[str, object], ...]:
         """The one-shot options that make a recipe apply this pattern (dense: none pruned)."""
-        if self.dense:
-            return (("sparsity", 0.0), ("prune_n", 0), ("prune_m", 0))
-        return (("sparsity", 0.0), ("prune_n", self.prune_n), ("prune_m", self.prune_m))
+        if self.block_sparsity:
+            return (("sparsity", self.block_sparsity), ("prune_n", 0), ("prune_m", 0), ("block", BLOCK))
+        return (("sparsity", 0.0), ("prune_n", self.prune_n), ("prune_m", self.prune_m), ("block", 1))
 
+
+_OPTION_NAME = re.compile(r"(?:dense|(?P<n>\d+):(?P<m>\d+)|4block(?P<pct>\d+(?:\.\d+)?))-w(?P<bits>\d+)")
 
 OPTIONS: tuple[Option, ...] = (Option(8), Option(4), Option(8, 2, 4), Option(4, 2, 4))
 

@@ -33,10 +33,13 @@ recipe               what, options
 ===================  ====================================================================
 
 Sparsity options: ``sparsity`` (fraction pruned, default 0 = none for the quantisers, 0.5 for
-the pruners), ``prune_n``/``prune_m`` (N kept of every M consecutive columns).
+the pruners), ``prune_n``/``prune_m`` (N kept of every M consecutive columns), ``block`` (1, or
+4: ``sparsity`` of the layer's 4-blocks of consecutive columns pruned; ``obc``, ``adaprune``,
+``adaprune+adaquant``, ``magnitude`` and the compound recipes; the others raise a ConfigError).
 
-``bop_reduction``, ``bop_resolution`` and ``bop_formats`` (block formats offered as dense
-options beside {dense, 2:4} x {8, 4}) are no recipe's: the compound methods' planning pass
+``bop_reduction``, ``bop_resolution``, ``bop_options`` (the option names offered to every layer,
+default {dense, 2:4} x {8, 4}; :meth:`l2fx.solvers.compound.Option.parse`) and ``bop_formats``
+(block formats offered as dense options beside them) are no recipe's: the compound methods' planning pass
 (``compound_plan``) reads them from the same options (``CompileConfig.method_options``), which
 is why they are known here.
 """
@@ -62,7 +65,7 @@ __all__ = ["RECIPES", "DEFAULTS", "solve", "options_for"]
 DEFAULTS: dict[str, Any] = {
     "blocksize": 128, "percdamp": 0.01, "act_order": False, "sparsity": 0.0, "prune_n": 0, "prune_m": 0,
     "block": 1, "max_cost": DEFAULT_MAX_COST, "iters": 0, "lr": 1e-3, "reg_lambda": 0.01,
-    "bop_reduction": 0.0, "bop_resolution": 10000, "bop_formats": (),
+    "bop_reduction": 0.0, "bop_resolution": 10000, "bop_formats": (), "bop_options": (),
 }
 
 
@@ -75,6 +78,25 @@ def _pattern(o: Mapping[str, Any]) -> dict[str, Any]:
     if o["prune_m"]:
         return {"prune_n": o["prune_n"], "prune_m": o["prune_m"]}
     return {"sparsity": o["sparsity"]}
+
+
+def _blocked(o: Mapping[str, Any], recipe: str, layer: str) -> dict[str, Any]:
+    """``{"block": 4}`` when the options ask 4-blocks (with ``sparsity``), else ``{}``."""
+    block = o["block"]
+    if isinstance(block, bool) or block not in (1, 4):
+        raise ConfigError(f"layer {layer!r}: option block must be 1 or 4, got {block!r}")
+    if block == 1:
+        return {}
+    if o["prune_m"]:
+        raise ConfigError(f"layer {layer!r}: block=4 prunes 4-blocks at a sparsity; it does not combine with "
+                          f"N:M ({o['prune_n']}:{o['prune_m']})")
+    return {"block": block}
+
+
+def _single_weights(o: Mapping[str, Any], recipe: str, layer: str) -> None:
+    if o["block"] != 1:
+        raise ConfigError(f"layer {layer!r}: recipe {recipe!r} prunes single weights; option block={o['block']!r} "
+                          f"works with obc, magnitude, adaprune and adaprune+adaquant")
 
 
 def _masked_rtn(W: Tensor, H: Tensor, grid: Grid, mask: Tensor) -> SolverResult:
@@ -94,12 +116,14 @@ def _gptq(W, H, grid, o, layer):
 
 
 def _sparsegpt(W, H, grid, o, layer):
+    _single_weights(o, "sparsegpt", layer)
     pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
     bs = o["blocksize"] - o["blocksize"] % o["prune_m"] if o["prune_m"] else o["blocksize"]
     return sparsegpt(W, H, grid=grid, blocksize=bs, percdamp=o["percdamp"], layer=layer, **pat)
 
 
 def _wanda(W, H, grid, o, layer):
+    _single_weights(o, "wanda", layer)
     pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
     mask = wanda_mask(W, torch.diagonal(H).float(), layer=layer, **pat)
     return _masked_rtn(W, H, grid, mask)
@@ -107,7 +131,7 @@ def _wanda(W, H, grid, o, layer):
 
 def _magnitude(W, H, grid, o, layer):
     pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
-    return _masked_rtn(W, H, grid, magnitude_mask(W, layer=layer, **pat))
+    return _masked_rtn(W, H, grid, magnitude_mask(W, layer=layer, **pat, **_blocked(o, "magnitude", layer)))
 
 
 def _obq(W, H, grid, o, layer):
@@ -116,6 +140,7 @@ def _obq(W, H, grid, o, layer):
 
 def _obc(W, H, grid, o, layer):
     pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
+    _blocked(o, "obc", layer)
     pruned = obs_prune(W, H, block=o["block"], percdamp=o["percdamp"], max_cost=o["max_cost"], layer=layer, **pat)
     res = obq_quantize(pruned.w_hat, H, grid, percdamp=o["percdamp"], max_cost=o["max_cost"], layer=layer)
     return _with_mask(res, W, H, grid, pruned.mask)
@@ -131,13 +156,13 @@ def _adaquant(W, H, grid, o, layer):
 
 def _adaprune(W, H, grid, o, layer):
     pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
-    pruned = adaprune(W, H, layer=layer, **pat)
+    pruned = adaprune(W, H, layer=layer, **pat, **_blocked(o, "adaprune", layer))
     return _masked_rtn(pruned.w_hat, H, grid, pruned.mask)
 
 
 def _adaprune_adaquant(W, H, grid, o, layer, percdamp: float = 0.0):
     pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
-    pruned = adaprune(W, H, layer=layer, percdamp=percdamp, **pat)
+    pruned = adaprune(W, H, layer=layer, percdamp=percdamp, **pat, **_blocked(o, "adaprune+adaquant", layer))
     res = adaquant(pruned.w_hat, H, grid, iters=o["iters"] or 100, layer=layer)
     learnt = res.extra.get("grid", grid)
     out = _with_mask(res, W, H, learnt, pruned.mask)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from l2fx.errors import ConfigError
+from l2fx.errors import ConfigError, SolverError
 from l2fx.solvers.hessian import check_layer, layer_loss
 from l2fx.solvers.result import SolverResult
 from l2fx.solvers._common import check_sparsity, pruned_count
@@ -65,13 +65,25 @@ def wanda_mask(W: Tensor, input_sq_norms: Tensor, *, sparsity: float = 0.5, prun
 
 @torch.no_grad()
 def magnitude_mask(W: Tensor, *, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0,
-                   per_row: bool = False, layer: str = "?") -> Tensor:
+                   per_row: bool = False, block: int = 1, layer: str = "?") -> Tensor:
     """Magnitude pruning's mask (True = kept): the smallest ``|w|`` of the layer
     (``per_row=False``, exactly ``round(sparsity * rows * cols)`` pruned), of each row, or of each
-    N:M group."""
+    N:M group. ``block=4`` (with ``sparsity``, per layer or per row): 4-blocks of consecutive
+    columns scored by their squared norm, exactly ``round(sparsity * blocks)`` pruned whole."""
     if not isinstance(W, Tensor) or W.dim() != 2:
         raise ConfigError(f"layer {layer!r}: W must be a 2-D tensor")
-    return _mask_from_scores(W.detach().double().abs(), sparsity, prune_n, prune_m, per_row, layer)
+    if isinstance(block, bool) or block not in (1, 4):
+        raise ConfigError(f"layer {layer!r}: block must be 1 or 4, got {block!r}")
+    if block == 1:
+        return _mask_from_scores(W.detach().double().abs(), sparsity, prune_n, prune_m, per_row, layer)
+    rows, cols = W.shape
+    if prune_n or prune_m:
+        raise ConfigError(f"layer {layer!r}: N:M sparsity works on single weights (block=1)")
+    if cols % block:
+        raise SolverError(f"layer {layer!r}: block={block} needs cols divisible by {block}, the layer has {cols}")
+    score = W.detach().double().square().reshape(rows, cols // block, block).sum(dim=2)
+    keep = _mask_from_scores(score, sparsity, 0, 0, per_row, layer)
+    return keep.repeat_interleave(block, dim=1)
 
 
 @torch.no_grad()

@@ -189,3 +189,33 @@ def test_planning_twice_is_planning_once():
     assert not modified
     assert {site.param: (get_meta(n, CompoundChoice).option, get_meta(n, l2fx.ir.LayerIntent))
             for n, site in weight_sites(twice)} == chosen
+
+
+def test_bop_options_offer_six_and_three_bits_and_four_blocks(tmp_path):
+    """``bop_options`` replaces the seed's four options: 6- and 3-bit grids and 4-blocks at 50%
+    enter the table (a layer whose columns are not a multiple of 4 is offered the dense ones
+    only, with the reason), the plan meets the target, a 4-block layer's stored weight has whole
+    zero blocks, and the file loads bit-exactly."""
+    names = ["dense-w8", "dense-w6", "dense-w4", "dense-w3", "4block50-w4", "4block50-w3"]
+    cfg = _config(14.0).replace(method_options=(("bop_reduction", 14.0), ("bop_options", names)))
+    c = l2fx.compile(_model(), 8, _calib(), method="obc-compound", config=cfg, verify=True)
+    rec = c.report.records["compound_plan"]
+    assert rec["plan_bops"] <= rec["budget_bops"] * (1 + 1e-9)
+    assert set(rec["layers"]["a.weight"]["options"]) == set(names)
+    assert set(rec["layers"]["c.weight"]["options"]) == set(names[:4])
+    assert "not a multiple of 4" in rec["layers"]["c.weight"]["note"]
+    choices = {k: v["choice"] for k, v in rec["layers"].items()}
+    assert any(v.startswith("4block") for v in choices.values()), choices
+    for name in ("a", "b"):
+        if choices[f"{name}.weight"].startswith("4block"):
+            w = c.graph_module.get_submodule(f"l2fx_weights.{name}__weight")()
+            zero = (w.reshape(w.shape[0], -1, 4) == 0).all(dim=2)
+            assert int(zero.sum()) == zero.numel() // 2
+    path = tmp_path / "m.l2fx"
+    l2fx.save(c, path)
+    x = _calib()[0]
+    with torch.no_grad():
+        assert torch.equal(l2fx.load(path, model=_model())(x), c(x))
+    with pytest.raises(ConfigError, match="bop_options"):
+        l2fx.compile(_model(), 8, _calib(), method="obc-compound",
+                     config=_config(10.0).replace(method_options=(("bop_reduction", 10.0), ("bop_options", "dense-w4"))))

@@ -113,3 +113,52 @@ def test_option_errors_are_the_layer_losses_of_the_recipe_and_grow_with_compress
                                                                  "blocksize": 128})
     d8, d4, s8, s4 = errs
     assert 0 <= d8 < d4 < s4 and d8 < s8 < s4
+
+
+@given(st.integers(2, 8), st.sampled_from(["dense", "2:4", "1:4", "4:8", "4block50", "4block62.5", "4block25"]))
+def test_option_names_parse_back_to_the_same_option(bits, pattern):
+    opt = Option.parse(f"{pattern}-w{bits}")
+    assert opt.name == f"{pattern}-w{bits}"
+    assert Option.parse(opt.name) == opt
+    assert option_bops(64, opt) == pytest.approx(64 * opt.density * bits * 32)
+
+
+def test_four_block_options_count_their_density_and_bad_names_are_config_errors():
+    o = Option.parse("4block50-w3")
+    assert (o.block_sparsity, o.group, o.density, o.dense) == (0.5, 4, 0.5, False)
+    assert dict(o.solver_options())["block"] == 4
+    assert dict(Option(6).solver_options())["block"] == 1
+    assert option_bops(100, None) / option_bops(100, Option.parse("dense-w6")) == pytest.approx(32 / 6)
+    assert Option.parse("mxfp4_e2m1").format == "mxfp4_e2m1"
+    for bad, match in [("dense-w9", "bits"), ("4block0-w4", "percentage"), ("4block100-w4", "percentage"),
+                       ("sparse-w4", "not an option name"), (4, "is a name")]:
+        with pytest.raises(ConfigError, match=match):
+            Option.parse(bad)
+    with pytest.raises(ConfigError, match="not both"):
+        Option(4, 2, 4, block_sparsity=0.5)
+    with pytest.raises(ConfigError, match="block_sparsity"):
+        Option(4, block_sparsity=1.0)
+
+
+def test_four_block_options_prune_whole_blocks_under_both_solvers():
+    """OBC's OBS and the baseline's magnitude AdaPrune, asked for 4-blocks at 50%: half of each
+    layer's 4-blocks of consecutive columns are exact zeros, the rest kept whole; the table's
+    3- and 6-bit rows sit on either side of the 4-bit ones."""
+    from l2fx.solvers.recipes import options_for, solve
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(8, 16, generator=g)
+    X = torch.randn(256, 16, generator=g)
+    H = (2 * X.T @ X / 256).double()
+    amax = W.abs().amax(1)
+    grids = {b: Grid.from_steps(amax / ((1 << (b - 1)) - 1), (1 << (b - 1)) - 1) for b in (3, 4, 6)}
+    opts = [Option.parse(n) for n in ("dense-w6", "dense-w4", "dense-w3", "4block50-w4")]
+    for recipe in ("obc-compound", "adaprune+adaquant-compound"):
+        base = options_for({"max_cost": 1e12, "iters": 20})
+        d6, d4, d3, b4 = option_errors(recipe, W, H, grids, opts, base)
+        assert d6 < d4 < d3 and d4 < b4
+        res = solve(recipe, W, H, grids[4], {**base, **dict(opts[3].solver_options())})
+        blocks = (res.w_hat.reshape(8, 4, 4) != 0).any(dim=2)
+        zeros = (res.w_hat.reshape(8, 4, 4) == 0).all(dim=2)
+        assert int(zeros.sum()) == 16 and bool((blocks | zeros).all()) and int(blocks.sum()) == 16
+    with pytest.raises(ConfigError, match="single weights"):
+        solve("wanda", W, H, grids[4], options_for({"sparsity": 0.5, "block": 4}))
