@@ -14,7 +14,10 @@ precision map included), the zoo's metrics on data disjoint from the calibration
 precision, the precision map's share (Shannon bits of the map under one table per layer,
 ``map_order0``, over the counted bytes and over the file), and what other map contexts
 would cost (``l2fx.precision.map_code_bits``: one table per output row, order 1 in C order).
-Writes ``bench/results/smol_<model>[_TAG].md/.json``.
+Writes ``bench/results/smol_<model>[_TAG].md/.json``, ``..._bpp.png`` (the task metric against
+counted bpp, one line per method: the seed's accuracy-vs-bpp curve beside L2's) and
+``..._histograms.png`` (per layer, the fraction of its weights at each integer precision, for
+every SMOL / SMOL-L row). ``--replot RESULTS.json`` redraws both from a results file.
 """
 from __future__ import annotations
 
@@ -97,8 +100,66 @@ def markdown(model: str, fp32: dict, rows: list[dict], command: str) -> str:
               "precision and fraction at precision 0 (pruned). map/counted, map/file: Shannon bits of the precision "
               "map under one table per layer (what the stored symbols spend on it: H(r) = H(p) + H(r|p)) over the "
               "counted bytes and over the file. map per-row / order-1: the map's bits with one table per output row, "
-              "or conditioned on the previous precision (tables counted), relative to one table per layer."]
+              "or conditioned on the previous precision (tables counted), relative to one table per layer.", "",
+              f"Plots: `smol_{model}*_bpp.png` (the task metric vs bpp per method), `smol_{model}*_histograms.png` "
+              "(per layer, the fraction of weights at each precision, every SMOL / SMOL-L row)."]
     return "\n".join(lines) + "\n"
+
+
+def plot(model: str, fp32: dict, rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ok = [r for r in rows if "metrics" in r]
+    metric = next((k for k in ("accuracy", "recall@1", "top1_agreement") if ok and all(k in r["metrics"] for r in ok)),
+                  None)
+    if metric is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in sorted({r["method"] for r in ok}, key=lambda m: DEFAULT_METHODS.index(m) if m in DEFAULT_METHODS else 9):
+        rs = sorted((r for r in ok if r["method"] == m), key=lambda r: r["bpp"])
+        ax.plot([r["bpp"] for r in rs], [r["metrics"][metric] for r in rs], "o-" if len(rs) > 1 else "x",
+                label=m, markersize=8)
+    if metric in fp32:
+        ax.axhline(fp32[metric], color="gray", ls="--", label="fp32")
+    ax.set_xlabel("counted bits per compressed weight (precision map included)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{model}: {metric} vs bpp")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_name(out.name + "_bpp.png"), dpi=110)
+    plt.close(fig)
+    hist = sorted((r for r in ok if r.get("layers")), key=lambda r: (r["method"], r["target"]))
+    if not hist:
+        return
+    names = list(hist[0]["layers"])
+    width = max(len(next(iter(r["layers"].values()))["histogram"]) for r in hist)
+    cols = min(len(hist), 4)
+    nrows = -(-len(hist) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols + 1.5, (0.22 * len(names) + 1.2) * nrows),
+                             squeeze=False, sharey=True)
+    for k, (ax, r) in enumerate(zip(axes.flat, hist)):
+        grid = np.zeros((len(names), width))
+        for i, n in enumerate(names):
+            h = np.asarray(r["layers"][n]["histogram"], dtype=float)
+            grid[i, : len(h)] = h / max(h.sum(), 1.0)
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(width))
+        if k >= len(hist) - cols:
+            ax.set_xlabel("precision p (0 = pruned)", fontsize=8)
+        if k % cols == 0:
+            ax.set_yticks(range(len(names)), [n.removesuffix(".weight") for n in names], fontsize=6)
+        ax.set_title(f"{r['method']} CR {r['cr']:.1f}: {r['bpp']:.2f} bpp\n{metric} {r['metrics'][metric]:.4f}",
+                     fontsize=8)
+    for ax in list(axes.flat)[len(hist):]:
+        ax.axis("off")
+    fig.subplots_adjust(hspace=0.45, wspace=0.08)
+    fig.colorbar(im, ax=axes, shrink=0.6, label="fraction of the layer's weights")
+    fig.savefig(out.with_name(out.name + "_histograms.png"), dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +177,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="a SMOL option (l2fx.precision.SmolOptions), JSON value")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any CompileConfig field")
     p.add_argument("--tag", default="")
+    p.add_argument("--replot", type=Path, metavar="RESULTS.json", help="only redraw the plots of a results file")
     args = p.parse_args(argv)
+    if args.replot:
+        stored = json.loads(args.replot.read_text())
+        rows = stored["rows"]
+        model = rows[0]["model"] if rows else args.replot.stem
+        plot(model, stored["fp32"], rows, args.replot.with_suffix(""))
+        return 0
     config = apply_settings(l2fx.CompileConfig(), args.set)
     smol_options = [(k, json.loads(v)) for k, v in (o.split("=", 1) for o in args.option)]
     command = command_line()
@@ -141,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(markdown(name, fp32, [row], "").splitlines()[8], flush=True)
                 write_results(out, markdown(name, fp32, rows, command), {"command": command, "fp32": fp32,
                                                                         "rows": rows})
+        plot(name, fp32, rows, out)
         print(markdown(name, fp32, rows, command))
     return 0
 
