@@ -15,8 +15,10 @@ its INT4 rows find a 4-bit grid already there, which flatters INT4 against the b
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,31 +67,50 @@ class MemoReference(nn.Module):
         return self._cache[key]
 
 
+SATURATED = 1.0  # relative squared output error at which no signal of the fp32 output is left
+
+
 def summary(report: InterplayReport, metrics: tuple[str, ...]) -> str:
-    """The three claims, answered one by one over every pattern x format, with the numbers."""
+    """The three claims, answered one by one over every pattern x format, with the numbers; pairs
+    whose S->Q and Q->S outputs are both at saturation (relative squared error >= 1: the output
+    keeps nothing of the fp32 one) are marked, and the model-level claims also counted without them."""
     claims = report.claims()
     n = len(claims)
+    saturated = {(c.pattern, c.format) for c in claims if min(c.output_sq, c.output_qs) >= SATURATED}
     lines = [f"## {report.model}: the seed's claims over {n} pattern x format pairs", ""]
+    if saturated:
+        live = [c for c in claims if (c.pattern, c.format) not in saturated]
+        lines += [f"{len(saturated)}/{n} pairs are at saturation (relative squared output error >= {SATURATED:g} "
+                  f"for both S->Q and Q->S: the compressed model keeps no signal of the fp32 output), so their "
+                  f"model-level comparisons (1) and (2) say nothing; marked [sat] below. "
+                  + (f"Without them: (1) holds for {sum(c.claim1 for c in live)}/{len(live)}, (2) for "
+                     f"{sum(c.claim2 for c in live)}/{len(live)}. " if live else "No pair is below saturation. ")
+                  + "The per-layer counts are unaffected (each layer on the fp32 inputs).", ""]
+
+    def sat(c) -> str:
+        return " [sat]" if (c.pattern, c.format) in saturated else ""
     c1 = [c for c in claims if not c.claim1]
     lines.append(f"(1) S->Q <= Q->S at the model output: holds for {n - len(c1)}/{n}. Per layer: layer output error "
                  f"{sum(c.sq_le_qs for c in claims)}/{sum(c.layers for c in claims)} (layer, pair) rows, weight "
                  f"error {sum(c.sq_le_qs_weights for c in claims)}/{sum(c.layers for c in claims)}.")
     for c in c1:
-        lines.append(f"    fails for {c.pattern} x {c.format}: output S->Q {c.output_sq:.4g} > Q->S {c.output_qs:.4g}")
+        lines.append(f"    fails for {c.pattern} x {c.format}: output S->Q {c.output_sq:.4g} > Q->S {c.output_qs:.4g}"
+                     + sat(c))
     c2 = [c for c in claims if not c.claim2]
     lines.append(f"(2) non-orthogonal at the model output, err(S->Q) > err(S) + err(Q): holds for {n - len(c2)}/{n}. "
                  f"Per layer: {sum(c.nonorth_sq for c in claims)}/{sum(c.layers for c in claims)} rows; median "
                  f"ratio S->Q/(S+Q) per pair " + ", ".join(f"{c.median_ratio_sq:.4g}" for c in claims) + ".")
     for c in c2:
         lines.append(f"    fails for {c.pattern} x {c.format}: output S->Q {c.output_sq:.4g} <= S + Q "
-                     f"{c.output_single_sum:.4g}")
+                     f"{c.output_single_sum:.4g}" + sat(c))
     c3 = [c for c in claims if not c.claim3]
     lines.append(f"(3) Q->S accumulates faster (slope of log10 accumulated error over depth): holds for "
                  f"{n - len(c3)}/{n}.")
     for c in c3:
-        lines.append(f"    fails for {c.pattern} x {c.format}: slope Q->S {c.slope_qs:.3f} <= S->Q {c.slope_sq:.3f}")
-    lines += ["", "Memory and task metric, 8-bit block formats + 50 % sparsity (counted bits of the analysed "
-                  "layers; mask at its information content / as a 1-bit bitmap):", ""]
+        lines.append(f"    fails for {c.pattern} x {c.format}: slope Q->S {c.slope_qs:.3f} <= S->Q {c.slope_sq:.3f}"
+                     + sat(c))
+    lines += ["", f"Memory and task metric, 8-bit block formats + {' / '.join(report.patterns)} sparsity (counted "
+                  "bits of the analysed layers; mask at its information content / as a 1-bit bitmap):", ""]
     base = report.model_row("fp32")
     lines.append(f"    fp32: 32 bits/weight; " + ", ".join(f"{k} {base.metric(k):.4f}" for k in metrics
                                                           if base.metric(k) is not None))
@@ -107,18 +128,27 @@ def summary(report: InterplayReport, metrics: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def run(name: str, num_calib: int, batch: int, evaluate: bool) -> tuple[InterplayReport, str]:
+def run(name: str, num_calib: int, batch: int, evaluate: bool, patterns: tuple[str, ...] = PATTERNS,
+        formats: tuple[str, ...] = FORMATS, tag: str = "") -> tuple[InterplayReport, str]:
     entry = zoo.get(name)
     model = entry.build()
     calib = entry.calib(num_calib, batch, 0)
     reference = MemoReference(entry.build())
-    report = interplay(model, calib, patterns=PATTERNS, formats=FORMATS, name=name,
+    report = interplay(model, calib, patterns=patterns, formats=formats, name=name,
                        evaluate=(lambda m: entry.evaluate(m, reference=reference)) if evaluate else None)
+    out = RESULTS / (f"interplay_{name}" + (f"_{tag}" if tag else ""))
+    command = (f"`{command_line()}`; {report.seconds:.0f} s on the shared 2-core CPU ({torch.get_num_threads()} "
+               f"torch threads, nice {os.nice(0)})")
+    return report, write_report(report, out, command)
+
+
+def write_report(report: InterplayReport, out: Path, command: str) -> str:
+    """Writes ``out`` .md / .json / plots; returns the claims' summary. ``command``: how it ran."""
+    name = report.model
     text = summary(report, METRICS[name])
-    out = RESULTS / f"interplay_{name}"
     md = "\n\n".join([
         f"# Sparsity x block quantisation interplay: {name}",
-        f"`{command_line()}`; {report.seconds:.0f} s on the shared 2-core CPU ({torch.get_num_threads()} torch threads, nice {os.nice(0)}). "
+        f"{command}. "
         f"Definitions: `l2fx/analyze.py` and `docs/interplay.md`. One-shot, no fine-tuning; BatchNorm not folded. "
         f"Output error: relative squared error of the {OUTPUT.get(name, 'logits')} on the "
         f"{report.calib_samples} calibration samples; metrics: the zoo's evaluation "
@@ -127,11 +157,12 @@ def run(name: str, num_calib: int, batch: int, evaluate: bool) -> tuple[Interpla
         "```\n" + text + "\n```",
         report.table(),
         "## Per layer, MXFP8 E4M3 and MXFP4 (every pair is in the JSON)",
-        _layer_table(report, ("mxfp8_e4m3", "mxfp4_e2m1")),
+        _layer_table(report, tuple(f for f in ("mxfp8_e4m3", "mxfp4_e2m1") if f in report.formats)
+                     or report.formats[:2]),
     ]) + "\n"
-    write_results(out, md, report.to_dict())
+    write_results(out, md, {**report.to_dict(), "command": command})
     report.plot(out)
-    return report, text
+    return text
 
 
 def _layer_table(report: InterplayReport, formats: tuple[str, ...]) -> str:
@@ -147,14 +178,26 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(NUM_CALIB), choices=list(NUM_CALIB))
     ap.add_argument("--num-calib", type=int, help="calibration samples (default per model: fmnist-resnet 256, efficientnet-lite0 32, minilm 32, smollm2 16)")
     ap.add_argument("--no-eval", action="store_true", help="skip the zoo evaluation (output errors only)")
+    ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), help="sparsity patterns (default 50%% 2:4)")
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS))
+    ap.add_argument("--tag", default="", help="results file suffix (interplay_<model>_<tag>)")
+    ap.add_argument("--resummarize", type=Path, metavar="RESULTS.json",
+                    help="rewrite a stored report's .md and plots from its .json (no run)")
     args = ap.parse_args()
+    if args.resummarize:
+        stored = json.loads(args.resummarize.read_text())
+        command = stored.get("command") or "command not stored in the JSON"
+        print(write_report(InterplayReport.from_dict(stored), args.resummarize.with_suffix(""),
+                           f"{command}; summary rewritten from the stored JSON by `{command_line()}`"))
+        return
     texts = []
     for name in args.models:
         t0 = time.perf_counter()
-        _, text = run(name, args.num_calib or NUM_CALIB[name], BATCH[name], not args.no_eval)
+        _, text = run(name, args.num_calib or NUM_CALIB[name], BATCH[name], not args.no_eval,
+                      tuple(args.patterns), tuple(args.formats), args.tag)
+        stem = f"interplay_{name}" + (f"_{args.tag}" if args.tag else "")
         print(text, flush=True)
-        print(f"[{name}: {time.perf_counter() - t0:.0f} s, wrote {RESULTS / f'interplay_{name}'}.md/.json/_*.png]\n",
-              flush=True)
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s, wrote {RESULTS / stem}.md/.json/_*.png]\n", flush=True)
         texts.append(text)
 
 
