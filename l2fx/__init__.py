@@ -16,6 +16,7 @@ from l2fx.errors import L2fxError
 from l2fx.pipeline import DumpIR, L2fxPass, PassContext, PassManager, PassResult, PeakMemory, Progress, Timing
 from l2fx.report import CompressionReport
 from l2fx.transform import TransformKind
+from l2fx import smol  # noqa: E402  (l2fx.smol.train: training-aware SMOL, on top of compile)
 
 __version__ = "0.1.0"
 __all__ = [

@@ -37,12 +37,12 @@ import torch
 
 from l2fx.config import LRSchedule
 from l2fx.errors import ConfigError
-from l2fx.ir import meta_entry
+from l2fx.ir import get_meta, meta_entry, weight_sites
 
 __all__ = ["MAX_PRECISION", "SmolOptions", "LearnedPrecision", "PrecisionMap", "grid_unit", "clip_range",
            "precision_of_s",
            "s_of_precision", "quantize_at", "integer_precisions", "precision_of_symbols", "symbols_by_precision",
-           "shuffle_within_layer",
+           "shuffle_within_layer", "check_learned_precisions",
            "map_code_bits"]
 
 #: The highest precision whose symbols fit int8 codes: |r| <= 2^7 - 1.
@@ -187,6 +187,23 @@ def clip_range(w: torch.Tensor, precision: int, max_precision: int, candidates: 
         if err < best_err:
             best, best_err = a, err
     return best
+
+
+def check_learned_precisions(gm, fail) -> None:
+    """The postcondition of a pass that sets :class:`LearnedPrecision` s (``smol_precision``,
+    ``given_precision``): every weight has one, of the weight's shape or ``[1]``, finite and
+    >= 1, and its weight within ``amax``. ``fail(message, node)`` raises."""
+    for node, _ in weight_sites(gm):
+        lp = get_meta(node, LearnedPrecision)
+        m = gm.get_submodule(str(node.target))
+        if lp is None:
+            fail("weight has no learned precision", node)
+        if tuple(lp.precision.shape) not in ((1,), tuple(m.weight.shape)):
+            fail(f"precision of shape {tuple(lp.precision.shape)} for a weight of {tuple(m.weight.shape)}", node)
+        if not (torch.isfinite(lp.precision).all() and (lp.precision >= 1.0).all()):
+            fail("a learned precision is not finite and >= 1", node)
+        if float(m.weight.detach().abs().max()) > lp.amax:
+            fail("a weight left its layer's range", node)
 
 
 def precision_of_s(s: torch.Tensor) -> torch.Tensor:

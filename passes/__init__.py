@@ -16,6 +16,7 @@ from l2fx.passes.block_reconstruction import BlockReconstruction
 from l2fx.passes.compound_plan import CompoundPlan
 from l2fx.passes.distill import KeepReference, NetworkDistillation
 from l2fx.passes.fold_batchnorm import FoldBatchNorm
+from l2fx.passes.given_precision import GivenPrecision
 from l2fx.passes.insert_transforms import InsertTransforms
 from l2fx.passes.install_weights import DecodedLayer, InstallDecodedWeights
 from l2fx.passes.lower_kernels import LowerKernels
@@ -36,5 +37,5 @@ __all__ = [
     "EntropyAllocation", "InsertTransforms", "BlockPartition", "KeepReference", "BlockReconstruction",
     "NetworkDistillation", "SnapWeights", "RateFit", "RangeCode", "LowerKernels", "RoundToNearest",
     "InstallDecodedWeights", "DecodedLayer", "OneShotSolve", "CompoundPlan",
-    "BitValueGrid", "SmolPrecision", "SmolRound", "AssignFormat",
+    "BitValueGrid", "SmolPrecision", "GivenPrecision", "SmolRound", "AssignFormat",
 ]

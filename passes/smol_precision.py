@@ -40,8 +40,8 @@ from l2fx.layerwise import stream_blocks
 from l2fx.modules import TransformedWeight
 from l2fx.optim import Adam, Sampler, float_leaves, relative_mse
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
-from l2fx.precision import (LearnedPrecision, SmolOptions, integer_precisions, precision_of_s, quantize_at,
-                            s_of_precision)
+from l2fx.precision import (LearnedPrecision, SmolOptions, check_learned_precisions, integer_precisions,
+                            precision_of_s, quantize_at, s_of_precision)
 
 __all__ = ["SmolPrecision"]
 
@@ -174,15 +174,4 @@ class SmolPrecision(L2fxPass):
                 "mean_precision": mean_p}
 
     def ensures(self, gm: fx.GraphModule) -> None:
-        for node, _ in weight_sites(gm):
-            lp = get_meta(node, LearnedPrecision)
-            m = gm.get_submodule(str(node.target))
-            if lp is None:
-                self.fail("weight has no learned precision", node)
-            if tuple(lp.precision.shape) not in ((1,), tuple(m.weight.shape)):
-                self.fail(f"precision of shape {tuple(lp.precision.shape)} for a weight of {tuple(m.weight.shape)}",
-                          node)
-            if not (torch.isfinite(lp.precision).all() and (lp.precision >= 1.0).all()):
-                self.fail("a learned precision is not finite and >= 1", node)
-            if float(m.weight.detach().abs().max()) > lp.amax:
-                self.fail("a weight left its layer's range", node)
+        check_learned_precisions(gm, self.fail)

@@ -11,7 +11,9 @@ moves a whole layer's precision at once for ``smol-l`` (and many equal precision
 kept and one common range factor ``a = factor * max|w|`` (>= 1, coarser cells, no clipping)
 is bisected to close the rest. ``shuffle`` (the control of the seed's Table 6): each layer's
 integer map is permuted by a fixed random permutation before the weights are rounded, and the
-same search fits its bytes.
+same search fits its bytes. ``fixed=(offset, factor)`` (training-aware SMOL, whose fine-tuning
+trained the weights at one rounding) applies that rounding when its bytes are in the window, and
+searches as above, recorded, when they are not.
 
 Before: ``TransformedWeight`` s of ``bit_value_grid`` with a ``LearnedPrecision`` each. After:
 the same modules, each weight a point of its grid (``T^-1(round(T(w))) == w``), its unit as
@@ -31,7 +33,7 @@ import torch.fx as fx
 
 from l2fx.accounting import predict_layer_nbytes, round_params
 from l2fx.bytefit import prediction_slack, within_tolerance
-from l2fx.errors import TargetCRError
+from l2fx.errors import ConfigError, TargetCRError
 from l2fx.ir import get_meta, set_meta, weight_sites
 from l2fx.modules import TransformedWeight
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
@@ -51,8 +53,14 @@ class SmolRound(L2fxPass):
     requires_meta = (LearnedPrecision,)
     requires_weight_modules = (TransformedWeight,)
 
-    def __init__(self, per_layer: bool = False):
+    def __init__(self, per_layer: bool = False, fixed: tuple[float, float] | None = None):
+        if fixed is not None:
+            offset, factor = fixed
+            if not (math.isfinite(offset) and math.isfinite(factor) and 1.0 <= factor <= _MAX_FACTOR):
+                raise ConfigError(f"smol_round: fixed must be (finite offset, range factor in [1, {_MAX_FACTOR}]), "
+                                  f"got {fixed!r}")
         self.per_layer = per_layer
+        self.fixed = None if fixed is None else (float(fixed[0]), float(fixed[1]))
 
     @torch.no_grad()
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -106,30 +114,12 @@ class SmolRound(L2fxPass):
                                  for (q, s, e, _), (_, site, *_r) in zip(rounded(offset, factor), layers))
             return evals[key]
 
+        fixed_used = self.fixed is not None and low <= total(*self.fixed) <= high
         lo, hi = -float(P) - 1.0, float(P) + 1.0  # offset: lo = every parameter at P, hi = all pruned
-        if total(lo, 1.0) < low:
+        if not fixed_used and total(lo, 1.0) < low:
             raise TargetCRError(f"smol: target_cr {cfg.target_cr} needs more bytes ({budget:.0f}) than every weight "
                                 f"at the highest precision {P} gives ({total(lo, 1.0)}); lower target_cr")
-        for _ in range(_OFFSET_ITERS):  # total(lo) > high >= total(hi)
-            mid = 0.5 * (lo + hi)
-            if total(mid, 1.0) > high:
-                lo = mid
-            else:
-                hi = mid
-        offset, factor = hi, 1.0
-        if total(hi, 1.0) < low:  # a jump over the window: the offset below it, then a coarser range
-            f_lo, f_hi = 1.0, _MAX_FACTOR  # total(lo, f_lo) > high
-            if total(lo, f_hi) <= high:
-                for _ in range(_FACTOR_ITERS):
-                    mid = 0.5 * (f_lo + f_hi)
-                    b = total(lo, mid)
-                    if b > high:
-                        f_lo = mid
-                    else:
-                        f_hi = mid
-                        if b >= low:
-                            break
-                offset, factor = lo, f_hi
+        offset, factor = self.fixed if fixed_used else self._search(total, lo, hi, low, high)
         nbytes = total(offset, factor)
         records, numel, zeros, psum, map_bits, joint_bits = {}, 0, 0, 0, 0.0, 0.0
         for (node, site, m, p, amax, perm), (q, s, e, pint) in zip(layers, rounded(offset, factor)):
@@ -149,7 +139,8 @@ class SmolRound(L2fxPass):
             map_bits += bits["map_order0"]
             joint_bits += bits["joint"]
         ctx.records[self.name] = {
-            "offset": offset, "range_factor": factor, "shuffle": opts.shuffle, "predicted_nbytes": nbytes,
+            "offset": offset, "range_factor": factor, "shuffle": opts.shuffle,
+            "fixed": self.fixed, "fixed_used": fixed_used, "predicted_nbytes": nbytes,
             "budget_nbytes": budget, "predicted_cr": fp32 / nbytes if nbytes else math.inf,
             "mean_precision": psum / max(numel, 1), "zero_fraction": zeros / max(numel, 1),
             "bpp": 8.0 * nbytes / max(numel, 1), "map_bits": map_bits, "joint_bits": joint_bits,
@@ -157,6 +148,32 @@ class SmolRound(L2fxPass):
         ctx.log(self.name, f"offset {offset:+.4f}, range x{factor:.4f}: CR {fp32 / nbytes:.3f}, "
                            f"mean precision {psum / max(numel, 1):.3f}, zero {zeros / max(numel, 1):.3f}")
         return PassResult(gm, True)
+
+    @staticmethod
+    def _search(total, lo: float, hi: float, low: float, high: float) -> tuple[float, float]:
+        """(offset, range factor): the offset bisected to the window's top, then, where the bytes
+        jump over the window, the offset below it and a coarser range."""
+        for _ in range(_OFFSET_ITERS):  # total(lo) > high >= total(hi)
+            mid = 0.5 * (lo + hi)
+            if total(mid, 1.0) > high:
+                lo = mid
+            else:
+                hi = mid
+        if total(hi, 1.0) >= low:
+            return hi, 1.0
+        f_lo, f_hi = 1.0, _MAX_FACTOR  # a jump over the window: total(lo, f_lo) > high
+        if total(lo, f_hi) > high:
+            return hi, 1.0
+        for _ in range(_FACTOR_ITERS):
+            mid = 0.5 * (f_lo + f_hi)
+            b = total(lo, mid)
+            if b > high:
+                f_lo = mid
+            else:
+                f_hi = mid
+                if b >= low:
+                    break
+        return lo, f_hi
 
     @torch.no_grad()
     def ensures(self, gm: fx.GraphModule) -> None:
