@@ -6,11 +6,12 @@ iterable of batches.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.utils._pytree as pytree
 
+from l2fx import distributed
 from l2fx.errors import CalibrationError
 
 Batch = Any  # torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
@@ -177,6 +178,25 @@ def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     """||out - ref||^2 / ||ref - mean(ref)||^2 over the batch: scale-free output distortion."""
     ref_energy = (reference - reference.mean(dim=0, keepdim=True)).pow(2).sum().clamp_min(1e-30)
     return float((output - reference).pow(2).sum() / ref_energy)
+
+
+def relative_error_to(reference: torch.Tensor) -> Callable[[torch.Tensor], float]:
+    """:func:`relative_error` against a fixed ``reference``, as a function of the output, over
+    the union of the ``torch.distributed`` ranks' batches when a group is active (the mean and
+    both sums all-reduced: :mod:`l2fx.distributed`); one process: exactly ``relative_error``."""
+    if not distributed.active():
+        return lambda output: relative_error(output, reference)
+    ref = reference.double()
+    n_all, = distributed.all_reduce_scalars(ref.shape[0])
+    mean = distributed.all_reduce_sum(ref.sum(dim=0, keepdim=True)) / max(n_all, 1.0)
+    energy, = distributed.all_reduce_scalars(float((ref - mean).pow(2).sum()))
+    energy = max(energy, 1e-30)
+
+    def error(output: torch.Tensor) -> float:
+        num, = distributed.all_reduce_scalars(float((output.double() - ref).pow(2).sum()))
+        return num / energy
+
+    return error
 
 
 def call_model_with(model: torch.nn.Module, overrides: Mapping[str, torch.Tensor], batch: Batch) -> Any:

@@ -30,8 +30,9 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from l2fx import distributed
 from l2fx.config import BackendConfig, CompileConfig
-from l2fx.errors import CalibrationError, L2fxError, PassError, VerifierError
+from l2fx.errors import CalibrationError, ConfigError, L2fxError, PassError, VerifierError
 from l2fx.ir import namespace, owned_meta, registered_meta_types, weight_sites
 
 __all__ = [
@@ -51,6 +52,10 @@ class L2fxPass(PassBase, abc.ABC):
       (``(TransformedWeight,)``: weights are fake-quantised, not yet coded);
     * ``requires_calib``: the context must hold calibration data.
 
+    ``supports_distributed``: a pass that reads calibration data reduces what it measures over
+    the ``torch.distributed`` ranks (:mod:`l2fx.distributed`); a manager refuses, before running
+    anything, a pipeline holding a ``requires_calib`` pass without it while a group is active.
+
     ``requires(gm)`` and ``ensures(gm)`` state the rest of the pre- and postconditions and raise
     :class:`PassError` (use :meth:`fail`) when they do not hold.
     """
@@ -59,6 +64,7 @@ class L2fxPass(PassBase, abc.ABC):
     requires_meta: tuple[type, ...] = ()
     requires_weight_modules: tuple[type, ...] = ()
     requires_calib: bool = False
+    supports_distributed: bool = False
 
     def requires(self, graph_module: fx.GraphModule) -> None:  # noqa: D401 - PassBase API
         return None
@@ -357,6 +363,12 @@ class PassManager:
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()
+        if distributed.active():
+            unsupported = [p.name for p in self.passes if p.requires_calib and not p.supports_distributed]
+            if unsupported:
+                raise ConfigError(f"passes {unsupported} read calibration data but do not reduce it over the "
+                                  f"{distributed.world_size()} torch.distributed ranks (l2fx.distributed lists "
+                                  f"what runs distributed: the one-shot and compound methods)")
         modified = False
         for i, p in enumerate(self.passes):
             for inst in ctx.instruments:

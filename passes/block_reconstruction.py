@@ -195,7 +195,7 @@ class BlockReconstruction(L2fxPass):
     name = "block_reconstruction"
     requires_meta = (Block, Allocation)
     requires_weight_modules = (TransformedWeight,)
-    requires_calib = True
+    requires_calib = True  # (not supports_distributed: its optimiser and revert decisions are per rank)
 
     def __init__(self, train_transform: bool = True):
         self.train_transform = train_transform

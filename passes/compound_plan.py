@@ -108,6 +108,7 @@ class CompoundPlan(L2fxPass):
     name = "compound_plan"
     requires_meta = (LayerIntent,)
     requires_calib = True
+    supports_distributed = True  # output errors / Hessians all-reduced (l2fx.distributed)
 
     def __init__(self, recipe: str, options: tuple[Option, ...] = OPTIONS, **recipe_options: Any):
         if recipe not in RECIPES:

@@ -75,7 +75,7 @@ class NetworkDistillation(L2fxPass):
     name = "network_distillation"
     requires_meta = (Block, Reference)
     requires_weight_modules = (TransformedWeight,)
-    requires_calib = True
+    requires_calib = True  # (not supports_distributed: gradients are per rank)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()

@@ -79,6 +79,7 @@ class OneShotSolve(L2fxPass):
     requires_meta = (Block, Allocation, LayerIntent)
     requires_weight_modules = (TransformedWeight,)
     requires_calib = True
+    supports_distributed = True  # output errors / Hessians all-reduced (l2fx.distributed)
 
     def __init__(self, recipe: str, **options: Any):
         if recipe not in RECIPES:

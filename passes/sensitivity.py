@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from l2fx.accounting import predict_layer_nbytes
 from l2fx.config import CompileConfig
-from l2fx.data import output_vector, relative_error, take_samples, to_device
+from l2fx.data import output_vector, relative_error_to, take_samples, to_device
 from l2fx.evaluate import DownstreamRunner
 from l2fx.ir import Candidate, LayerIntent, SensitivityCurve, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
@@ -183,6 +183,7 @@ class SensitivityAnalysis(L2fxPass):
     name = "sensitivity_analysis"
     requires_meta = (LayerIntent,)
     requires_calib = True
+    supports_distributed = True  # output errors / Hessians all-reduced (l2fx.distributed)
 
     def requires(self, gm: fx.GraphModule) -> None:
         if not any(True for _ in weight_sites(gm)):
@@ -194,7 +195,7 @@ class SensitivityAnalysis(L2fxPass):
         cfg = ctx.config
         batch = to_device(take_samples(list(ctx.calib), cfg.sensitivity.num_samples), ctx.device)
         runner = DownstreamRunner(gm, batch)
-        reference = output_vector(runner.output)
+        error_of = relative_error_to(output_vector(runner.output))  # over every rank's samples
         sites = list(weight_sites(gm))
         measured = 0
         for i, (node, site) in enumerate(sites):
@@ -202,7 +203,7 @@ class SensitivityAnalysis(L2fxPass):
             w = fetch_attr(gm, site.param).detach().float()
 
             def output_error(w_hat: torch.Tensor) -> float:
-                d = relative_error(output_vector(runner.run_with(node, w_hat)), reference)
+                d = error_of(output_vector(runner.run_with(node, w_hat)))
                 return d if math.isfinite(d) else math.inf
 
             # Points (see _points) hold a w_hat thunk: the decoded weights are re-made for the few candidates whose output error is measured rather than kept

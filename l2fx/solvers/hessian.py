@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from l2fx import distributed
 from l2fx.errors import CalibrationError, ConfigError, NonFiniteWeightError, SolverError
 
 __all__ = [
@@ -88,6 +89,7 @@ class HessianAccumulator:
         shape = (cols, cols) if groups is None else (groups, cols, cols)
         self._H = torch.zeros(shape, dtype=dtype, device=device)
         self._n = 0
+        self._reduced = False
 
     @property
     def nsamples(self) -> int:
@@ -103,6 +105,9 @@ class HessianAccumulator:
             got = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
             lead = "" if self.groups is None else f"{self.groups}, "
             raise ConfigError(f"HessianAccumulator.add expects rows [{lead}n, {self.cols}], got {got}")
+        if self._reduced:
+            raise CalibrationError("HessianAccumulator.add: the Hessian was already all-reduced across the "
+                                   "torch.distributed ranks; rows cannot be added after hessian()")
         n = rows.shape[-2]
         if n == 0:
             return
@@ -116,7 +121,15 @@ class HessianAccumulator:
         self._n = total
 
     def hessian(self) -> Tensor:
-        """A copy of ``H`` (``[cols, cols]``, or ``[groups, cols, cols]``)."""
+        """A copy of ``H`` (``[cols, cols]``, or ``[groups, cols, cols]``). Under
+        ``torch.distributed`` (:mod:`l2fx.distributed`) the first call all-reduces the ranks'
+        ``n_r H_r`` and ``n_r`` (every rank calls it in the same order, as the passes do), so
+        ``H`` and :attr:`nsamples` are the union's; no rows can be added after that."""
+        if distributed.active() and not self._reduced:
+            (n_all,) = distributed.all_reduce_scalars(self._n)
+            total = distributed.all_reduce_sum(self._H * self._n)
+            self._H = total / n_all if n_all else total
+            self._n, self._reduced = int(n_all), True
         if self._n == 0:
             raise CalibrationError("HessianAccumulator.hessian: no input rows were added")
         return self._H.clone()
