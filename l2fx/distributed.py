@@ -11,19 +11,23 @@ the same result, and any rank (by convention rank 0) saves it:
 * the sensitivity analysis's output errors (``sensitivity_analysis``): numerator and the
   reference's energy (about the union's mean) summed over the ranks, each rank measuring its
   first ``num_samples`` samples, so the curves are those of ``world_size x num_samples``
-  samples.
+  samples;
+* block reconstruction: the loss scale (the fp32 targets' mean square) and the calibration
+  loss that decides a revert, summed with their batch counts; the gradients of every step,
+  averaged in :class:`l2fx.optim.Adam`, so every rank takes the same steps.
 
 Passes that read calibration data declare whether they do this (``L2fxPass.supports_distributed``);
-a pipeline holding one that does not (block reconstruction, network distillation, SMOL's
-precision learning: their optimisers would need their gradients and their accept/revert
-decisions all-reduced, not built yet) is refused with a ConfigError before any work, on every
-rank alike, and so is the allocation's ``joint_rounds``. The one-shot methods (``gptq``,
-``sparsegpt``, ``wanda``, ``obq`` ...) and the compound ones run distributed.
+a pipeline holding one that does not (network distillation with ``distill_iters`` > 0, SMOL's
+precision learning) is refused with a ConfigError before any work, on every rank alike, and so
+is the allocation's ``joint_rounds``. The one-shot methods (``gptq``, ``sparsegpt``, ``wanda``,
+``obq`` ...), the compound ones, ``l2`` and ``gptq+l2`` run distributed.
 
 What differs from one process on the union of the shards: the summation order of the
 all-reduce (float64 Hessians: differences of order 1e-16 relative, which can flip a rounding
-at a tie), and which samples the sensitivity analysis measures (each rank's first
-``num_samples``, against the union's first). ``tests/test_distributed.py`` compares the two.
+at a tie), which samples the sensitivity analysis measures (each rank's first
+``num_samples``, against the union's first), and reconstruction's minibatches (one per rank,
+their gradients averaged, against one drawn from the union). ``tests/test_distributed.py``
+compares the two.
 Compilation is not sped up where it is not data-bound: every rank solves every layer.
 """
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from l2fx import distributed
 from l2fx.config import LRSchedule, ReconstructionConfig
 from l2fx.modules import TransformedWeight
 
@@ -57,7 +58,14 @@ class Adam:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One update from the accumulated ``.grad`` (then cleared)."""
+        """One update from the accumulated ``.grad`` (then cleared). Under ``torch.distributed``
+        the gradients are first averaged over the ranks (:mod:`l2fx.distributed`), so every rank
+        takes the same step."""
+        if distributed.active():
+            world = distributed.world_size()
+            for p in self.params:
+                if p.grad is not None:
+                    distributed.all_reduce_sum(p.grad).div_(world)
         lr = self.lr * self.factor()
         self.t += 1
         c1, c2 = 1.0 - self.b1 ** self.t, 1.0 - self.b2 ** self.t

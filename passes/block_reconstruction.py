@@ -50,6 +50,7 @@ import torch
 import torch.fx as fx
 from torch.func import functional_call
 
+from l2fx import distributed
 from l2fx.accounting import round_to_fp16
 from l2fx.blocks import BlockProgram, build_programs, calibration_inputs
 from l2fx.bytefit import block_nbytes, fit_block_nbytes
@@ -176,16 +177,16 @@ class _BlockData:
     energy: float
 
     def loss(self, prog: BlockProgram) -> float:
-        """The calibration loss: relative MSE of the compressed block over every sample."""
-        with torch.no_grad():
-            return sum(float(relative_mse(prog.quant(*self.phs[i], *self.xq[i]), self.targets[i], self.energy))
-                       for i in range(len(self.targets))) / len(self.targets)
+        """The calibration loss: relative MSE of the compressed block over every sample (of every
+        torch.distributed rank: the per-batch sum and count all-reduced)."""
+        return self.outputs_and_loss(prog)[1]
 
     def outputs_and_loss(self, prog: BlockProgram) -> tuple[list[tuple], float]:
         with torch.no_grad():
             out = [tuple(prog.quant(*self.phs[i], *self.xq[i])) for i in range(len(self.targets))]
-            return out, sum(float(relative_mse(out[i], self.targets[i], self.energy))
-                            for i in range(len(self.targets))) / len(self.targets)
+            total = sum(float(relative_mse(out[i], self.targets[i], self.energy)) for i in range(len(self.targets)))
+            total, count = distributed.all_reduce_scalars(total, len(self.targets))
+            return out, total / count
 
 
 class BlockReconstruction(L2fxPass):
@@ -195,7 +196,10 @@ class BlockReconstruction(L2fxPass):
     name = "block_reconstruction"
     requires_meta = (Block, Allocation)
     requires_weight_modules = (TransformedWeight,)
-    requires_calib = True  # (not supports_distributed: its optimiser and revert decisions are per rank)
+    requires_calib = True
+    # The loss scale and the calibration loss all-reduced here, the gradients in l2fx.optim.Adam:
+    # every rank takes the same steps and the same revert decisions.
+    supports_distributed = True
 
     def __init__(self, train_transform: bool = True):
         self.train_transform = train_transform
@@ -267,7 +271,9 @@ class BlockReconstruction(L2fxPass):
                 targets = [tuple(functional_call(prog.fp32, refs, (*phs[i], *xf[i]), strict=False)) for i in range(nb)]
             else:
                 targets = [tuple(prog.fp32(*phs[i], *xf[i])) for i in range(nb)]
-            energy = sum(float(sum(t.float().pow(2).mean() for t in float_leaves(tg))) for tg in targets) / nb
+            energy = sum(float(sum(t.float().pow(2).mean() for t in float_leaves(tg))) for tg in targets)
+            energy, batches = distributed.all_reduce_scalars(energy, nb)  # every rank's batches
+            energy /= batches
         # Scale-free: no absolute floor (block outputs at 1e-8 are legitimate).
         return _BlockData(phs, xq, xf, targets, energy if energy > 0 else 1.0)
 

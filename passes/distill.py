@@ -75,7 +75,14 @@ class NetworkDistillation(L2fxPass):
     name = "network_distillation"
     requires_meta = (Block, Reference)
     requires_weight_modules = (TransformedWeight,)
-    requires_calib = True  # (not supports_distributed: gradients are per rank)
+    requires_calib = True
+
+    @property
+    def supports_distributed(self) -> bool:
+        """With ``distill_iters`` 0 it only drops the references (no calibration data read); the
+        distillation loop's own losses are not reduced over torch.distributed ranks yet."""
+        ctx = PassContext.current()
+        return not ctx.config.reconstruction.distill_iters
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()

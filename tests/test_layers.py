@@ -25,13 +25,13 @@ SOURCES = {"l2fx": ROOT / "l2fx", "l2fx.passes": ROOT / "passes", "l2fx.triton_k
 
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("l2fx.errors", "l2fx.config", "l2fx.transform", "l2fx.counter", "l2fx.coding", "l2fx.rangedec",
-        "l2fx.accounting", "l2fx.formats", "l2fx.sparsity", "l2fx.triton_kernels"),
+        "l2fx.accounting", "l2fx.formats", "l2fx.sparsity", "l2fx.triton_kernels", "l2fx.distributed"),
     1: ("l2fx.ir", "l2fx.modules", "l2fx.compiled", "l2fx.pipeline", "l2fx.data", "l2fx.evaluate", "l2fx.frontend",
         "l2fx.inplace", "l2fx.manifest", "l2fx.artifact", "l2fx.report", "l2fx.blocks", "l2fx.bytefit", "l2fx.optim",
         "l2fx.tparams", "l2fx.solvers", "l2fx.layerwise", "l2fx.calibration", "l2fx.into_model",
         "l2fx.precision"),
     2: ("l2fx.passes",),
-    3: ("l2fx.method", "l2fx.api", "l2fx.cli", "l2fx.zoo", "l2fx.analyze", "l2fx"),
+    3: ("l2fx.method", "l2fx.api", "l2fx.cli", "l2fx.zoo", "l2fx.analyze", "l2fx.smol", "l2fx"),
 }
 
 
