@@ -51,12 +51,37 @@ class Batches:
             yield self.x[idx], self.y[idx]
 
 
+def train_fp32(model: torch.nn.Module, data: Batches, epochs: int, opts: "l2fx.smol.SmolTrainConfig") -> torch.nn.Module:
+    """The control: the fp32 checkpoint trained as long as ``l2fx.smol.train`` trains it (its
+    epochs of both phases, the same Adam steps: ``lr_w`` x max|w| per weight tensor, ``lr_other``
+    for the rest, eval mode), uncompressed: what the extra training alone gives."""
+    import copy
+
+    import torch.nn.functional as F
+    model = copy.deepcopy(model).eval()
+    groups = [{"params": [p], "lr": (opts.lr_w * float(p.detach().abs().max()) if p.dim() > 1 else opts.lr_other)}
+              for p in model.parameters()]
+    opt = torch.optim.Adam(groups)
+    for _ in range(epochs):
+        for x, y in data:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
 def run_row(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     entry = zoo.get(MODEL)
     model = entry.build()
     kind, name = job["row"].split(":")
     t0 = time.perf_counter()
+    if kind == "control":
+        opts = l2fx.smol.SmolTrainConfig(epochs=job["epochs"], finetune_epochs=job["finetune_epochs"])
+        tuned = train_fp32(model, Batches(job["batch_size"]), job["epochs"] + job["finetune_epochs"], opts)
+        return {**job, "cr": 1.0, "bpp": 32.0, "seconds": time.perf_counter() - t0,
+                "metrics": entry.evaluate(tuned, reference=model)}
     try:
         if kind == "train":
             opts = l2fx.smol.SmolTrainConfig(per_layer=name == "smol-l", epochs=job["epochs"],
@@ -103,7 +128,8 @@ def markdown(fp32: dict, rows: list[dict], command: str) -> str:
                      f"{m['top1_agreement']:.4f} | {m['kl_mean']:.4f} | {smol} | "
                      f"{r.get('artifact_is_finetuned', '')} | {losses} | {r['seconds']:.0f} |")
     lines += ["", "train:<v>: `l2fx.smol.train` (labels, whole epochs); post:<m>: `l2fx.compile` post-training "
-              "on calibration images only. mean p / zero p: mean integer precision of the stored weights and the "
+              "on calibration images only; control:fp32: the checkpoint trained as many epochs with the same "
+              "optimiser, uncompressed (what the extra training alone gives; its metrics against the checkpoint). mean p / zero p: mean integer precision of the stored weights and the "
               "fraction pruned (p = 0). artifact = fine-tuned: the file's weights are the fine-tuned model's "
               "quantised weights bit for bit."]
     return "\n".join(lines) + "\n"
@@ -111,7 +137,7 @@ def markdown(fp32: dict, rows: list[dict], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--targets", nargs="+", type=float, default=[8, 12, 16])
+    p.add_argument("--targets", nargs="*", type=float, default=[8, 12, 16])
     p.add_argument("--variants", nargs="+", default=["smol", "smol-l"], choices=["smol", "smol-l"])
     p.add_argument("--post", nargs="*", default=["smol", "l2"], help="post-training methods to compare")
     p.add_argument("--epochs", type=int, default=1)
@@ -120,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-calib", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-control", action="store_true", help="skip the fp32 model trained as long, uncompressed")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     command = command_line()
@@ -128,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / (f"smol_train_{MODEL}" + (f"_{args.tag}" if args.tag else ""))
     ctx = multiprocessing.get_context("spawn")
     rows = []
+    if not args.no_control:
+        job = {"row": "control:fp32", "target": 1.0, "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
+               "lam": args.lam, "batch_size": args.batch_size, "num_calib": args.num_calib, "threads": args.threads}
+        with ctx.Pool(1, maxtasksperchild=1) as pool:
+            rows.append(pool.apply(run_row, (job,)))
+        print(markdown(fp32, rows[-1:], "").splitlines()[-3], flush=True)
     for target in args.targets:
         for row_name in [f"train:{v}" for v in args.variants] + [f"post:{m}" for m in args.post]:
             job = {"row": row_name, "target": target, "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
