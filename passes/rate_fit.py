@@ -12,7 +12,10 @@ A total already within the tolerance (CR between ``target * (1 - tol/2)`` and
 budget) is left as it is.
 
 Pre: every site is a ``TransformedWeight``. Post: predicted compressed-parameter CR within
-``cr_tolerance`` of the target (or the closest the grid allows, recorded).
+``cr_tolerance`` of the target (or the closest the grid allows, recorded). Where even the finest
+steps the symbols allow leave the bytes under the window (a one-shot method's 50 % sparsity at
+a low target: the kept weights would need more than ``+-qmax``), a TargetCRError says so, with
+the CR those steps give, instead of ``range_code`` failing on the miss.
 
 The byte arithmetic lives in :mod:`l2fx.bytefit`, shared with block reconstruction.
 """
@@ -24,6 +27,7 @@ import torch.fx as fx
 
 from l2fx.bytefit import (apply_factor, finest_log2_factor, fit_log2_factor, prediction_slack, total_nbytes,
                           within_tolerance)
+from l2fx.errors import TargetCRError
 from l2fx.ir import weight_sites
 from l2fx.modules import TransformedWeight
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
@@ -63,6 +67,19 @@ class RateFit(L2fxPass):
             floor = finest_log2_factor([m for m, _ in layers], -6.0) if now < low_ok else 0.0
             best_t, best_bytes = fit_log2_factor(total, budget, low_ok, lambda t, b: ctx.log(
                 self.name, f"factor 2^{t:+.3f}: CR {fp32 / b:.3f}"), floor=floor)
+            slack = prediction_slack(gm, cfg.coding.chunk_size)
+            if (now < low_ok and not within_tolerance(best_bytes, budget, cfg.cr_tolerance, slack)
+                    and (finest := total(floor)) < budget / (1 + cfg.cr_tolerance) + slack):
+                # Too few bytes even at the finest steps the symbols allow: what the earlier
+                # passes left (a one-shot method's pruning, say) cannot spend the budget.
+                best_bytes = finest
+                zeros = sum(int((m().detach() == 0).sum()) for m, _ in layers) / max(
+                    sum(site.numel for _, site in layers), 1)
+                raise TargetCRError(
+                    f"target_cr={cfg.target_cr} is out of reach after the passes of method {cfg.method!r}: at the "
+                    f"finest steps the symbols allow (+-{cfg.coding.qmax}) the weights as they are ({zeros:.0%} of them zero) "
+                    f"give CR {fp32 / best_bytes:.3f}; ask for at least that, or less sparsity, or a larger "
+                    f"coding.qmax")
         factor = 2.0 ** best_t
         apply_factor([m for m, _ in layers], factor)
         ctx.records[self.name] = {"factor": factor, "predicted_nbytes": best_bytes, "budget_nbytes": budget,

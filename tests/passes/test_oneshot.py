@@ -148,3 +148,16 @@ def test_a_layer_without_an_input_hessian_falls_back_to_rounding_and_says_so():
     fallbacks = compiled.report.records["oneshot_solve"]["fallbacks"]
     assert list(fallbacks) == ["emb.weight"] and "axis 1" in fallbacks["emb.weight"]
     assert abs(compiled.report.compressed_cr / 6 - 1) <= 0.01
+
+
+def test_a_target_the_pruned_weights_cannot_fill_is_a_target_cr_error_naming_the_reach():
+    """SparseGPT's 50 % zeros at CR 5: the kept weights would need more than +-127 to spend the
+    budget, so rate_fit says the target is out of reach (with the CR the finest steps give)
+    instead of range_code failing on the miss."""
+    import l2fx
+    from l2fx.errors import TargetCRError
+    from conftest import make_fast_config
+    from pass_cases import make_mlp, mlp_calib
+    with pytest.raises(TargetCRError, match=r"out of reach after the passes of method 'sparsegpt'.*50% of them zero"):
+        l2fx.compile(make_mlp((64, 256, 256, 16)), 5, mlp_calib(64, 64), method="sparsegpt",
+                     config=make_fast_config().replace(min_numel=64))
