@@ -42,7 +42,7 @@ from l2fx.ir import get_meta, meta_entry, weight_sites
 __all__ = ["MAX_PRECISION", "SmolOptions", "LearnedPrecision", "PrecisionMap", "grid_unit", "clip_range",
            "precision_of_s",
            "s_of_precision", "quantize_at", "integer_precisions", "precision_of_symbols", "symbols_by_precision",
-           "shuffle_within_layer", "check_learned_precisions",
+           "shuffle_within_layer", "check_learned_precisions", "entropy_bits",
            "map_code_bits"]
 
 #: The highest precision whose symbols fit int8 codes: |r| <= 2^7 - 1.
@@ -271,7 +271,7 @@ def shuffle_within_layer(precision: torch.Tensor, generator: torch.Generator) ->
     return flat[torch.randperm(flat.numel(), generator=generator)].reshape(precision.shape)
 
 
-def _entropy_bits(x: np.ndarray) -> float:
+def entropy_bits(x: np.ndarray) -> float:
     """Order-0 Shannon bits of the integer array ``x`` under its own histogram."""
     if x.size == 0:
         return 0.0
@@ -296,12 +296,12 @@ def map_code_bits(q: torch.Tensor, max_precision: int) -> dict[str, float]:
     flat = q.reshape(-1).to(torch.int64).numpy()
     p = precision_of_symbols(q, max_precision).reshape(-1).to(torch.int64).numpy()
     n_ctx = max_precision + 1
-    joint = _entropy_bits(flat)
-    map0 = _entropy_bits(p)
+    joint = entropy_bits(flat)
+    map0 = entropy_bits(p)
     rows = q.shape[0] if q.dim() > 1 else 1
-    per_row = sum(_entropy_bits(r) for r in p.reshape(rows, -1)) + 16 * n_ctx * (rows - 1)
+    per_row = sum(entropy_bits(r) for r in p.reshape(rows, -1)) + 16 * n_ctx * (rows - 1)
     prev = np.concatenate([[0], p[:-1]])
-    order1 = sum(_entropy_bits(p[prev == c]) for c in range(n_ctx)) + 16 * n_ctx * (n_ctx - 1)
-    values = sum(_entropy_bits(flat[p == c]) for c in range(1, n_ctx))
+    order1 = sum(entropy_bits(p[prev == c]) for c in range(n_ctx)) + 16 * n_ctx * (n_ctx - 1)
+    values = sum(entropy_bits(flat[p == c]) for c in range(1, n_ctx))
     return {"numel": int(flat.size), "joint": joint, "map_order0": map0, "map_per_row": float(per_row),
             "map_order1": float(order1), "values_given_p": float(values)}

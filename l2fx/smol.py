@@ -66,7 +66,8 @@ from l2fx.ir import get_meta, weight_sites
 from l2fx.method import front_pipeline
 from l2fx.passes import BitValueGrid, GivenPrecision, LowerKernels, RangeCode, SmolRound
 from l2fx.pipeline import PassContext, PassManager
-from l2fx.precision import (MAX_PRECISION, PrecisionMap, grid_unit, precision_of_s, quantize_at, s_of_precision)
+from l2fx.precision import (MAX_PRECISION, PrecisionMap, entropy_bits, grid_unit, precision_of_s, quantize_at,
+                            s_of_precision)
 
 __all__ = ["SmolTrainConfig", "train", "smol_train_pipeline"]
 
@@ -203,7 +204,9 @@ def train(model: nn.Module, data: Iterable, target_cr: float, *,
     ws = {n: params[n] for n in names}
     others = [p for n, p in params.items() if n not in ws and p.is_floating_point()]
     amax = {n: float(w.detach().abs().max()) for n, w in ws.items()}
-    amp = {n: grid_unit(amax[n], 1.0, P) * 2.0 ** (P - 1) if amax[n] > 0 else 0.0 for n in ws}
+    units = {n: grid_unit(amax[n], 1.0, P) for n in ws}
+    # theta's unit in weights (no noise on an all-zero layer: smol_round prunes it whole)
+    amp = {n: units[n] * 2.0 ** (P - 1) if amax[n] > 0 else 0.0 for n in ws}
     numel = sum(w.numel() for w in ws.values())
     p0 = opts.init_precision if opts.init_precision is not None else min(32.0 / target_cr + 1.0, P - 1e-3)
     s = {n: torch.full((1,) if opts.per_layer else tuple(w.shape), float(s_of_precision(p0)), device=w.device,
@@ -226,8 +229,6 @@ def train(model: nn.Module, data: Iterable, target_cr: float, *,
     if others:
         groups.append({"params": others, "lr": opts.lr_other})
     opt = torch.optim.Adam(groups)
-    units = {n: grid_unit(amax[n], 1.0, P) for n in ws}
-
     @torch.no_grad()
     def rounded_bits() -> float:
         """Bits per compressed weight of the weights rounded at round(p): per layer, the order-0
@@ -235,10 +236,7 @@ def train(model: nn.Module, data: Iterable, target_cr: float, *,
         bits = 0.0
         for n, w in ws.items():
             pint = torch.round(precision_of_s(s[n])).clamp(0, P)
-            q = quantize_at(w / units[n], pint, P).reshape(-1).to(torch.int64) + 2 ** P
-            counts = torch.bincount(q, minlength=2 ** (P + 1)).double()
-            prob = counts[counts > 0] / q.numel()
-            bits += float(-(prob * prob.log2()).sum()) * q.numel()
+            bits += entropy_bits(quantize_at(w / units[n], pint, P).reshape(-1).cpu().numpy())
         return bits / numel
 
     phase1: dict[int, list[float]] = {}
@@ -355,9 +353,5 @@ def train(model: nn.Module, data: Iterable, target_cr: float, *,
 def _holds(compiled: CompiledModel, weights: dict[str, torch.Tensor]) -> bool:
     """Whether the compiled model's coded weights are ``weights`` exactly (by parameter name)."""
     gm = compiled.graph_module
-    for node, site in weight_sites(gm):
-        if site.param in weights:
-            w = gm.get_submodule(str(node.target))()
-            if not torch.equal(w.detach().float().cpu(), weights[site.param].cpu()):
-                return False
-    return all(any(site.param == n for _, site in weight_sites(gm)) for n in weights)
+    coded = {site.param: gm.get_submodule(str(node.target))() for node, site in weight_sites(gm)}
+    return all(n in coded and torch.equal(coded[n].detach().float().cpu(), w.cpu()) for n, w in weights.items())

@@ -57,7 +57,8 @@ class RateFit(L2fxPass):
             return total_nbytes(gm, 2.0 ** log2_factor, cfg.coding.chunk_size)
 
         now = total(0.0)
-        if within_tolerance(now, budget, cfg.cr_tolerance, prediction_slack(gm, cfg.coding.chunk_size)):
+        slack = prediction_slack(gm, cfg.coding.chunk_size)
+        if within_tolerance(now, budget, cfg.cr_tolerance, slack):
             # Already within the promised tolerance (CR within -tol/2 .. +tol of the target):
             # leave T alone. After block reconstruction this is the rule, and any rescale
             # there scales every fine-tuned weight, whose symbols it hardly changes.
@@ -67,18 +68,15 @@ class RateFit(L2fxPass):
             floor = finest_log2_factor([m for m, _ in layers], -6.0) if now < low_ok else 0.0
             best_t, best_bytes = fit_log2_factor(total, budget, low_ok, lambda t, b: ctx.log(
                 self.name, f"factor 2^{t:+.3f}: CR {fp32 / b:.3f}"), floor=floor)
-            slack = prediction_slack(gm, cfg.coding.chunk_size)
             if (now < low_ok and not within_tolerance(best_bytes, budget, cfg.cr_tolerance, slack)
                     and (finest := total(floor)) < budget / (1 + cfg.cr_tolerance) + slack):
                 # Too few bytes even at the finest steps the symbols allow: what the earlier
                 # passes left (a one-shot method's pruning, say) cannot spend the budget.
-                best_bytes = finest
-                zeros = sum(int((m().detach() == 0).sum()) for m, _ in layers) / max(
-                    sum(site.numel for _, site in layers), 1)
+                zeros = sum(int((m().detach() == 0).sum()) for m, _ in layers) / max(fp32 / 4, 1)
                 raise TargetCRError(
                     f"target_cr={cfg.target_cr} is out of reach after the passes of method {cfg.method!r}: at the "
-                    f"finest steps the symbols allow (+-{cfg.coding.qmax}) the weights as they are ({zeros:.0%} of them zero) "
-                    f"give CR {fp32 / best_bytes:.3f}; ask for at least that, or less sparsity, or a larger "
+                    f"finest steps the symbols allow (+-{cfg.coding.qmax}) the weights as they are ({zeros:.0%} of "
+                    f"them zero) give CR {fp32 / finest:.3f}; ask for at least that, or less sparsity, or a larger "
                     f"coding.qmax")
         factor = 2.0 ** best_t
         apply_factor([m for m, _ in layers], factor)

@@ -80,7 +80,7 @@ def _pattern(o: Mapping[str, Any]) -> dict[str, Any]:
     return {"sparsity": o["sparsity"]}
 
 
-def _blocked(o: Mapping[str, Any], recipe: str, layer: str) -> dict[str, Any]:
+def _blocked(o: Mapping[str, Any], layer: str) -> dict[str, Any]:
     """``{"block": 4}`` when the options ask 4-blocks (with ``sparsity``), else ``{}``."""
     block = o["block"]
     if isinstance(block, bool) or block not in (1, 4):
@@ -131,7 +131,7 @@ def _wanda(W, H, grid, o, layer):
 
 def _magnitude(W, H, grid, o, layer):
     pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
-    return _masked_rtn(W, H, grid, magnitude_mask(W, layer=layer, **pat, **_blocked(o, "magnitude", layer)))
+    return _masked_rtn(W, H, grid, magnitude_mask(W, layer=layer, **pat, **_blocked(o, layer)))
 
 
 def _obq(W, H, grid, o, layer):
@@ -140,7 +140,7 @@ def _obq(W, H, grid, o, layer):
 
 def _obc(W, H, grid, o, layer):
     pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
-    _blocked(o, "obc", layer)
+    _blocked(o, layer)
     pruned = obs_prune(W, H, block=o["block"], percdamp=o["percdamp"], max_cost=o["max_cost"], layer=layer, **pat)
     res = obq_quantize(pruned.w_hat, H, grid, percdamp=o["percdamp"], max_cost=o["max_cost"], layer=layer)
     return _with_mask(res, W, H, grid, pruned.mask)
@@ -156,13 +156,13 @@ def _adaquant(W, H, grid, o, layer):
 
 def _adaprune(W, H, grid, o, layer):
     pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
-    pruned = adaprune(W, H, layer=layer, **pat, **_blocked(o, "adaprune", layer))
+    pruned = adaprune(W, H, layer=layer, **pat, **_blocked(o, layer))
     return _masked_rtn(pruned.w_hat, H, grid, pruned.mask)
 
 
 def _adaprune_adaquant(W, H, grid, o, layer, percdamp: float = 0.0):
     pat = _pattern(o) if (o["prune_m"] or o["sparsity"]) else {"sparsity": 0.5}
-    pruned = adaprune(W, H, layer=layer, percdamp=percdamp, **pat, **_blocked(o, "adaprune+adaquant", layer))
+    pruned = adaprune(W, H, layer=layer, percdamp=percdamp, **pat, **_blocked(o, layer))
     res = adaquant(pruned.w_hat, H, grid, iters=o["iters"] or 100, layer=layer)
     learnt = res.extra.get("grid", grid)
     out = _with_mask(res, W, H, learnt, pruned.mask)
