@@ -1,6 +1,7 @@
 """OBC compound against AdaPrune+AdaQuant at matching BOP reductions (OBC appendix A.10).
 
     nice -n 10 python bench/compound.py --model fmnist-resnet --reductions 8 12 14 --seeds 0 1 2
+    python bench/compound.py --reductions 24 32 40 --tag wa --options dense-w8a8 dense-w4a4 2:4-w8a8 2:4-w4a4
     python bench/compound.py --reductions 12 16 20 --tag wide \
         --options dense-w8 dense-w6 dense-w4 dense-w3 2:4-w8 2:4-w4 2:4-w3 4block50-w4 4block50-w3
 
@@ -9,8 +10,10 @@ Each (method, reduction) row compiles the zoo model with ``method_options`` ``bo
 or the ``--options`` given (``bop_options``), chosen by the DP over that solver's layer-loss
 table) in a fresh process, and evaluates it with
 the zoo's evaluation (accuracy on data disjoint from the calibration set, vs fp32). BOPs count
-weight bits x 32 (activations stay fp32 in l2fx: no activation quantiser exists at runtime), so
-a "12x" here is a weight-only BOP reduction against dense fp32, not the seed's w+a setting.
+weight bits x activation bits: 32 (fp32 activations: a weight-only BOP reduction against dense
+fp32) unless the options name activation bits (``dense-w8a8``, ``2:4-w4a4``: the seed's w+a
+setting; each such layer reads its input through a static per-tensor quantiser calibrated on
+the calibration set, which the artifact stores and the loaded model runs).
 Columns: the BOP reduction the plan reaches, the summed layer loss of the plan's table, the
 task metric, the counted CR (range coded and fixed-width packed: the CR is the result, not a
 target), compile time, and the plan (option per layer).
@@ -38,9 +41,29 @@ from _results import RESULTS, command_line, write_results
 METHODS = ["obc-compound", "adaprune+adaquant-compound"]
 
 
+DEFAULT_OPTIONS = ["dense-w8", "dense-w4", "2:4-w8", "2:4-w4"]
+
+
+def act_widths(options: list[str]) -> list[int]:
+    return sorted({Option.parse(o).act_bits for o in options})
+
+
+def bops_text(options: list[str]) -> str:
+    if act_widths(options) == [32]:
+        return ("BOPs = MACs x density x weight bits x 32: activations fp32 (no option quantises them), so the "
+                "reduction is the weights' alone against dense fp32 (dense w8 4x, 2:4 w8 and dense w4 8x, 2:4 w4 "
+                "16x). The DP is exact on costs rounded up to budget/10000.")
+    return ("BOPs = MACs x density x weight bits x activation bits against dense fp32 (32 x 32), the seed's w+a "
+            "setting: an option `a<bits>` reads the layer's input through a static per-tensor asymmetric quantiser "
+            "(range by least squared error on a histogram of the calibration inputs), stored in the artifact "
+            "(dense w8a8 16x, 2:4 w8a8 32x, dense w4a4 64x, 2:4 w4a4 128x). Each w+a option's table entry is the "
+            "measured layer loss with both weights and inputs quantised. The DP is exact on costs rounded up to "
+            "budget/10000.")
+
+
 def short(option: str) -> str:
     """``dense-w8`` -> ``d8``, ``2:4-w4`` -> ``s4`` (other N:M keep theirs: ``1:4/4``),
-    ``4block50-w3`` -> ``b50/3``; formats as they are."""
+    ``4block50-w3`` -> ``b50/3``, ``dense-w4a4`` -> ``d4a4``; formats as they are."""
     if "-w" not in option:
         return option
     pattern, bits = option.rsplit("-w", 1)
@@ -108,13 +131,15 @@ def plot(model: str, fp32: dict, rows: list[dict], out: Path) -> None:
                     yerr=[(max(pts[x]) - min(pts[x])) / 2 for x in xs], fmt="o-", capsize=3, label=m)
     if metric in fp32:
         ax.axhline(fp32[metric], color="gray", ls="--", label="fp32")
-    ax.set_xlabel("BOP reduction reached (weights x fp32 activations)")
+    widths = act_widths(next((r["options"] for r in ok if r.get("options")), None) or DEFAULT_OPTIONS)
+    ax.set_xlabel("BOP reduction reached (" + ("weights x fp32 activations" if widths == [32] else
+                                               "weights x activations") + ")")
     ax.set_ylabel(f"{metric} (mean over calibration seeds; bars: range)")
     ax.set_title(f"{model}: compound compression")
     ax.legend()
     # Cheapest option at the bottom: BOPs per MAC, then name.
     options = sorted({v for r in ok for v in r["plan"].values()},
-                     key=lambda o: (Option.parse(o).density * Option.parse(o).bits, o))
+                     key=lambda o: (Option.parse(o).density * Option.parse(o).bits * Option.parse(o).act_bits, o))
     for i, m in enumerate(methods):
         r = next((r for r in ok if r["method"] == m and r["reduction"] == top), None)
         if r is None:
@@ -134,17 +159,14 @@ def plot(model: str, fp32: dict, rows: list[dict], out: Path) -> None:
 def markdown(model: str, fp32: dict, rows: list[dict], command: str) -> str:
     keys = [k for k in ("accuracy", "top1_agreement", "kl_mean") if any(k in r.get("metrics", {}) for r in rows)]
     layer_names = next((list(r["plan"]) for r in rows if "plan" in r), [])
+    offered = next((r["options"] for r in rows if r.get("options")), None) or DEFAULT_OPTIONS
     lines = [f"# {model}: compound compression, OBC vs AdaPrune+AdaQuant at matching BOP reduction", "",
              f"Command: `{command}`", "",
-             "BOPs = MACs x density x weight bits x 32: activations stay fp32 (no activation quantiser in l2fx), "
-             "so the reduction is the weights' alone against dense fp32 (dense w8 4x, 2:4 w8 and dense w4 8x, "
-             "2:4 w4 16x). The DP is exact on costs rounded up to budget/10000.", "",
-             "Options offered to every layer: " + ", ".join(next((r["options"] for r in rows if r.get("options")),
-                                                                  None) or ["dense-w8", "dense-w4", "2:4-w8",
-                                                                            "2:4-w4"]) + ".", "",
+             bops_text(offered), "",
+             "Options offered to every layer: " + ", ".join(offered) + ".", "",
              "fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in fp32.items()), "",
              "Plan: per layer (in order: " + ", ".join(layer_names) + ") d = dense, s = 2:4, b<P> = 4-blocks "
-             "with P% pruned, then weight bits.", "",
+             "with P% pruned, then weight bits (and a<bits>: activation bits).", "",
              "| method | target | calib seed | BOP red. | summed layer loss | " + " | ".join(keys) +
              " | delta acc vs fp32 | CR coded | CR packed | compile s | plan |",
              "|---|---|---|---|---|" + "---|" * len(keys) + "---|---|---|---|---|"]
@@ -214,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{method} {reduction:g}x seed {seed}: {row['achieved_reduction']:.2f}x "
               f"acc {row['metrics']['accuracy']:.4f} ({row['compile_s']:.0f} s)", flush=True)
         write_results(out, markdown(args.model, fp32, rows, command),
-                      {"command": command, "fp32": fp32, "act_bits": 32, "rows": rows})
+                      {"command": command, "fp32": fp32,
+                                                           "act_bits": act_widths(args.options or DEFAULT_OPTIONS),
+                                                           "rows": rows})
     plot(args.model, fp32, rows, out)
     print(markdown(args.model, fp32, rows, command))
     return 0

@@ -29,7 +29,7 @@ from l2fx.ir import CodedInfo
 from l2fx.manifest import INSPECT_SYMBOLS_PER_BYTE, LayerEntry
 from l2fx.method import default_pipeline, structural_pipeline
 from l2fx.modules import StoredParams, configure_decode
-from l2fx.passes import DecodedLayer, InstallDecodedWeights, LowerKernels
+from l2fx.passes import DecodedLayer, InsertActQuant, InstallDecodedWeights, LowerKernels
 from l2fx.pipeline import Instrument, PassContext, PassManager, PeakMemory, Timing, peak_rss_mib
 from l2fx.report import CompressionReport, LayerReport, original_nbytes, packed_nbytes
 from l2fx.transform import TransformKind
@@ -289,6 +289,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | st
             gm = structural_pipeline(reader.fold_batchnorm)(gm).graph_module
             layers = decoding.result()
             passes = PassManager([InstallDecodedWeights(layers, reader.plain(), reader.path)])
+            acts = {e.param: e.act for e in reader.layers if e.act is not None}
+            if acts:  # the w+a options' input quantisers, replayed before any lowering
+                passes.append(InsertActQuant(acts))
             if backend.use_triton != "never" and torch.device(device).type == "cuda":
                 passes.append(LowerKernels())
             gm = passes(gm).graph_module
@@ -329,7 +332,8 @@ def load_into(path: str | os.PathLike, model: nn.Module, *, backend: BackendConf
     unheld = check_model(model, {e.param: e.shape for e in reader.layers}, plain_spec,
                          fold_batchnorm=reader.fold_batchnorm, source=str(reader.path))
     rangedec.warm_up()
-    install(model, _decoded_codes(reader, threads), reader.plain(), decode)
+    install(model, _decoded_codes(reader, threads), reader.plain(), decode,
+            {e.param: e.act for e in reader.layers if e.act is not None})
     if unheld:
         warnings.warn(f"l2fx.load_into: {len(unheld)} tensor(s) of the {type(model).__name__} are not in {reader.path} "
                       f"(the compiled forward read nothing of them) and keep the model's own values: "

@@ -44,7 +44,7 @@ from l2fx.errors import (ArchitectureMismatchError, ArtifactError, ArtifactVersi
 from l2fx.ir import CodedInfo, get_meta, weight_sites
 from l2fx.manifest import (LayerEntry, check_tparams, int_field, parse_capture, parse_layers, parse_plain_v1,
                            parse_plain_v2, require)
-from l2fx.modules import CodedWeight
+from l2fx.modules import ActQuant, CodedWeight
 
 FORMAT = "l2fx"
 # Version 2: the manifest is zlib-compressed (level 9) and the plain tensors are packed per dtype.
@@ -52,9 +52,10 @@ FORMAT = "l2fx"
 # EfficientNet-Lite0 at CR 10: manifest 12.9 -> 2.0 kB of 1.89 MB. Version 3: a layer may hold T
 # parameters per group of ``group`` elements of each row. A file is written in the lowest version
 # that holds its layers (3 only with a per-group layer), so readers of version 2 still read what
-# they can; versions 1 and 2 are still read.
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# they can; versions 1 and 2 are still read. Version 4: a layer entry may hold ``act``, the static
+# quantiser of its ops' input activations (the compound methods' w+a options); written only then.
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 # Refuse to inflate a manifest beyond this (a decompression bomb is a corrupt file, not a hang).
 # An honest manifest takes ~100 bytes per layer and ~50 per plain tensor (EfficientNet-Lite0:
 # 12.9 kB; a 1 B-parameter Llama: ~100 kB): 16 MiB leaves room for 100,000s of tensors while
@@ -99,9 +100,28 @@ def coded_layers(gm: fx.GraphModule) -> list[tuple[str, CodedInfo, CodedWeight]]
     return sorted(out, key=lambda item: item[1].param)
 
 
+def _check_act_quant(gm: fx.GraphModule, entries: dict[str, dict]) -> None:
+    """Every activation quantiser the graph runs is the one its coded layer's entry stores
+    (``range_code`` writes it from the layer's ``l2fx.act_quant``), and no entry stores one the
+    graph does not run: a loaded model computes what the compiled one did."""
+    running = {m.layer: m.spec.to_dict() for m in gm.modules() if isinstance(m, ActQuant)}
+    for param, spec in sorted(running.items()):
+        if param not in entries:
+            raise ArtifactError(f"the graph quantises the inputs of {param!r}, which is not a coded layer: an "
+                                f"artifact stores activation quantisers only with their coded weights")
+        if entries[param].get("act") != spec:
+            raise ArtifactError(f"layer {param!r}: the activation quantiser the graph runs ({spec}) is not the one "
+                                f"its coded entry stores ({entries[param].get('act')}); was it inserted after "
+                                f"range_code, or its intent changed?")
+    stored = sorted(p for p, e in entries.items() if "act" in e and p not in running)
+    if stored:
+        raise ArtifactError(f"layer {stored[0]!r} stores an activation quantiser the graph does not run")
+
+
 def serialize(gm: fx.GraphModule, header: dict[str, Any]) -> bytes:
     """The artifact's bytes for a compiled GraphModule; ``header`` adds capture/config facts."""
     layers = coded_layers(gm)
+    _check_act_quant(gm, {info.param: info.entry for _, info, _ in layers})
     coded_prefixes = tuple(path + "." for path, _, _ in layers)
     payload, chunk_index, tables = [], [], []
     tparams: dict[str, list[np.ndarray]] = {"f16": [], "f32": [], "e8m0": []}
@@ -144,7 +164,12 @@ def serialize(gm: fx.GraphModule, header: dict[str, Any]) -> bytes:
     for key, parts in packs.items():
         arrays[PLAIN_PREFIX + key] = np.concatenate(parts)
     crcs = {k: _crc(v) for k, v in arrays.items() if k != PAYLOAD}
-    version = 3 if any("group" in e or e["pdtype"] == "e8m0" for e in entries) else 2
+    if any("act" in e for e in entries):
+        version = 4
+    elif any("group" in e or e["pdtype"] == "e8m0" for e in entries):
+        version = 3
+    else:
+        version = 2
     manifest = {"format": FORMAT, "version": version, **header, "layers": entries, "plain": plain_dtypes,
                 "crc32": crcs}
     arrays[MANIFEST] = np.frombuffer(encode_manifest(manifest, version), dtype=np.uint8)

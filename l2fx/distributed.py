@@ -8,6 +8,8 @@ the same result, and any rank (by convention rank 0) saves it:
 
 * input Hessians (:class:`l2fx.solvers.hessian.HessianAccumulator`): ``sum_r n_r H_r / sum_r
   n_r``, the Hessian of the union of the shards (``oneshot_solve``, ``compound_plan``);
+* the w+a options' activation ranges (max), histograms and joint errors (sums)
+  (``compound_plan``, :mod:`l2fx.layerwise`);
 * the sensitivity analysis's output errors (``sensitivity_analysis``): numerator and the
   reference's energy (about the union's mean) summed over the ranks, each rank measuring its
   first ``num_samples`` samples, so the curves are those of ``world_size x num_samples``
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["active", "world_size", "rank", "all_reduce_sum", "all_reduce_scalars"]
+__all__ = ["active", "world_size", "rank", "all_reduce_sum", "all_reduce_max", "all_reduce_scalars"]
 
 
 def active() -> bool:
@@ -51,24 +53,33 @@ def rank() -> int:
     return torch.distributed.get_rank() if active() else 0
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over the ranks (in place where a group is active; ``t`` itself otherwise).
-    NCCL reduces device tensors; gloo CPU ones: a tensor on another device than the backend's
-    goes through a copy."""
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if not active():
         return t
     backend = torch.distributed.get_backend()
     if backend == "nccl" and t.device.type != "cuda":
         moved = t.to(f"cuda:{torch.cuda.current_device()}")
-        torch.distributed.all_reduce(moved)
+        torch.distributed.all_reduce(moved, op=op)
         t.copy_(moved.to(t.device))
     elif backend == "gloo" and t.device.type != "cpu":
         moved = t.cpu()
-        torch.distributed.all_reduce(moved)
+        torch.distributed.all_reduce(moved, op=op)
         t.copy_(moved.to(t.device))
     else:
-        torch.distributed.all_reduce(t)
+        torch.distributed.all_reduce(t, op=op)
     return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (in place where a group is active; ``t`` itself otherwise).
+    NCCL reduces device tensors; gloo CPU ones: a tensor on another device than the backend's
+    goes through a copy."""
+    return _all_reduce(t, torch.distributed.ReduceOp.SUM if active() else None)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elementwise maximum over the ranks (as :func:`all_reduce_sum`)."""
+    return _all_reduce(t, torch.distributed.ReduceOp.MAX if active() else None)
 
 
 def all_reduce_scalars(*values: float) -> tuple[float, ...]:

@@ -26,6 +26,13 @@ change what ``isinstance`` and the model's own code see. A parametrization is th
 torch itself offers for "this attribute is computed from these tensors", and keeps
 ``state_dict()`` honest without monkey-patching ``module.__dict__``.
 
+* an artifact of the compound methods' w+a options also stores, per layer, the static
+  quantiser of the layer's input activations: each goes on the ``nn.Linear``/``nn.ConvNd``
+  owning the weight as an :class:`~l2fx.modules.ActQuant` submodule ``l2fx_act_quant`` (no
+  tensors: ``state_dict()`` is unchanged) applied by a forward pre-hook; a weight no such module
+  owns (read by ``F.linear`` in the model's own code) is refused, naming it: use ``l2fx.load``.
+  :func:`materialize` keeps the quantisers (they are part of what the compressed model computes).
+
 No graph is captured here: the architecture is checked against the artifact by tensor names,
 shapes and dtypes (:func:`check_model`), which is what the artifact's fingerprint hashes.
 BatchNorm folding rewrote a conv's weight and bias into tensors the model does not have in
@@ -42,8 +49,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from l2fx.activations import ActQuantSpec
 from l2fx.errors import ArchitectureMismatchError
-from l2fx.modules import DecodeCache
+from l2fx.modules import ActQuant, DecodeCache
 from l2fx.transform import TransformKind
 
 __all__ = ["DecodeWeight", "CodedTensor", "check_model", "install", "materialize", "decode_weights"]
@@ -180,15 +188,52 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(path) if path else model), attr
 
 
+#: Modules whose forward is one linear/conv op reading their ``weight``: where an activation
+#: quantiser of the artifact can sit on the input without a captured graph.
+ACT_QUANT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+ACT_QUANT_ATTR = "l2fx_act_quant"
+
+
+def _quantise_input(module: nn.Module, args: tuple) -> tuple:
+    return (getattr(module, ACT_QUANT_ATTR)(args[0]),) + tuple(args[1:])
+
+
+def _act_owners(model: nn.Module, aliases: Sequence[str], param: str) -> list[nn.Module]:
+    """The modules that read ``param`` as a linear/conv weight (one per tied name that is the
+    ``weight`` of an :data:`ACT_QUANT_MODULES`); an error if there is none."""
+    owners = []
+    for alias in aliases:
+        owner, attr = _owner(model, alias)
+        if attr == "weight" and isinstance(owner, ACT_QUANT_MODULES):
+            owners.append(owner)
+    if not owners:
+        raise ArchitectureMismatchError(
+            f"layer {param!r} quantises the inputs of the ops reading it, but no nn.Linear/nn.ConvNd of the "
+            f"{type(model).__name__} owns it (names: {', '.join(aliases)}), so its input cannot be found without the "
+            f"captured graph: use l2fx.load")
+    return owners
+
+
 @torch.no_grad()
 def install(model: nn.Module, coded: Sequence[CodedTensor], plain: Mapping[str, torch.Tensor],
-            decode: str = "auto") -> nn.Module:
+            decode: str = "auto", acts: Mapping[str, ActQuantSpec] | None = None) -> nn.Module:
     """Replaces, in ``model``, each compressed weight by a :class:`DecodeWeight` parametrization
     of its codes (every name of a tied tensor sharing one) and copies the plain tensors in.
-    ``check_model`` must have passed. Each weight goes to the device its tensor was on and is
-    returned in its dtype. Returns ``model``."""
+    ``acts``: the layers' activation quantisers (the artifact's ``act`` entries): each goes on
+    the input of the ``nn.Linear``/``nn.ConvNd`` owning that weight, as an
+    :class:`~l2fx.modules.ActQuant` submodule ``l2fx_act_quant`` (no tensors: ``state_dict()``
+    is unchanged) applied by a forward pre-hook, which is what the captured graph's
+    ``insert_act_quant`` computes for such a module. Checked for every layer before the model
+    is touched. ``check_model`` must have passed. Each weight goes to the device its tensor was
+    on and is returned in its dtype. Returns ``model``."""
     tensors = _tensors(model)
     aliases = _aliases(tensors)
+    act_owners = {param: _act_owners(model, aliases[param], param) for param in (acts or {})}
+    for param, owners in act_owners.items():
+        for owner in owners:
+            if hasattr(owner, ACT_QUANT_ATTR):
+                raise ArchitectureMismatchError(f"{param!r}: its module already has an activation quantiser: load "
+                                                f"into a fresh instance")
     for layer in coded:
         old = tensors[layer.param]
         codes = layer.codes.to(device=old.device, dtype=torch.int8).contiguous()
@@ -206,6 +251,10 @@ def install(model: nn.Module, coded: Sequence[CodedTensor], plain: Mapping[str, 
             decoder.fill_cache(codes)
     for param, value in plain.items():
         tensors[param].copy_(value)  # aliases share the storage
+    for param, owners in act_owners.items():
+        for owner in owners:
+            owner.add_module(ACT_QUANT_ATTR, ActQuant(param, acts[param]))
+            owner.register_forward_pre_hook(_quantise_input)
     return model
 
 

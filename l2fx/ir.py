@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from l2fx.activations import ActQuantSpec
 from l2fx.errors import PassError
 
 T = TypeVar("T")
@@ -172,6 +173,18 @@ class LayerIntent:
 
     def option(self, name: str, default: Any = None) -> Any:
         return next((v for k, v in self.options if k == name), default)
+
+
+@meta_entry
+@dataclasses.dataclass(frozen=True)
+class ActQuantIntent:
+    """The input activations of the linear/conv ops reading this weight are fake-quantised by
+    ``spec`` (set by ``compound_plan`` for an option with activation bits, or at load from the
+    artifact; applied by ``insert_act_quant``, written by ``range_code`` into the layer's
+    manifest entry as ``act``)."""
+
+    META_KEY = "l2fx.act_quant"
+    spec: ActQuantSpec
 
 
 @meta_entry

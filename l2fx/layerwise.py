@@ -19,23 +19,28 @@ Hessian: the caller decides (the one-shot pass rounds them to nearest, and recor
 
 :func:`model_hessians` is the independent setting instead (OBC's per-layer error tables): the
 whole uncompressed model (weights still ``get_attr`` s) run batch by batch, every weight's
-Hessian from the fp32 model's own activations, and every linear/conv op's MACs per sample.
+Hessian from the fp32 model's own activations, and every linear/conv op's MACs per sample;
+for the w+a options, :func:`input_histograms` (to calibrate activation quantisers), the
+Hessians of the quantised inputs, and :func:`joint_errors` (weights and inputs both quantised).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 
+from l2fx import distributed
+from l2fx.activations import ActQuantSpec, RangeHistogram
 from l2fx.blocks import BlockProgram, build_programs, calibration_inputs
 from l2fx.data import batch_size
 from l2fx.ir import WeightSite, arg_of, weighted_op
 from l2fx.modules import TransformedWeight
 from l2fx.solvers import HessianAccumulator, layer_rows
 
-__all__ = ["LayerStats", "block_hessians", "stream_blocks", "DenseLayerStats", "model_hessians"]
+__all__ = ["LayerStats", "block_hessians", "stream_blocks", "DenseLayerStats", "model_hessians", "input_histograms",
+           "joint_errors"]
 
 
 @dataclasses.dataclass
@@ -167,7 +172,8 @@ class DenseLayerStats:
     """A linear/conv weight of the uncompressed model (:func:`model_hessians`): ``hessians``
     ``[groups, cols, cols]`` (None when not asked for), ``macs``: multiply-accumulates per
     calibration sample (output elements x the weight's ``flatten(1)`` width, summed over the ops
-    reading the weight)."""
+    reading the weight); ``act_hessians``: per activation bit width asked for, the Hessian of
+    the same inputs through that width's quantiser (same shape as ``hessians``)."""
 
     param: str
     family: str
@@ -175,15 +181,21 @@ class DenseLayerStats:
     hessians: torch.Tensor | None
     nsamples: int
     macs: float
+    act_hessians: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+#: ``visit(param, family, shape, conv params, the op's input, the weight)``: what a pass over the
+#: uncompressed model does with each linear/conv input of a wanted weight.
+Visit = Callable[[str, str, tuple, dict, torch.Tensor, torch.Tensor], None]
 
 
 class _DenseCapture(fx.Interpreter):
-    """Runs the uncompressed graph; per linear/conv op, counts MACs and feeds the accumulators."""
+    """Runs the uncompressed graph; per linear/conv op counts MACs and, for a wanted weight,
+    hands its input to ``visit``."""
 
-    def __init__(self, gm: fx.GraphModule, wanted: set[str]):
+    def __init__(self, gm: fx.GraphModule, wanted: set[str], visit: Visit):
         super().__init__(gm)
-        self.wanted = wanted
-        self.accumulators: dict[str, list[HessianAccumulator]] = {}
+        self.wanted, self.visit = wanted, visit
         self.macs: dict[str, float] = {}
         self.meta: dict[str, tuple[str, tuple[int, ...]]] = {}
 
@@ -199,34 +211,112 @@ class _DenseCapture(fx.Interpreter):
         family = "linear" if op.family == "linear" else ("conv1d" if len(shape) == 3 else "conv2d")
         self.meta[param] = (family, shape)
         if param in self.wanted:
-            conv = _conv_params(n) if op.family == "conv" else {}
-            rows = layer_rows(self.env[n.args[0]].float(), family, shape, **conv)
-            if rows.dim() == 2:
-                rows = rows.unsqueeze(0)
-            accs = self.accumulators.setdefault(param, [HessianAccumulator(rows.shape[-1])
-                                                        for _ in range(rows.shape[0])])
-            for g in range(rows.shape[0]):
-                accs[g].add(rows[g])
+            self.visit(param, family, shape, _conv_params(n) if op.family == "conv" else {}, self.env[n.args[0]],
+                       weight)
         return out
 
 
 @torch.no_grad()
-def model_hessians(gm: fx.GraphModule, calib: Any, device: torch.device, wanted: set[str],
-                   max_samples: int = 0) -> dict[str, DenseLayerStats]:
-    """Every linear/conv weight of ``gm`` (weights as ``get_attr`` s, before ``insert_transforms``):
-    its MACs per calibration sample, and for the parameters in ``wanted`` the Hessian of its
-    inputs in the uncompressed model. One calibration batch's activations are held at a time
-    (the interpreter frees each value after its last use)."""
-    cap = _DenseCapture(gm, wanted)
+def _dense_pass(gm: fx.GraphModule, calib: Any, device: torch.device, wanted: set[str], visit: Visit,
+                max_samples: int = 0) -> tuple[_DenseCapture, int]:
+    """One run of the uncompressed model over the calibration set, one batch's activations at a
+    time (the interpreter frees each value after its last use); returns the capture and the
+    number of samples."""
+    cap = _DenseCapture(gm, wanted, visit)
     samples = 0
     for pv in calibration_inputs(gm, calib, max_samples, device):
         args = list(pv.values())
         cap.run(*args)
         samples += batch_size(args)
+    return cap, samples
+
+
+def _grouped_rows(x: torch.Tensor, family: str, shape: tuple, conv: dict) -> torch.Tensor:
+    rows = layer_rows(x.float(), family, shape, **conv)
+    return rows.unsqueeze(0) if rows.dim() == 2 else rows
+
+
+@torch.no_grad()
+def model_hessians(gm: fx.GraphModule, calib: Any, device: torch.device, wanted: set[str],
+                   max_samples: int = 0, act: Mapping[str, Mapping[int, ActQuantSpec]] | None = None
+                   ) -> dict[str, DenseLayerStats]:
+    """Every linear/conv weight of ``gm`` (weights as ``get_attr`` s, before ``insert_transforms``):
+    its MACs per calibration sample, and for the parameters in ``wanted`` the Hessian of its
+    inputs in the uncompressed model; ``act``: per parameter, the activation quantisers whose
+    quantised-input Hessians to accumulate as well (``act_hessians``)."""
+    act = act or {}
+    accumulators: dict[tuple[str, int], list[HessianAccumulator]] = {}
+
+    def visit(param, family, shape, conv, x, weight):
+        for bits, xq in [(0, x)] + [(b, spec(x)) for b, spec in sorted(act.get(param, {}).items())]:
+            rows = _grouped_rows(xq, family, shape, conv)
+            accs = accumulators.setdefault((param, bits), [HessianAccumulator(rows.shape[-1])
+                                                           for _ in range(rows.shape[0])])
+            for g in range(rows.shape[0]):
+                accs[g].add(rows[g])
+
+    cap, samples = _dense_pass(gm, calib, device, wanted, visit, max_samples)
     out = {}
     for param, (family, shape) in cap.meta.items():
-        accs = cap.accumulators.get(param)
+        accs = accumulators.get((param, 0))
         hess = torch.stack([a.hessian() for a in accs]) if accs else None
+        act_h = {b: torch.stack([a.hessian() for a in accumulators[(param, b)]]) for b in sorted(act.get(param, {}))
+                 if (param, b) in accumulators}
         out[param] = DenseLayerStats(param, family, shape, hess, accs[0].nsamples if accs else 0,
-                                     cap.macs[param] / max(samples, 1))
+                                     cap.macs[param] / max(samples, 1), act_h)
+    return out
+
+
+@torch.no_grad()
+def input_histograms(gm: fx.GraphModule, calib: Any, device: torch.device, wanted: set[str],
+                     max_samples: int = 0) -> dict[str, RangeHistogram]:
+    """Per wanted linear/conv weight, the histogram of the input values its ops read in the
+    uncompressed model (two passes: the range, then the counts; both reduced over the ranks of
+    a distributed compile), from which :func:`l2fx.activations.fit_spec` chooses a quantiser."""
+    hists: dict[str, RangeHistogram] = {}
+
+    def observe_range(param, family, shape, conv, x, weight):
+        hists.setdefault(param, RangeHistogram()).observe_range(x)
+
+    _dense_pass(gm, calib, device, wanted, observe_range, max_samples)
+    for param in sorted(hists):
+        h = hists[param]
+        lo, hi = distributed.all_reduce_max(torch.tensor([-h.lo, h.hi], dtype=torch.float64)).tolist()
+        h.lo, h.hi = -lo, hi
+        h.freeze()
+    _dense_pass(gm, calib, device, set(hists), lambda param, f, s, c, x, w: hists[param].observe(x), max_samples)
+    for param in sorted(hists):
+        distributed.all_reduce_sum(hists[param].counts)
+    return hists
+
+
+@torch.no_grad()
+def joint_errors(gm: fx.GraphModule, calib: Any, device: torch.device,
+                 candidates: Mapping[str, Sequence[tuple[ActQuantSpec, torch.Tensor]]],
+                 max_samples: int = 0) -> dict[str, list[float]]:
+    """Per parameter and candidate ``(quantiser, W_hat [rows, cols])``, the layer loss of
+    ``W_hat`` reading quantised inputs against ``W`` reading the real ones,
+    ``2/N sum ||W x - W_hat q(x)||^2`` over the ``N`` input rows (per conv group, summed),
+    in the units of ``tr(dW H dW^T)``: the error a w+a option's table entry needs, which no
+    single Hessian gives. Summed over the ranks of a distributed compile."""
+    sums = {p: torch.zeros(len(c), dtype=torch.float64) for p, c in candidates.items()}
+    counts = {p: torch.zeros(1, dtype=torch.float64) for p in candidates}
+
+    def visit(param, family, shape, conv, x, weight):
+        rows = _grouped_rows(x, family, shape, conv)
+        groups = rows.shape[0]
+        W2 = weight.detach().float().reshape(shape[0], -1)
+        per = shape[0] // groups
+        ref = [rows[g] @ W2[g * per:(g + 1) * per].T for g in range(groups)]
+        for i, (spec, w_hat) in enumerate(candidates[param]):
+            rq = _grouped_rows(spec(x), family, shape, conv)
+            sums[param][i] += sum(float(((ref[g] - rq[g] @ w_hat[g * per:(g + 1) * per].T).double() ** 2).sum())
+                                  for g in range(groups))
+        counts[param] += rows.shape[1]
+
+    _dense_pass(gm, calib, device, set(candidates), visit, max_samples)
+    out = {}
+    for param in sorted(candidates):
+        total, n = distributed.all_reduce_sum(sums[param]), distributed.all_reduce_sum(counts[param])
+        out[param] = (2.0 * total / n.clamp(min=1)).tolist()
     return out

@@ -36,7 +36,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from l2fx.errors import CorruptArtifactError
+from l2fx.activations import ACT_BITS_RANGE, ActQuantSpec
+from l2fx.errors import ConfigError, CorruptArtifactError
 from l2fx.frontend import CaptureInfo
 from l2fx.transform import FORMAT_KINDS, TransformKind, param_shape, uses_threshold
 
@@ -72,7 +73,8 @@ PLAIN_DTYPES = ("float16", "bfloat16", "float32", "float64", "uint8", "int8", "i
 _PDTYPES = ("f16", "f32", "e8m0")  # e8m0 from format version 3
 _LAYER_KEYS = ("param", "kind", "shape", "axis", "qmin", "ntab", "nchunks", "chunk", "pdtype")
 #: Optional layer fields, by the first format version that has them.
-_OPTIONAL_KEYS = {"group": 3}
+_OPTIONAL_KEYS = {"group": 3, "act": 4}
+_ACT_KEYS = ("bits", "scale", "zero_point")
 
 
 def require(cond: bool, where: str, message: str) -> None:
@@ -127,6 +129,7 @@ class LayerEntry:
     chunk: int
     pdtype: str
     group: int | None = None
+    act: ActQuantSpec | None = None  # from version 4: the static quantiser of the layer's input activations
     chunk_start: int = 0
     table_start: int = 0
     tparam_start: int = 0
@@ -156,6 +159,8 @@ class LayerEntry:
                "pdtype": self.pdtype}
         if self.group is not None:
             out["group"] = self.group
+        if self.act is not None:
+            out["act"] = self.act.to_dict()
         return out
 
 
@@ -168,7 +173,7 @@ def _layer(raw: Any, index: int, version: int) -> LayerEntry:
     keys = set(raw)
     allowed = set(_LAYER_KEYS) | {k for k, since in _OPTIONAL_KEYS.items() if version >= since}
     require(set(_LAYER_KEYS) <= keys <= allowed, where, f"fields must be {list(_LAYER_KEYS)} (and, from format "
-            f"version 3, 'group'): missing {sorted(set(_LAYER_KEYS) - keys)}, unknown "
+            f"version 3, 'group'; from 4, 'act'): missing {sorted(set(_LAYER_KEYS) - keys)}, unknown "
             f"{sorted(k[:40] for k in keys - allowed)}")
     param = _name(param, where, "field 'param'")
     kind = raw["kind"]
@@ -197,6 +202,7 @@ def _layer(raw: Any, index: int, version: int) -> LayerEntry:
     if "group" in raw:
         group = int_field(raw, "group", where, 1, max(1, numel // shape[0]))
         require(axis == 0, where, f"a per-group layer runs along its rows: field 'axis' must be 0, got {axis}")
+    act = _act(raw["act"], where) if "act" in raw else None
     if TransformKind(kind) in FORMAT_KINDS:  # codes index the format's values; one scale per block
         fmt = FORMAT_KINDS[TransformKind(kind)]
         top = len(fmt.magnitudes) - 1
@@ -206,7 +212,24 @@ def _layer(raw: Any, index: int, version: int) -> LayerEntry:
         require(group == block, where,
                 f"a {fmt.name} layer has one scale per block of {fmt.block_size} along its rows: field 'group' "
                 f"must be {block}, got {group}")
-    return LayerEntry(param, TransformKind(kind), shape, axis, qmin, ntab, nchunks, chunk, pdtype, group)
+    return LayerEntry(param, TransformKind(kind), shape, axis, qmin, ntab, nchunks, chunk, pdtype, group, act)
+
+
+def _act(raw: Any, where: str) -> ActQuantSpec:
+    """A layer's ``act`` field: ``{"bits": 2..8, "scale": a float32 value > 0, "zero_point": int}``."""
+    require(isinstance(raw, dict) and set(raw) == set(_ACT_KEYS), where,
+            f"field 'act' must be an object with exactly the fields {list(_ACT_KEYS)}, got {_show(raw)}")
+    bits = int_field(raw, "bits", where, *ACT_BITS_RANGE)
+    zero_point = int_field(raw, "zero_point", where, 0, (1 << bits) - 1)
+    scale = raw["scale"]
+    require(type(scale) is float and math.isfinite(scale) and scale > 0, where,
+            f"field 'act.scale' = {_show(scale)} must be a finite float > 0")
+    try:
+        spec = ActQuantSpec(bits, scale, zero_point)
+    except ConfigError as exc:
+        raise CorruptArtifactError(f"{where}: field 'act': {exc}") from exc
+    require(spec.scale == scale, where, f"field 'act.scale' = {scale!r} is not a float32 value")
+    return spec
 
 
 def parse_layers(raw: Any, sizes: Mapping[str, int], version: int) -> tuple[LayerEntry, ...]:

@@ -26,7 +26,7 @@ from l2fx.passes import (BlockPartition, BlockReconstruction, CompoundPlan, Entr
                          InsertTransforms, KeepReference, LowerKernels, MarkWeights, NetworkDistillation, Normalize,
                          OneShotSolve, PlainStorage, PruneUnusedState, RangeCode, RateFit, RoundToNearest,
                          SensitivityAnalysis, SnapWeights)
-from l2fx.passes import AssignFormat, BitValueGrid, SmolPrecision, SmolRound
+from l2fx.passes import AssignFormat, BitValueGrid, InsertActQuant, SmolPrecision, SmolRound
 from l2fx.pipeline import PassManager
 from l2fx.precision import SmolOptions
 
@@ -193,7 +193,7 @@ def compound_pipeline(recipe: str) -> Callable[[CompileConfig], PassManager]:
     ``target_cr`` is not a constraint (not checked; the report's CR is the result)."""
     def build(config: CompileConfig) -> PassManager:
         pm = front_pipeline(config)
-        for p in (CompoundPlan(recipe), SensitivityAnalysis(), EntropyAllocation(check_target=False),
+        for p in (CompoundPlan(recipe), InsertActQuant(), SensitivityAnalysis(), EntropyAllocation(check_target=False),
                   InsertTransforms(), BlockPartition(), OneShotSolve(recipe), RangeCode(check_target=False),
                   LowerKernels()):
             pm.append(p)
@@ -204,7 +204,8 @@ def compound_pipeline(recipe: str) -> Callable[[CompileConfig], PassManager]:
 
 register_method("obc-compound", compound_pipeline("obc-compound"),
                 "OBC compound (appendix A.10): per layer {dense, 2:4} x {8, 4} bits (or bop_options) chosen "
-                "by a DP under method_options bop_reduction (activations fp32), ExactOBS tables and solves; "
+                "by a DP under method_options bop_reduction (activations fp32, or w+a options such as "
+                "dense-w8a8), ExactOBS tables and solves; "
                 "CR is the result")
 register_method("adaprune+adaquant-compound", compound_pipeline("adaprune+adaquant-compound"),
                 "the same DP over AdaPrune+AdaQuant (dense: AdaQuant) tables and solves: OBC's compound baseline")

@@ -20,13 +20,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from l2fx.activations import ActQuantSpec
 from l2fx.config import DECODE_MODES
 from l2fx.errors import BackendError, ConfigError
 from l2fx.transform import TransformKind, channel_view, fake_quant, inverse_t
 from l2fx.triton_kernels import dequant_matmul as _kernels  # registers torch.ops.l2fx.dequant_matmul
 from l2fx.triton_kernels.packing import pack_codes
 
-__all__ = ["TransformedWeight", "StoredParams", "DecodeCache", "CodedWeight", "DequantLinear", "DequantConv1x1", "KERNEL_KINDS",
+__all__ = ["ActQuant", "TransformedWeight", "StoredParams", "DecodeCache", "CodedWeight", "DequantLinear", "DequantConv1x1", "KERNEL_KINDS",
            "HAS_TRITON", "configure_decode", "decode_cache_nbytes"]
 
 #: Transform kinds the fused kernel decodes (block formats with integer elements run as
@@ -84,6 +85,26 @@ class TransformedWeight(nn.Module):
         fixed = ", fixed" if self.fixed else ""
         return (f"kind={self.kind.value}, shape={tuple(self.weight.shape)}, axis={self.channel_axis}{group}, "
                 f"qmax={self.qmax}{fixed}")
+
+
+class ActQuant(nn.Module):
+    """Static per-tensor activation fake-quantiser on the input of the linear/conv op(s) reading
+    weight ``layer`` (the w+a BOP setting: :mod:`l2fx.activations`): ``forward(x [any]) -> q(x)
+    [same shape and dtype]``. Its three numbers are attributes, not tensors: the artifact stores
+    them in the layer's manifest entry (``act``), and ``torch.compile`` sees constants."""
+
+    def __init__(self, layer: str, spec: ActQuantSpec):
+        super().__init__()
+        if not isinstance(spec, ActQuantSpec):
+            raise ConfigError(f"ActQuant needs an ActQuantSpec, got {type(spec).__name__}")
+        self.layer, self.spec = str(layer), spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spec(x)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"layer={self.layer!r}, bits={s.bits}, scale={s.scale:.6g}, zero_point={s.zero_point}"
 
 
 class StoredParams(nn.Module):

@@ -17,6 +17,7 @@ from l2fx.passes.compound_plan import CompoundPlan
 from l2fx.passes.distill import KeepReference, NetworkDistillation
 from l2fx.passes.fold_batchnorm import FoldBatchNorm
 from l2fx.passes.given_precision import GivenPrecision
+from l2fx.passes.insert_act_quant import InsertActQuant
 from l2fx.passes.insert_transforms import InsertTransforms
 from l2fx.passes.install_weights import DecodedLayer, InstallDecodedWeights
 from l2fx.passes.lower_kernels import LowerKernels
@@ -36,6 +37,6 @@ __all__ = [
     "Normalize", "FoldBatchNorm", "PruneUnusedState", "MarkWeights", "PlainStorage", "SensitivityAnalysis",
     "EntropyAllocation", "InsertTransforms", "BlockPartition", "KeepReference", "BlockReconstruction",
     "NetworkDistillation", "SnapWeights", "RateFit", "RangeCode", "LowerKernels", "RoundToNearest",
-    "InstallDecodedWeights", "DecodedLayer", "OneShotSolve", "CompoundPlan",
+    "InstallDecodedWeights", "DecodedLayer", "OneShotSolve", "CompoundPlan", "InsertActQuant",
     "BitValueGrid", "SmolPrecision", "GivenPrecision", "SmolRound", "AssignFormat",
 ]

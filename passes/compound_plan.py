@@ -11,12 +11,17 @@ pruned), which ``oneshot_solve`` then applies; nothing else changes.
 1. :func:`l2fx.layerwise.model_hessians`: the uncompressed model over the calibration set
    (one batch's activations at a time): every linear/conv weight's input Hessian and its MACs
    per sample. The tables are OBC's independent setting: each layer on the fp32 model's inputs.
+   With w+a options (``dense-w8a8`` ...: :mod:`l2fx.activations`), first each layer's input
+   quantiser per offered activation width (:func:`~l2fx.layerwise.input_histograms`, then
+   :func:`~l2fx.activations.fit_spec`), and the Hessians of the quantised inputs as well.
 2. Per weight and option, the layer loss ``tr(dW H dW^T)`` of the pass's recipe on that grid
    (``obc-compound``: OBQ dense, OBS 2:4 then OBQ; ``adaprune+adaquant-compound``: the
    baseline; 4-blocks: OBS of whole blocks / magnitude-of-block AdaPrune) and its BOPs
    ``MACs x density x weight bits x 32`` (density N/M, or 1 - the 4-block sparsity: BOPs assume
-   a runtime that skips pruned blocks; l2fx's does not, it decodes them as zeros; activations stay fp32:
-   :mod:`l2fx.solvers.compound` says why and what the seed's activation bits would need).
+   a runtime that skips pruned blocks; l2fx's does not, it decodes them as zeros) x the
+   option's activation bits (32: fp32). A w+a option is solved on its quantised inputs'
+   Hessian and its entry is the measured joint loss ``2/N sum ||W x - W_hat q(x)||^2``
+   (:func:`~l2fx.layerwise.joint_errors`, one pass over the calibration set for every layer).
 3. :func:`l2fx.solvers.compound.choose_options`: the least summed loss whose BOPs are within
    ``dense fp32 BOPs / bop_reduction``, exact on costs rounded up to ``budget / bop_resolution``.
 
@@ -37,7 +42,8 @@ not an option here), and so are T parameters along an axis other than the output
 target the options cannot reach is a TargetCRError naming the range.
 
 Pre: ``mark_weights`` ran; calibration data. Post: every site's intent has ``bits`` or a
-block ``format`` and a ``compound_plan.choice`` (:class:`CompoundChoice`; a graph whose every
+block ``format`` and a ``compound_plan.choice``; a site whose option quantises activations has
+``l2fx.act_quant`` (its quantiser, which ``insert_act_quant`` then puts on the ops' inputs) (:class:`CompoundChoice`; a graph whose every
 site has one is left unchanged, so the pass is idempotent); the tables
 and the plan in ``ctx.records["compound_plan"]``.
 """
@@ -53,8 +59,9 @@ import torch.fx as fx
 
 from l2fx.accounting import round_params
 from l2fx.errors import ConfigError, TargetCRError
-from l2fx.ir import LayerIntent, fetch_attr, get_meta, meta_entry, set_meta, weight_sites
-from l2fx.layerwise import model_hessians
+from l2fx.activations import fit_spec
+from l2fx.ir import ActQuantIntent, LayerIntent, fetch_attr, get_meta, meta_entry, set_meta, weight_sites
+from l2fx.layerwise import input_histograms, joint_errors, model_hessians
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 from l2fx.solvers import Grid
 from l2fx.solvers.compound import ACT_BITS, OPTIONS, Option, choose_options, format_loss, option_bops
@@ -151,9 +158,16 @@ class CompoundPlan(L2fxPass):
             raise ConfigError(f"bop_resolution must be an int >= 1, got {resolution!r}")
         t0 = time.perf_counter()
         sites = list(weight_sites(gm))
-        stats = model_hessians(gm, ctx.calib, torch.device(ctx.device), {site.param for _, site in sites},
-                               cfg.reconstruction.max_samples)
         site_params = {site.param for _, site in sites}
+        device, max_samples = torch.device(ctx.device), cfg.reconstruction.max_samples
+        # The w+a options: each layer's input quantiser per offered activation width, calibrated
+        # on the fp32 model's inputs (l2fx.activations), and the Hessians of the quantised inputs.
+        act_widths = sorted({o.act_bits for o in offered if o.act_bits != ACT_BITS})
+        act_specs = {}
+        if act_widths:
+            hists = input_histograms(gm, ctx.calib, device, site_params, max_samples)
+            act_specs = {p: {b: fit_spec(h, b) for b in act_widths} for p, h in hists.items()}
+        stats = model_hessians(gm, ctx.calib, device, site_params, max_samples, act_specs)
         dense_bops = sum(option_bops(s.macs, None) for s in stats.values())
         # Linear/conv weights left uncompressed: dense fp32 in the plan as in the baseline.
         fixed_bops = sum(option_bops(s.macs, None) for p, s in stats.items() if p not in site_params)
@@ -161,6 +175,7 @@ class CompoundPlan(L2fxPass):
         layers: dict[str, dict[str, Any]] = {}
         chosen: dict[str, Option] = {}
         table_nodes, costs, errors, layer_opts = [], [], [], []
+        pending: dict[str, tuple[int, list]] = {}  # w+a candidates: their errors are measured jointly
         for node, site in sites:
             intent = get_meta(node, LayerIntent)
             st = stats.get(site.param)
@@ -192,15 +207,24 @@ class CompoundPlan(L2fxPass):
                 raise ConfigError(f"compound_plan: layer {site.param!r} takes none of the options: {'; '.join(notes)}")
             per = W2.shape[0] // groups
             grids = {b: _grids(w, site, intent, b, groups) for b in {o.bits for o in usable if o.format is None}}
-            row_err = []
+            row_err, with_act = [], []
             for o in usable:
                 if o.format is not None:  # the spec's quantisation, rounded to nearest (format_loss)
                     row_err.append(sum(format_loss(W2[g * per:(g + 1) * per], st.hessians[g], o.format)
                                        for g in range(groups)))
                     continue
                 o_opts = {**opts, **dict(o.solver_options())}
-                row_err.append(sum(float(solve(self.recipe, W2[g * per:(g + 1) * per], st.hessians[g], grids[o.bits][g],
-                                               o_opts, layer=site.param).loss) for g in range(groups)))
+                # A w+a option is solved on its quantised inputs' Hessian (the layer then sees
+                # those inputs), its error measured below on both quantisations at once.
+                hess = st.hessians if o.act_bits == ACT_BITS else st.act_hessians[o.act_bits]
+                results = [solve(self.recipe, W2[g * per:(g + 1) * per], hess[g], grids[o.bits][g], o_opts,
+                                 layer=site.param) for g in range(groups)]
+                row_err.append(sum(float(r.loss) for r in results))
+                if o.act_bits != ACT_BITS:
+                    with_act.append((len(row_err) - 1, act_specs[site.param][o.act_bits],
+                                     torch.cat([r.w_hat for r in results])))
+            if with_act:
+                pending[site.param] = (len(errors), with_act)
             table_nodes.append((node, site, intent))
             costs.append([option_bops(st.macs, o) for o in usable])
             errors.append(row_err)
@@ -208,6 +232,13 @@ class CompoundPlan(L2fxPass):
             layers[site.param] = {"macs": st.macs, "options": {o.name: {"bops": c, "error": e} for o, c, e in
                                                               zip(usable, costs[-1], row_err)},
                                   **({"note": "; ".join(notes)} if notes else {})}
+        if pending:  # one pass over the calibration set measures every w+a candidate of every layer
+            measured = joint_errors(gm, ctx.calib, device, {p: [(a, w) for _, a, w in c] for p, (_, c) in
+                                                            pending.items()}, max_samples)
+            for param, (i, cands) in pending.items():
+                for (j, _, _), e in zip(cands, measured[param]):
+                    errors[i][j] = e
+                    layers[param]["options"][layer_opts[i][j].name]["error"] = e
         budget = dense_bops / reduction
         if not costs:
             raise ConfigError("compound_plan: no layer has options to choose from (every weight is kept, fixed or "
@@ -216,18 +247,24 @@ class CompoundPlan(L2fxPass):
         cheapest = fixed_bops + sum(min(c) for c in costs)
         if free <= 0 or cheapest > budget:
             raise TargetCRError(f"bop_reduction={reduction} is out of reach: the options reach at most "
-                                f"{dense_bops / cheapest:.3f}x against dense fp32 (activations fp32)")
+                                f"{dense_bops / cheapest:.3f}x against dense fp32")
         plan = choose_options(costs, errors, free, resolution,
                               describe=lambda i: f"layer {table_nodes[i][1].param!r}")
         for (node, site, intent), usable, j in zip(table_nodes, layer_opts, plan.choice):
             chosen[site.param] = usable[j]
             layers[site.param]["choice"] = usable[j].name
         for node, site in sites:
-            set_meta(node, _fixed_intent(get_meta(node, LayerIntent), chosen[site.param]))
-            set_meta(node, CompoundChoice(chosen[site.param].name))
+            option = chosen[site.param]
+            set_meta(node, _fixed_intent(get_meta(node, LayerIntent), option))
+            set_meta(node, CompoundChoice(option.name))
+            if option.act_bits != ACT_BITS:
+                spec = act_specs[site.param][option.act_bits]
+                set_meta(node, ActQuantIntent(spec))
+                layers[site.param]["act"] = spec.to_dict()
         plan_bops = fixed_bops + plan.cost
         ctx.records[self.name] = {
-            "recipe": self.recipe, "bop_reduction": reduction, "resolution": resolution, "act_bits": ACT_BITS,
+            "recipe": self.recipe, "bop_reduction": reduction, "resolution": resolution,
+            "act_bits": act_widths or [ACT_BITS],
             "dense_bops": dense_bops, "budget_bops": budget, "plan_bops": plan_bops,
             "achieved_reduction": dense_bops / plan_bops if plan_bops else math.inf,
             "summed_error": plan.error, "dp_units": plan.units, "kept_layers": kept, "layers": layers,

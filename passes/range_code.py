@@ -12,21 +12,24 @@ For each weight: the T parameters are rounded to their storage dtype, the symbol
 ``q = clamp(round(T(w)), -qmax, qmax)`` are computed with those stored values, a 16-bit
 frequency table is built, and the symbols are range coded (constriction) in independently
 decodable chunks of ``config.coding.chunk_size`` symbols with a CRC-32 each. The
-``l2fx.coded`` entry holds the stream and the real byte counts.
+``l2fx.coded`` entry holds the stream and the real byte counts; a layer with an activation
+quantiser (``l2fx.act_quant``) stores it in its manifest entry (``act``), counted with it.
 
 Pre: every site is a ``TransformedWeight``. Post: every site is a ``CodedWeight`` whose codes
 decode from its stream; the compressed-parameter CR is within ``cr_tolerance`` of the target.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.fx as fx
 
 from l2fx import coding
-from l2fx.accounting import bits_for_magnitude, layer_nbytes, manifest_entry, round_params
+from l2fx.accounting import bits_for_magnitude, entry_nbytes, layer_nbytes, manifest_entry, round_params
 from l2fx.errors import PassError
-from l2fx.ir import CodedInfo, get_meta, set_meta, weight_sites
+from l2fx.ir import ActQuantIntent, CodedInfo, get_meta, set_meta, weight_sites
 from l2fx.modules import CodedWeight, TransformedWeight
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 from l2fx.transform import encode
@@ -59,6 +62,10 @@ class RangeCode(L2fxPass):
                               stream.payload_nbytes, chunk_size, s, e, module.group_size)
             entry = manifest_entry(site.param, module.kind, site.shape, module.channel_axis, stream.table.qmin,
                                    stream.table.freqs.size, stream.num_chunks, chunk_size, pdtype, module.group_size)
+            act = get_meta(node, ActQuantIntent)
+            if act is not None:  # the layer's activation quantiser is stored (and counted) in its entry
+                entry["act"] = act.spec.to_dict()
+                lb = dataclasses.replace(lb, manifest=entry_nbytes(entry))
             coded = CodedWeight(q, module.kind, s, e, module.channel_axis, group_size=module.group_size).to(w.device)
             gm.add_submodule(str(node.target), coded)
             set_meta(node, CodedInfo(

@@ -91,7 +91,7 @@ def _rewrite_manifest(path, out, change, version=str(VERSION)):
     arrays = safetensors.numpy.load(path.read_bytes())
     manifest = _manifest(arrays)
     change(manifest)
-    encoding = int(version) if version.isdigit() and int(version) in (1, 2, 3) else VERSION
+    encoding = int(version) if version.isdigit() and int(version) in (1, 2, 3, 4) else VERSION
     arrays[MANIFEST] = np.frombuffer(encode_manifest(manifest, encoding), dtype=np.uint8)
     crc = zlib.crc32(arrays[MANIFEST].tobytes())
     out.write_bytes(safetensors_bytes(arrays, {"format": "l2fx", "version": version, "manifest_crc32": str(crc)}))
@@ -278,3 +278,72 @@ def test_load_does_not_modify_the_given_instance(artifact):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     l2fx.load(path, model=model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+_GOOD_ACT = {"bits": 8, "scale": 0.03125, "zero_point": 128}
+
+
+@pytest.mark.parametrize("act, match", [
+    ({"bits": 9, "scale": 0.03125, "zero_point": 0}, "bits"),
+    ({"bits": 4, "scale": 0.03125, "zero_point": 16}, "zero_point"),
+    ({"bits": 8, "scale": -1.0, "zero_point": 0}, "scale"),
+    ({"bits": 8, "scale": 1, "zero_point": 0}, "scale"),  # an int, not the float the writer writes
+    ({"bits": 8, "scale": 0.1, "zero_point": 0}, "float32"),  # 0.1 is no float32 value
+    ({"bits": 8, "scale": 1e300, "zero_point": 0}, "scale"),
+    ({"bits": 8, "scale": 0.03125}, "exactly the fields"),
+    ("8", "exactly the fields"),
+])
+def test_bad_activation_quantisers_are_corruption(artifact, tmp_path, act, match):
+    path, _ = artifact
+    out = tmp_path / "a.l2fx"
+    _rewrite_manifest(path, out, lambda m: (m.update(version=4), m["layers"][0].update(act=act)), version="4")
+    with pytest.raises(CorruptArtifactError, match=match):
+        l2fx.inspect(out)
+
+
+def test_an_activation_quantiser_needs_format_version_4_and_load_replays_it(artifact, tmp_path):
+    path, compiled = artifact
+    out = tmp_path / "a.l2fx"
+    _rewrite_manifest(path, out, lambda m: m["layers"][0].update(act=_GOOD_ACT))
+    with pytest.raises(CorruptArtifactError, match="unknown.*act"):
+        l2fx.inspect(out)
+    layer = None
+
+    def add(m):
+        nonlocal layer
+        m.update(version=4)
+        m["layers"][0].update(act=_GOOD_ACT)
+        layer = m["layers"][0]["param"]
+
+    _rewrite_manifest(path, out, add, version="4")
+    loaded = l2fx.load(out, model=make_tiny_convnet(), verify=True)
+    module = loaded.graph_module.get_submodule("l2fx_act." + layer.replace(".", "__"))
+    assert module.spec.to_dict() == _GOOD_ACT
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert not torch.equal(loaded(x), compiled(x))  # the input of that layer is now quantised
+    # Saving the loaded model writes the quantiser back, as version 4.
+    again = tmp_path / "b.l2fx"
+    l2fx.save(loaded, again)
+    assert l2fx.load(again, model=make_tiny_convnet()).graph_module.get_submodule(
+        "l2fx_act." + layer.replace(".", "__")).spec.to_dict() == _GOOD_ACT
+
+
+def test_a_quantiser_inserted_after_range_code_is_not_saved(artifact, tmp_path):
+    """The artifact writes each layer's quantiser from its coded entry: a graph running one the
+    entry does not hold (a user pass after range_code) is refused, not saved without it."""
+    import copy
+    from l2fx.activations import ActQuantSpec
+    from l2fx.ir import weight_sites
+    from l2fx.passes import InsertActQuant
+    from l2fx.pipeline import PassContext, PassManager
+    _, compiled = artifact
+    c = copy.deepcopy(compiled)
+    param = next(site.param for _, site in weight_sites(c.graph_module))
+    with PassContext():
+        PassManager([InsertActQuant({param: ActQuantSpec(8, 0.03125, 128)})])(c.graph_module)
+    c.graph_module.recompile()
+    out = tmp_path / "x.l2fx"
+    with pytest.raises(ArtifactError, match="not the one its coded entry stores"):
+        l2fx.save(c, out)
+    assert not out.exists()

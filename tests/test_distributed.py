@@ -32,6 +32,8 @@ def _config(method: str):
     # analysis then measures the same samples in both settings (l2fx.distributed says why).
     from l2fx.config import ReconstructionConfig
     opts = (("bop_reduction", 10.0),) if method.endswith("-compound") else ()
+    if method.endswith(":wa"):  # the w+a options: activation ranges (max) and histograms (sum) reduced too
+        opts = (("bop_reduction", 40.0), ("bop_options", ["dense-w8a8", "dense-w4a4", "2:4-w8a8", "2:4-w4a4"]))
     return CompileConfig(min_numel=64, sensitivity=SensitivityConfig(num_samples=4 * SAMPLES, num_steps=10),
                          reconstruction=ReconstructionConfig(transform_iters=20, weight_iters=20),
                          method_options=opts)
@@ -45,7 +47,7 @@ def _rank(rank: int, init: str, method: str, out: dict) -> None:
         torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
         try:
             shard = _calib()[rank::WORLD]
-            compiled = l2fx.compile(_model(), 8, shard, method=method, config=_config(method))
+            compiled = l2fx.compile(_model(), 8, shard, method=method.split(":")[0], config=_config(method))
             out[rank] = ("ok", compiled.artifact_bytes(), compiled.report.compressed_cr)
         except l2fx.L2fxError as exc:
             out[rank] = ("error", type(exc).__name__, str(exc))
@@ -71,13 +73,13 @@ def _run(method: str, tmp_path) -> dict:
         return dict(out)
 
 
-@pytest.mark.parametrize("method", ["gptq", "sparsegpt", "obc-compound", "l2", "gptq+l2"])
+@pytest.mark.parametrize("method", ["gptq", "sparsegpt", "obc-compound", "obc-compound:wa", "l2", "gptq+l2"])
 def test_ranks_agree_and_match_one_process_on_the_union(method, tmp_path):
     import l2fx
     res = _run(method, tmp_path)
     assert all(v[0] == "ok" for v in res.values()), res
     assert res[0][1] == res[1][1], "the two ranks wrote different artifacts"
-    single = l2fx.compile(_model(), 8, _calib(), method=method, config=_config(method))
+    single = l2fx.compile(_model(), 8, _calib(), method=method.split(":")[0], config=_config(method))
     assert abs(res[0][2] / single.report.compressed_cr - 1) < 0.01
     path = tmp_path / "d.l2fx"
     path.write_bytes(res[0][1])

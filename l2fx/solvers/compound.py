@@ -4,16 +4,17 @@ any of dense / N:M / 4-block x 2..8 bits, :meth:`Option.parse`), chosen by a dyn
 per-layer error tables under a global BOP-reduction target; block formats (MXFP4, MXFP8 ...) can
 join the options (:meth:`Option.of_format`, ``bop_formats``), rounded as their spec says.
 
-* An :class:`Option` is a sparsity pattern (dense, N:M, or a fraction of 4-blocks) and a weight
-  bit width; its BOPs are ``MACs * density * weight bits * activation bits`` (:func:`option_bops`:
-  2:4 halves the MACs; 4-blocks at 50% too, on a runtime that skips them, as OBC's CPU setting
-  assumes of DeepSparse; l2fx's own runtime decodes pruned blocks as zeros).
-  Activations are not quantised in l2fx (no activation fake-quantisation exists at runtime or
-  after ``l2fx.load``), so ``act_bits`` is 32 throughout and the BOP reduction is that of the
-  weights alone against the dense fp32 model (``32 x 32`` per MAC): dense 8-bit is 4x, 2:4 8-bit
-  and dense 4-bit 8x, 2:4 4-bit 16x. The seed's setting (8/4-bit activations as well) would need
-  a static per-tensor activation quantiser inserted as a structural pass that ``l2fx.load``
-  replays, its scales stored in the artifact; none exists, so that setting is not claimed.
+* An :class:`Option` is a sparsity pattern (dense, N:M, or a fraction of 4-blocks), a weight
+  bit width and an activation bit width; its BOPs are ``MACs * density * weight bits *
+  activation bits`` (:func:`option_bops`: 2:4 halves the MACs; 4-blocks at 50% too, on a
+  runtime that skips them, as OBC's CPU setting assumes of DeepSparse; l2fx's own runtime
+  decodes pruned blocks as zeros). The BOP reduction is against the dense fp32 model (``32 x
+  32`` per MAC). Activations stay fp32 (``act_bits`` 32, :data:`ACT_BITS`) unless an option
+  names its bits (``dense-w8a8``, ``2:4-w4a4``: the seed's w+a setting, :data:`WA_OPTIONS`):
+  then the layer reads its input through a static per-tensor quantiser
+  (:mod:`l2fx.activations`) calibrated on the calibration inputs, which the artifact stores
+  and both load paths replay. Weights only: dense 8-bit is 4x, 2:4 8-bit and dense 4-bit 8x,
+  2:4 4-bit 16x; with activations at the weights' bits: 16x, 64x, 32x and 128x.
 * :func:`option_errors`: one layer's row of the table, the layer loss ``tr(dW H dW^T)``
   (:func:`l2fx.solvers.hessian.layer_loss`, on the calibration inputs' Hessian) of each option,
   each solved by the given recipe (OBC's ExactOBS, or the AdaPrune+AdaQuant baseline).
@@ -43,11 +44,11 @@ from l2fx.solvers.hessian import layer_loss
 from l2fx.solvers.recipes import solve
 from l2fx.transform import FORMAT_KINDS, TransformKind
 
-__all__ = ["Option", "OPTIONS", "BLOCK", "ACT_BITS", "option_bops", "option_errors", "format_loss", "Plan", "choose_options",
+__all__ = ["Option", "OPTIONS", "WA_OPTIONS", "BLOCK", "ACT_BITS", "option_bops", "option_errors", "format_loss", "Plan", "choose_options",
            "DEFAULT_RESOLUTION"]
 
 BLOCK = 4  # the 4-block pattern: 4 consecutive input columns of a row pruned together
-ACT_BITS = 32  # activations stay fp32 (see the module docstring)
+ACT_BITS = 32  # activations stay fp32 unless an option names its bits (see the module docstring)
 DEFAULT_RESOLUTION = 10000  # DP budget units: costs rounded up lose at most layers/10000 of the budget
 
 
@@ -56,15 +57,20 @@ class Option:
     """A layer's compression option: ``bits`` per weight and a pattern: dense, ``prune_n`` kept of
     every ``prune_m`` consecutive input columns (N:M), or ``block_sparsity`` of the layer's
     4-blocks (:data:`BLOCK` consecutive input columns of one row, OBC's CPU pattern) pruned; or a
-    block ``format`` (dense)."""
+    block ``format`` (dense). ``act_bits``: the layer's input activations, 32 (fp32, not
+    quantised) or 2..8 (static per-tensor fake quantisation, :mod:`l2fx.activations`)."""
 
     bits: int
     prune_n: int = 0
     prune_m: int = 0
     format: str | None = None  # a block format (dense): its spec's quantisation, ``bits`` its element bits
     block_sparsity: float = 0.0  # fraction of the layer's 4-blocks pruned (0: no block pruning)
+    act_bits: int = ACT_BITS
 
     def __post_init__(self):
+        a = self.act_bits
+        if isinstance(a, bool) or not isinstance(a, int) or not (a == ACT_BITS or 2 <= a <= 8):
+            raise ConfigError(f"Option.act_bits must be {ACT_BITS} (fp32 activations) or an int in 2..8, got {a!r}")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ConfigError(f"Option.bits must be an int in 2..8, got {self.bits!r}")
         if (self.prune_m == 0) != (self.prune_n == 0) or not 0 <= self.prune_n < max(self.prune_m, 1):
@@ -81,9 +87,11 @@ class Option:
                 raise ConfigError(f"Option.format must be a block format ({[k.value for k in FORMAT_KINDS]}), "
                                   f"got {self.format!r}")
             object.__setattr__(self, "format", TransformKind(self.format).value)
-            if self.prune_m or s or self.bits != FORMAT_KINDS[TransformKind(self.format)].element_bits:
+            if (self.prune_m or s or self.act_bits != ACT_BITS
+                    or self.bits != FORMAT_KINDS[TransformKind(self.format)].element_bits):
                 raise ConfigError(f"Option {self.format}: a format option is dense with bits = its element bits "
-                                  f"({FORMAT_KINDS[TransformKind(self.format)].element_bits}); use Option.of_format")
+                                  f"({FORMAT_KINDS[TransformKind(self.format)].element_bits}) and fp32 activations; "
+                                  f"use Option.of_format")
 
     @classmethod
     def of_format(cls, fmt: "str | TransformKind") -> "Option":
@@ -97,7 +105,8 @@ class Option:
     @classmethod
     def parse(cls, name: str) -> "Option":
         """The option named ``name`` (its :attr:`name`): ``dense-w<b>``, ``<N>:<M>-w<b>``,
-        ``4block<percent pruned>-w<b>`` (e.g. ``4block50-w4``) or a block format's name."""
+        ``4block<percent pruned>-w<b>`` (e.g. ``4block50-w4``), each optionally followed by
+        ``a<bits>`` (activations quantised: ``dense-w8a8``, ``2:4-w4a4``), or a block format's name."""
         if not isinstance(name, str):
             raise ConfigError(f"bop_options: an option is a name such as 'dense-w6', '2:4-w4' or '4block50-w4', "
                               f"got {name!r}")
@@ -106,17 +115,18 @@ class Option:
         m = _OPTION_NAME.fullmatch(name)
         if m is None:
             raise ConfigError(f"bop_options: {name!r} is not an option name: 'dense-w<bits>', '<N>:<M>-w<bits>', "
-                              f"'4block<percent pruned>-w<bits>' (bits 2..8) or a block format "
-                              f"({[k.value for k in FORMAT_KINDS]})")
+                              f"'4block<percent pruned>-w<bits>' (bits 2..8), each optionally + 'a<activation "
+                              f"bits>' (e.g. 'dense-w8a8'), or a block format ({[k.value for k in FORMAT_KINDS]})")
         bits = int(m["bits"])
+        act = int(m["abits"]) if m["abits"] is not None else ACT_BITS
         if m["n"] is not None:
-            return cls(bits, int(m["n"]), int(m["m"]))
+            return cls(bits, int(m["n"]), int(m["m"]), act_bits=act)
         if m["pct"] is not None:
             pct = float(m["pct"])
             if not 0 < pct < 100:
                 raise ConfigError(f"bop_options: {name!r}: the percentage of 4-blocks pruned must be in (0, 100)")
-            return cls(bits, block_sparsity=pct / 100)
-        return cls(bits)
+            return cls(bits, block_sparsity=pct / 100, act_bits=act)
+        return cls(bits, act_bits=act)
 
     @property
     def dense(self) -> bool:
@@ -146,7 +156,7 @@ class Option:
             pattern = f"{BLOCK}block{100 * self.block_sparsity:g}"
         else:
             pattern = "dense"
-        return f"{pattern}-w{self.bits}"
+        return f"{pattern}-w{self.bits}" + (f"a{self.act_bits}" if self.act_bits != ACT_BITS else "")
 
     def solver_options(self) -> tuple[tuple[str, object], ...]:
         """The one-shot options that make a recipe apply this pattern (dense: none pruned)."""
@@ -155,16 +165,21 @@ class Option:
         return (("sparsity", 0.0), ("prune_n", self.prune_n), ("prune_m", self.prune_m), ("block", 1))
 
 
-_OPTION_NAME = re.compile(r"(?:dense|(?P<n>\d+):(?P<m>\d+)|4block(?P<pct>\d+(?:\.\d+)?))-w(?P<bits>\d+)")
+_OPTION_NAME = re.compile(r"(?:dense|(?P<n>\d+):(?P<m>\d+)|4block(?P<pct>\d+(?:\.\d+)?))-w(?P<bits>\d+)"
+                          r"(?:a(?P<abits>\d+))?")
 
+#: The seed's options with fp32 activations (the weights-only BOP count).
 OPTIONS: tuple[Option, ...] = (Option(8), Option(4), Option(8, 2, 4), Option(4, 2, 4))
+#: The seed's w+a setting: {dense, 2:4} x {8w8a, 4w4a}.
+WA_OPTIONS: tuple[Option, ...] = (Option(8, act_bits=8), Option(4, act_bits=4), Option(8, 2, 4, act_bits=8),
+                                  Option(4, 2, 4, act_bits=4))
 
 
-def option_bops(macs: float, option: Option | None, act_bits: int = ACT_BITS) -> float:
+def option_bops(macs: float, option: Option | None) -> float:
     """BOPs of a layer of ``macs`` multiply-accumulates under ``option`` (None: dense fp32)."""
     if option is None:
-        return float(macs) * 32 * act_bits
-    return float(macs) * option.density * option.bits * act_bits
+        return float(macs) * 32 * ACT_BITS
+    return float(macs) * option.density * option.bits * option.act_bits
 
 
 def option_errors(recipe: str, W: Tensor, H: Tensor, grids: Mapping[int, Grid], options: Sequence[Option],

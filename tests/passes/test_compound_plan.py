@@ -65,7 +65,7 @@ def test_the_plan_meets_the_bop_target_and_is_what_the_artifact_holds(compiled, 
     c = compiled[method]
     rec = c.report.records["compound_plan"]
     assert rec["plan_bops"] <= rec["budget_bops"] * (1 + 1e-9) and rec["achieved_reduction"] >= 10.0
-    assert rec["act_bits"] == 32
+    assert rec["act_bits"] == [32]
     layers = rec["layers"]
     assert "not a multiple of 4" in layers["c.weight"]["note"]
     assert set(layers["c.weight"]["options"]) == {"dense-w8", "dense-w4"}
@@ -219,3 +219,115 @@ def test_bop_options_offer_six_and_three_bits_and_four_blocks(tmp_path):
     with pytest.raises(ConfigError, match="bop_options"):
         l2fx.compile(_model(), 8, _calib(), method="obc-compound",
                      config=_config(10.0).replace(method_options=(("bop_reduction", 10.0), ("bop_options", "dense-w4"))))
+
+
+_WA = ["dense-w8a8", "dense-w4a4", "2:4-w8a8", "2:4-w4a4"]
+
+
+@pytest.fixture(scope="module")
+def compiled_wa():
+    cfg = _config(40.0).replace(method_options=(("bop_reduction", 40.0), ("bop_options", _WA)))
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = {m: l2fx.compile(model, 8, _calib(), method=m, config=cfg, verify=True) for m in _METHODS}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    return out
+
+
+@pytest.mark.parametrize("method", _METHODS)
+def test_wa_options_count_activation_bits_and_measure_the_joint_error(compiled_wa, method):
+    """The seed's w+a setting: BOPs at weight x activation bits, every w+a table entry the
+    measured loss ``2/N sum ||W x - W_hat q(x)||^2`` of the solved weight on quantised inputs
+    (re-derived here from the plan's quantiser and the stored weight of the chosen option), and
+    the chosen quantiser is what the graph runs on the layer's input."""
+    from l2fx.activations import ActQuantSpec
+    from l2fx.modules import ActQuant
+    c = compiled_wa[method]
+    rec = c.report.records["compound_plan"]
+    assert rec["act_bits"] == [4, 8]
+    assert rec["plan_bops"] <= rec["budget_bops"] * (1 + 1e-9) and rec["achieved_reduction"] >= 40.0
+    macs = {"a.weight": 960, "b.weight": 1200, "c.weight": 480}
+    for name, layer in rec["layers"].items():
+        for opt, v in layer["options"].items():
+            o = l2fx.solvers.compound.Option.parse(opt)
+            assert v["bops"] == pytest.approx(macs[name] * o.density * o.bits * o.act_bits)
+        spec = ActQuantSpec(**layer["act"])
+        module = c.graph_module.get_submodule("l2fx_act." + name.replace(".", "__"))
+        assert isinstance(module, ActQuant) and module.spec == spec
+    # The first layer reads the model input: its measured error re-derived from scratch.
+    model, x = _model(), torch.cat(_calib())
+    a = rec["layers"]["a.weight"]
+    spec = ActQuantSpec(**a["act"])
+    w_hat = c.graph_module.get_submodule("l2fx_weights.a__weight")()
+    # oneshot_solve re-solves on the compressed prefix's inputs (the first layer's are the
+    # model's own), so the stored weight is the table's solution for the chosen option.
+    want = 2 * float(((x @ model.a.weight.T - spec(x) @ w_hat.T).double() ** 2).sum()) / x.shape[0]
+    assert a["options"][a["choice"]]["error"] == pytest.approx(want, rel=1e-3)
+
+
+def test_wa_artifact_stores_the_quantisers_and_both_load_paths_run_them(compiled_wa, tmp_path):
+    import json
+    import zlib
+    import safetensors.numpy
+    c = compiled_wa["obc-compound"]
+    path = tmp_path / "wa.l2fx"
+    l2fx.save(c, path)
+    arrays = safetensors.numpy.load(path.read_bytes())
+    manifest = json.loads(zlib.decompress(arrays["l2fx.manifest"].tobytes()))
+    assert manifest["version"] == 4
+    rec = c.report.records["compound_plan"]["layers"]
+    assert {e["param"]: e["act"] for e in manifest["layers"]} == {k: v["act"] for k, v in rec.items()}
+    x = _calib()[1]
+    with torch.no_grad():
+        want = c(x)
+        assert torch.equal(l2fx.load(path, model=_model(), verify=True)(x), want)
+        into = l2fx.load_into(path, _model())
+        assert torch.equal(into(x), want)
+        assert set(into.state_dict()) == (set(_model().state_dict()) - {f"{n}.weight" for n in "abc"}) | {
+            f"{n}.parametrizations.weight.{k}" for n in "abc" for k in ("original", "0.step_s", "0.threshold_e")}
+        # Not the weights-only model: the inputs really are quantised.
+        plain = l2fx.materialize(l2fx.load_into(path, _model()))
+        for n in "abc":
+            getattr(plain, n)._forward_pre_hooks.clear()
+        assert not torch.equal(plain(x), want)
+    # The stored quantiser is counted in the layer's bytes (its manifest entry).
+    from l2fx.accounting import entry_nbytes
+    from l2fx.ir import CodedInfo, get_meta, weight_sites
+    for node, site in weight_sites(c.graph_module):
+        info = get_meta(node, CodedInfo)
+        assert info.entry["act"] == rec[site.param]["act"]
+        assert info.layer_bytes.manifest == entry_nbytes(info.entry)
+
+
+def test_wa_act_quantiser_on_a_module_load_into_cannot_place_is_refused(compiled_wa, tmp_path):
+    from l2fx.errors import ArchitectureMismatchError
+
+    class _Functional(nn.Module):  # same tensors, but a's weight read by F.linear outside nn.Linear
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.ParameterDict(), nn.Linear(40, 30), nn.Linear(30, 16)
+            self.a["weight"], self.a["bias"] = nn.Parameter(torch.zeros(40, 24)), nn.Parameter(torch.zeros(40))
+
+        def forward(self, x):
+            x = torch.relu(nn.functional.linear(x, self.a["weight"], self.a["bias"]))
+            return self.c(torch.relu(self.b(x)))
+
+    path = tmp_path / "wa.l2fx"
+    l2fx.save(compiled_wa["obc-compound"], path)
+    fresh = _Functional()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ArchitectureMismatchError, match="a.weight.*use l2fx.load"):
+        l2fx.load_into(path, fresh)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_act_bits_in_option_names():
+    from l2fx.solvers.compound import WA_OPTIONS, Option
+    assert [o.name for o in WA_OPTIONS] == _WA
+    assert Option.parse("4block50-w3a4") == Option(3, block_sparsity=0.5, act_bits=4)
+    assert Option.parse("dense-w8a32") == Option(8)
+    for bad in ("dense-w8a1", "dense-w8a9"):
+        with pytest.raises(ConfigError, match="act_bits"):
+            Option.parse(bad)
+    with pytest.raises(ConfigError, match="fp32 activations"):
+        Option(4, format="mxfp4_e2m1", act_bits=4)
