@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from l2fx import coding, rangedec
-from l2fx.accounting import bits_for_magnitude, layer_nbytes
+from l2fx.accounting import bits_for_magnitude, entry_nbytes, layer_nbytes
 from l2fx.artifact import ArtifactReader, check_fingerprint, coded_layers, write_atomic
 from l2fx.compiled import CompiledModel
 from l2fx.config import BackendConfig, CompileConfig
@@ -154,6 +154,7 @@ def _layer_info(reader: ArtifactReader, entry: LayerEntry, counts: np.ndarray) -
     s, e = (torch.from_numpy(a) for a in reader.tparams(entry))
     lb = layer_nbytes(entry.param, entry.kind, entry.shape, entry.axis, stream.table, stream.payload_nbytes,
                       entry.chunk, s, e, entry.group)
+    lb = dataclasses.replace(lb, manifest=entry_nbytes(entry.to_dict()))  # the entry as stored (an ``act`` too)
     hist = coding.SymbolHistogram(entry.qmin, counts.astype(np.int64))
     present = np.flatnonzero(counts)
     amax = max(abs(entry.qmin + int(present[0])), abs(entry.qmin + int(present[-1]))) if present.size else 0

@@ -13,7 +13,8 @@ After::
     y = conv2d(xq, w, b, ...)
 
 One :class:`~l2fx.modules.ActQuant` module per weight, at ``l2fx_act.<param with . as __>``,
-shared by every linear/conv op reading that weight. The weight may be a ``get_attr`` or a
+shared by every linear/conv op reading that weight (other ops reading it, such as a tied
+embedding's lookup, read indices and are left as they are). The weight may be a ``get_attr`` or a
 weight module's ``call_module`` (the pass runs at compile after ``compound_plan``, and at
 ``l2fx.load`` after the weights are installed, from the specs the artifact stores).
 
@@ -41,6 +42,12 @@ __all__ = ["InsertActQuant", "act_module_path"]
 FAMILIES = ("linear", "conv")
 
 
+def _quantised_ops(node: fx.Node) -> list[fx.Node]:
+    """The linear/conv ops reading the weight ``node`` (a tied embedding's lookup reads indices,
+    not activations: it is left alone)."""
+    return [op_node for op_node, op in weight_consumers(node) if op.family in FAMILIES]
+
+
 def act_module_path(param: str) -> str:
     """Where the quantiser of the inputs of the ops reading ``param`` lives in the GraphModule."""
     return "l2fx_act." + param.replace(".", "__")
@@ -65,11 +72,11 @@ class InsertActQuant(L2fxPass):
                               f"(activation quantisers are given for {len(missing)} unknown layer(s))")
         for node, site in weight_sites(gm):
             if site.param in self.specs or get_meta(node, ActQuantIntent) is not None:
-                fams = {op.family for _, op in weight_consumers(node)}
-                if not fams or fams - set(FAMILIES):
-                    self.fail(f"layer {site.param!r} has an activation quantiser, but is read by "
-                              f"{'/'.join(sorted(fams)) or 'no weighted'} op(s): only linear/conv inputs are "
-                              f"quantised", node)
+                if not _quantised_ops(node):
+                    fams = {op.family for _, op in weight_consumers(node)}
+                    self.fail(f"layer {site.param!r} has an activation quantiser, but no linear/conv op reads it "
+                              f"(read by {'/'.join(sorted(fams)) or 'no weighted'} op(s)): only linear/conv inputs "
+                              f"are quantised", node)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
@@ -87,7 +94,7 @@ class InsertActQuant(L2fxPass):
             if not isinstance(module, ActQuant) or module.spec != intent.spec:
                 gm.add_submodule(path, ActQuant(site.param, intent.spec))
                 modified = True
-            for op_node, _ in weight_consumers(node):
+            for op_node in _quantised_ops(node):
                 x = op_node.args[0]
                 if isinstance(x, fx.Node) and x.op == "call_module" and str(x.target) == path:
                     continue
@@ -106,7 +113,7 @@ class InsertActQuant(L2fxPass):
             module = gm.get_submodule(path)
             if not isinstance(module, ActQuant) or module.spec != intent.spec:
                 self.fail(f"the quantiser at {path} is not the layer's", node)
-            for op_node, _ in weight_consumers(node):
+            for op_node in _quantised_ops(node):
                 x = op_node.args[0]
                 if not (isinstance(x, fx.Node) and x.op == "call_module" and str(x.target) == path):
                     self.fail(f"op {op_node.name} reads {site.param!r} without its activation quantiser", node)

@@ -280,7 +280,10 @@ def test_wa_artifact_stores_the_quantisers_and_both_load_paths_run_them(compiled
     x = _calib()[1]
     with torch.no_grad():
         want = c(x)
-        assert torch.equal(l2fx.load(path, model=_model(), verify=True)(x), want)
+        loaded = l2fx.load(path, model=_model(), verify=True)
+        assert torch.equal(loaded(x), want)
+        assert loaded.report.compressed_nbytes == c.report.compressed_nbytes
+        assert l2fx.inspect(path).compressed_nbytes == c.report.compressed_nbytes
         into = l2fx.load_into(path, _model())
         assert torch.equal(into(x), want)
         assert set(into.state_dict()) == (set(_model().state_dict()) - {f"{n}.weight" for n in "abc"}) | {

@@ -57,7 +57,7 @@ def test_given_specs_are_set_by_name_and_unknown_names_refused():
         InsertActQuant({"0.weight": (4, 0.25, 8)})
 
 
-def test_a_weight_read_by_an_embedding_is_refused():
+def test_a_weight_read_by_an_embedding_only_is_refused_and_a_tied_lookup_left_alone():
     class _Emb(nn.Module):
         def __init__(self):
             super().__init__()
@@ -67,5 +67,21 @@ def test_a_weight_read_by_an_embedding_is_refused():
             return self.e(ids).sum(-1)
 
     ids = torch.randint(0, 50, (4, 6))
-    with pytest.raises(PassError, match="embedding"):
+    with pytest.raises(PassError, match="no linear/conv op reads it.*embedding"):
         run(marked(_Emb(), ids, SMALL), [InsertActQuant({"e.weight": SPEC})])
+
+    class _Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e = nn.Embedding(50, 16)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.e.weight
+
+        def forward(self, ids):
+            return self.head(self.e(ids))
+
+    model = _Tied()
+    gm = marked(model, ids, SMALL)
+    out, _, _ = run(gm, [InsertActQuant({"e.weight": SPEC})])
+    with torch.no_grad():
+        assert torch.equal(out(ids), nn.functional.linear(SPEC(model.e(ids)), model.e.weight))
