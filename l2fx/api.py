@@ -229,7 +229,8 @@ def _report(layers: Sequence[CodedInfo], target_cr: float, file_nbytes: int, ori
         param=info.param, shape=tuple(info.entry["shape"]), kind=info.entry["kind"], numel=info.stream.numel,
         nbytes=info.nbytes, payload_nbytes=info.stream.payload_nbytes, shannon_nbytes=info.shannon_bits / 8,
         bits=info.bits, sparsity=info.sparsity,
-        packed_nbytes=packed_nbytes(tuple(info.entry["shape"]), info.bits, info.layer_bytes.params)) for info in layers)
+        packed_nbytes=packed_nbytes(tuple(info.entry["shape"]), info.bits, info.layer_bytes.params),
+        act_bits=info.entry["act"]["bits"] if "act" in info.entry else None) for info in layers)
     return CompressionReport(target_cr=target_cr, layers=reports, file_nbytes=file_nbytes, original_nbytes=original,
                              **extra)
 

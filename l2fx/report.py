@@ -24,6 +24,9 @@ class LayerReport:
     # 32-bit words along each row (the in-memory layout of the fused kernel), plus the T
     # parameters: what a format without entropy coding would store.
     packed_nbytes: int = 0
+    # Bits of the static quantiser on the input activations of the ops reading this weight (the
+    # compound methods' w+a options); None: they stay in the model's dtype.
+    act_bits: int | None = None
 
     @property
     def bits_per_weight(self) -> float:
@@ -87,10 +90,13 @@ class CompressionReport:
         return self.payload_nbytes / self.shannon_nbytes - 1.0 if self.shannon_nbytes else 0.0
 
     def table(self) -> str:
-        rows = [f"{'layer':<44} {'shape':<20} {'kind':<6} {'bits/w':>7} {'sparsity':>8} {'bytes':>10} {'CR':>7}"]
+        act = any(layer.act_bits is not None for layer in self.layers)
+        rows = [f"{'layer':<44} {'shape':<20} {'kind':<6} {'bits/w':>7} {'sparsity':>8} {'bytes':>10} {'CR':>7}"
+                + (f" {'act bits':>8}" if act else "")]
         for layer in self.layers:
             rows.append(f"{layer.param[:44]:<44} {str(list(layer.shape))[:20]:<20} {layer.kind:<6} "
-                        f"{layer.bits_per_weight:7.3f} {layer.sparsity:8.1%} {layer.nbytes:10d} {layer.cr:7.2f}")
+                        f"{layer.bits_per_weight:7.3f} {layer.sparsity:8.1%} {layer.nbytes:10d} {layer.cr:7.2f}"
+                        + (f" {layer.act_bits or '-':>8}" if act else ""))
         rows.append("")
         rows.append(f"compressed weights: {self.compressed_fp32_nbytes:,} fp32 bytes -> {self.compressed_nbytes:,} bytes: "
                     f"CR {self.compressed_cr:.3f} (target {self.target_cr:g})")

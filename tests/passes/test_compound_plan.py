@@ -284,6 +284,9 @@ def test_wa_artifact_stores_the_quantisers_and_both_load_paths_run_them(compiled
         assert torch.equal(loaded(x), want)
         assert loaded.report.compressed_nbytes == c.report.compressed_nbytes
         assert l2fx.inspect(path).compressed_nbytes == c.report.compressed_nbytes
+        assert {layer.param: layer.act_bits for layer in l2fx.inspect(path).layers} == {
+            k: v["act"]["bits"] for k, v in rec.items()}
+        assert "act bits" in c.report.table()
         into = l2fx.load_into(path, _model())
         assert torch.equal(into(x), want)
         assert set(into.state_dict()) == (set(_model().state_dict()) - {f"{n}.weight" for n in "abc"}) | {
