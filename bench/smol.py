@@ -77,9 +77,12 @@ def run_row(job: dict) -> dict:
     return row
 
 
-def markdown(model: str, fp32: dict, rows: list[dict], command: str) -> str:
+def markdown(model: str, fp32: dict, rows: list[dict], command: "str | list[str]") -> str:
     keys = [k for k in METRICS if any(k in r.get("metrics", {}) for r in rows)]
-    lines = [f"# {model}: SMOL vs SMOL-L vs L2 at matching counted bytes", "", f"Command: `{command}`", "",
+    commands = [command] if isinstance(command, str) else list(command)
+    header = (f"Command: `{commands[0]}`" if len(commands) == 1 else
+              "Rows of several runs of the same code, in order:\n\n" + "\n".join(f"- `{c}`" for c in commands))
+    lines = [f"# {model}: SMOL vs SMOL-L vs L2 at matching counted bytes", "", header, "",
              "fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in fp32.items()), "",
              "| method | target | CR counted | file CR | " + " | ".join(keys) + " | bpp | mean p | zero p | "
              "map/counted | map/file | map per-row | map order-1 | compile s |",
@@ -181,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a SMOL option (l2fx.precision.SmolOptions), JSON value")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any CompileConfig field")
     p.add_argument("--tag", default="")
+    p.add_argument("--append", action="store_true",
+                   help="add this run's rows to the model's results file (same --tag) instead of replacing it")
     p.add_argument("--replot", type=Path, metavar="RESULTS.json",
                    help="only redraw the plots and rewrite the table of a results file")
     args = p.parse_args(argv)
@@ -189,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = stored["rows"]
         model = rows[0]["model"] if rows else args.replot.stem
         plot(model, stored["fp32"], rows, args.replot.with_suffix(""))
-        args.replot.with_suffix(".md").write_text(markdown(model, stored["fp32"], rows, stored["command"]))
+        args.replot.with_suffix(".md").write_text(markdown(model, stored["fp32"], rows,
+                                                            stored.get("commands") or stored.get("command") or "(not recorded)"))
         return 0
     config = apply_settings(l2fx.CompileConfig(), args.set)
     smol_options = [(k, json.loads(v)) for k, v in (o.split("=", 1) for o in args.option)]
@@ -198,8 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         entry = zoo.get(name)
         fp32 = entry.evaluate(entry.build())
-        rows = []
+        rows, commands = [], [command]
         out = RESULTS / (f"smol_{name}" + (f"_{args.tag}" if args.tag else ""))
+        stored_path = out.with_name(out.name + ".json")
+        if args.append and stored_path.exists():
+            stored = json.loads(stored_path.read_text())
+            rows = stored["rows"]
+            commands = (stored.get("commands") or [stored.get("command") or "(not recorded)"]) + [command]
         for target in args.targets:
             for method in args.methods:
                 controls = args.control_targets
@@ -213,10 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                     row = pool.apply(run_row, (job,))
                 rows.append(row)
                 print(markdown(name, fp32, [row], "").splitlines()[8], flush=True)
-                write_results(out, markdown(name, fp32, rows, command), {"command": command, "fp32": fp32,
-                                                                        "rows": rows})
+                write_results(out, markdown(name, fp32, rows, commands),
+                              {"command": commands[0], "commands": commands, "fp32": fp32, "rows": rows})
         plot(name, fp32, rows, out)
-        print(markdown(name, fp32, rows, command))
+        print(markdown(name, fp32, rows, commands))
     return 0
 
 
