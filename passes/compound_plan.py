@@ -42,10 +42,11 @@ not an option here), and so are T parameters along an axis other than the output
 target the options cannot reach is a TargetCRError naming the range.
 
 Pre: ``mark_weights`` ran; calibration data. Post: every site's intent has ``bits`` or a
-block ``format`` and a ``compound_plan.choice``; a site whose option quantises activations has
-``l2fx.act_quant`` (its quantiser, which ``insert_act_quant`` then puts on the ops' inputs) (:class:`CompoundChoice`; a graph whose every
-site has one is left unchanged, so the pass is idempotent); the tables
-and the plan in ``ctx.records["compound_plan"]``.
+block ``format`` and a ``compound_plan.choice`` (:class:`CompoundChoice`; a graph whose every
+site has one is left unchanged, so the pass is idempotent); a site whose option quantises
+activations, and only such a site, has ``l2fx.act_quant`` (its quantiser, which
+``insert_act_quant`` then puts on the ops' inputs); the tables and the plan in
+``ctx.records["compound_plan"]``.
 """
 from __future__ import annotations
 
@@ -278,3 +279,7 @@ class CompoundPlan(L2fxPass):
             intent = get_meta(node, LayerIntent)
             if intent.bits is None and intent.format is None:
                 self.fail("weight left without a compound option (intent.bits and format unset)", node)
+            choice = get_meta(node, CompoundChoice)
+            quantised = choice is not None and Option.parse(choice.option).act_bits != ACT_BITS
+            if quantised != (get_meta(node, ActQuantIntent) is not None):
+                self.fail(f"option {choice.option if choice else None!r} and the activation quantiser disagree", node)
