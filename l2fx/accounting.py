@@ -120,9 +120,12 @@ def e8m0_codes(p: torch.Tensor) -> torch.Tensor:
 
 
 def manifest_entry(param: str, kind: TransformKind, shape: tuple[int, ...], axis: int | None, qmin: int,
-                   ntab: int, nchunks: int, chunk_size: int, pdtype: str, group: int | None = None) -> dict:
+                   ntab: int, nchunks: int, chunk_size: int, pdtype: str, group: int | None = None,
+                   act: dict | None = None) -> dict:
     """The layer's manifest entry (``docs/format.md``); ``group`` only for a per-group layer
-    (format version 3), so per-channel and per-tensor entries are those of version 2."""
+    (format version 3), so per-channel and per-tensor entries are those of version 2; ``act``
+    (``ActQuantSpec.to_dict()``) only for a layer whose input activations are quantised
+    (version 4)."""
     entry = {
         "param": param, "kind": TransformKind(kind).value, "shape": list(shape), "axis": axis,
         "qmin": int(qmin), "ntab": int(ntab), "nchunks": int(nchunks), "chunk": int(chunk_size),
@@ -130,6 +133,8 @@ def manifest_entry(param: str, kind: TransformKind, shape: tuple[int, ...], axis
     }
     if group is not None:
         entry["group"] = int(group)
+    if act is not None:
+        entry["act"] = dict(act)
     return entry
 
 
@@ -153,13 +158,15 @@ class LayerBytes:
 
 def layer_nbytes(param: str, kind: TransformKind, shape: tuple[int, ...], axis: int | None,
                  table: coding.FrequencyTable, payload_nbytes: int, chunk_size: int,
-                 step_s: torch.Tensor, threshold_e: torch.Tensor, group: int | None = None) -> LayerBytes:
+                 step_s: torch.Tensor, threshold_e: torch.Tensor, group: int | None = None,
+                 act: dict | None = None) -> LayerBytes:
     numel = math.prod(shape)
     nchunks = max(1, -(-numel // chunk_size))
     params = stored_params(kind, step_s, threshold_e)
     pdtype = param_storage(kind, *params)
     itemsize = PARAM_ITEMSIZE[pdtype]
-    entry = manifest_entry(param, kind, shape, axis, table.qmin, table.freqs.size, nchunks, chunk_size, pdtype, group)
+    entry = manifest_entry(param, kind, shape, axis, table.qmin, table.freqs.size, nchunks, chunk_size, pdtype, group,
+                           act)
     return LayerBytes(
         payload=int(payload_nbytes),
         table=2 * int(table.freqs.size),  # uint16 each; qmin lives in the manifest entry

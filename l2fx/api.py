@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from l2fx import coding, rangedec
-from l2fx.accounting import bits_for_magnitude, entry_nbytes, layer_nbytes
+from l2fx.accounting import bits_for_magnitude, layer_nbytes
 from l2fx.artifact import ArtifactReader, check_fingerprint, coded_layers, write_atomic
 from l2fx.compiled import CompiledModel
 from l2fx.config import BackendConfig, CompileConfig
@@ -153,8 +153,7 @@ def _layer_info(reader: ArtifactReader, entry: LayerEntry, counts: np.ndarray) -
     stream = reader.stream(entry)
     s, e = (torch.from_numpy(a) for a in reader.tparams(entry))
     lb = layer_nbytes(entry.param, entry.kind, entry.shape, entry.axis, stream.table, stream.payload_nbytes,
-                      entry.chunk, s, e, entry.group)
-    lb = dataclasses.replace(lb, manifest=entry_nbytes(entry.to_dict()))  # the entry as stored (an ``act`` too)
+                      entry.chunk, s, e, entry.group, entry.act.to_dict() if entry.act is not None else None)
     hist = coding.SymbolHistogram(entry.qmin, counts.astype(np.int64))
     present = np.flatnonzero(counts)
     amax = max(abs(entry.qmin + int(present[0])), abs(entry.qmin + int(present[-1]))) if present.size else 0
@@ -291,9 +290,8 @@ def load(path: str | os.PathLike, model: nn.Module, *, device: torch.device | st
             gm = structural_pipeline(reader.fold_batchnorm)(gm).graph_module
             layers = decoding.result()
             passes = PassManager([InstallDecodedWeights(layers, reader.plain(), reader.path)])
-            acts = {e.param: e.act for e in reader.layers if e.act is not None}
-            if acts:  # the w+a options' input quantisers, replayed before any lowering
-                passes.append(InsertActQuant(acts))
+            if reader.act_specs:  # the w+a options' input quantisers, replayed before any lowering
+                passes.append(InsertActQuant(reader.act_specs))
             if backend.use_triton != "never" and torch.device(device).type == "cuda":
                 passes.append(LowerKernels())
             gm = passes(gm).graph_module
@@ -334,8 +332,7 @@ def load_into(path: str | os.PathLike, model: nn.Module, *, backend: BackendConf
     unheld = check_model(model, {e.param: e.shape for e in reader.layers}, plain_spec,
                          fold_batchnorm=reader.fold_batchnorm, source=str(reader.path))
     rangedec.warm_up()
-    install(model, _decoded_codes(reader, threads), reader.plain(), decode,
-            {e.param: e.act for e in reader.layers if e.act is not None})
+    install(model, _decoded_codes(reader, threads), reader.plain(), decode, reader.act_specs)
     if unheld:
         warnings.warn(f"l2fx.load_into: {len(unheld)} tensor(s) of the {type(model).__name__} are not in {reader.path} "
                       f"(the compiled forward read nothing of them) and keep the model's own values: "

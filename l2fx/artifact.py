@@ -345,6 +345,8 @@ class ArtifactReader:
                  "f32": self.arrays.get(TPARAMS["f32"], _EMPTY[TPARAMS["f32"]]).size,
                  "e8m0": self.arrays.get(TPARAMS["e8m0"], _EMPTY[TPARAMS["e8m0"]]).size}
         self.layers = parse_layers(m["layers"], sizes, self.version)
+        #: parameter name -> the static quantiser of its ops' input activations (format version 4)
+        self.act_specs = {e.param: e.act for e in self.layers if e.act is not None}
         self._locate_payload()
         self._tables = {e.param: self._table(e) for e in self.layers}
         self._tparams = {e.param: check_tparams(e, self._stored_tparams(e)) for e in self.layers}

@@ -20,14 +20,12 @@ decode from its stream; the compressed-parameter CR is within ``cr_tolerance`` o
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 import torch.fx as fx
 
 from l2fx import coding
-from l2fx.accounting import bits_for_magnitude, entry_nbytes, layer_nbytes, manifest_entry, round_params
+from l2fx.accounting import bits_for_magnitude, layer_nbytes, manifest_entry, round_params
 from l2fx.errors import PassError
 from l2fx.ir import ActQuantIntent, CodedInfo, get_meta, set_meta, weight_sites
 from l2fx.modules import CodedWeight, TransformedWeight
@@ -58,14 +56,13 @@ class RangeCode(L2fxPass):
             q = encode(w, module.kind, module.view(s.to(w.device)), module.view(e.to(w.device)), module.qmax).cpu()
             flat = q.reshape(-1).numpy().astype(np.int16)
             stream = coding.encode_symbols(flat, chunk_size=chunk_size)
+            intent = get_meta(node, ActQuantIntent)
+            act = intent.spec.to_dict() if intent is not None else None  # stored (and counted) in the entry
             lb = layer_nbytes(site.param, module.kind, site.shape, module.channel_axis, stream.table,
-                              stream.payload_nbytes, chunk_size, s, e, module.group_size)
+                              stream.payload_nbytes, chunk_size, s, e, module.group_size, act)
             entry = manifest_entry(site.param, module.kind, site.shape, module.channel_axis, stream.table.qmin,
-                                   stream.table.freqs.size, stream.num_chunks, chunk_size, pdtype, module.group_size)
-            act = get_meta(node, ActQuantIntent)
-            if act is not None:  # the layer's activation quantiser is stored (and counted) in its entry
-                entry["act"] = act.spec.to_dict()
-                lb = dataclasses.replace(lb, manifest=entry_nbytes(entry))
+                                   stream.table.freqs.size, stream.num_chunks, chunk_size, pdtype, module.group_size,
+                                   act)
             coded = CodedWeight(q, module.kind, s, e, module.channel_axis, group_size=module.group_size).to(w.device)
             gm.add_submodule(str(node.target), coded)
             set_meta(node, CodedInfo(
