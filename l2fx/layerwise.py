@@ -308,8 +308,11 @@ def joint_errors(gm: fx.GraphModule, calib: Any, device: torch.device,
         W2 = weight.detach().float().reshape(shape[0], -1)
         per = shape[0] // groups
         ref = [rows[g] @ W2[g * per:(g + 1) * per].T for g in range(groups)]
+        quantised: dict[ActQuantSpec, torch.Tensor] = {}  # options of one activation width share their rows
         for i, (spec, w_hat) in enumerate(candidates[param]):
-            rq = _grouped_rows(spec(x), family, shape, conv)
+            if spec not in quantised:
+                quantised[spec] = _grouped_rows(spec(x), family, shape, conv)
+            rq = quantised[spec]
             sums[param][i] += sum(float(((ref[g] - rq[g] @ w_hat[g * per:(g + 1) * per].T).double() ** 2).sum())
                                   for g in range(groups))
         counts[param] += rows.shape[1]
