@@ -236,9 +236,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{method} {reduction:g}x seed {seed}: {row['achieved_reduction']:.2f}x "
               f"acc {row['metrics']['accuracy']:.4f} ({row['compile_s']:.0f} s)", flush=True)
         write_results(out, markdown(args.model, fp32, rows, command),
-                      {"command": command, "fp32": fp32,
-                                                           "act_bits": act_widths(args.options or DEFAULT_OPTIONS),
-                                                           "rows": rows})
+                      {"command": command, "fp32": fp32, "act_bits": act_widths(args.options or DEFAULT_OPTIONS),
+                       "rows": rows})
     plot(args.model, fp32, rows, out)
     print(markdown(args.model, fp32, rows, command))
     return 0

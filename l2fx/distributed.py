@@ -53,9 +53,11 @@ def rank() -> int:
     return torch.distributed.get_rank() if active() else 0
 
 
-def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    """``t`` reduced in place over the ranks by ``torch.distributed.ReduceOp.<op>``."""
     if not active():
         return t
+    op = getattr(torch.distributed.ReduceOp, op)
     backend = torch.distributed.get_backend()
     if backend == "nccl" and t.device.type != "cuda":
         moved = t.to(f"cuda:{torch.cuda.current_device()}")
@@ -74,12 +76,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over the ranks (in place where a group is active; ``t`` itself otherwise).
     NCCL reduces device tensors; gloo CPU ones: a tensor on another device than the backend's
     goes through a copy."""
-    return _all_reduce(t, torch.distributed.ReduceOp.SUM if active() else None)
+    return _all_reduce(t, "SUM")
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     """``t``'s elementwise maximum over the ranks (as :func:`all_reduce_sum`)."""
-    return _all_reduce(t, torch.distributed.ReduceOp.MAX if active() else None)
+    return _all_reduce(t, "MAX")
 
 
 def all_reduce_scalars(*values: float) -> tuple[float, ...]:
