@@ -185,9 +185,14 @@ def option_bops(macs: float, option: Option | None) -> float:
 def option_errors(recipe: str, W: Tensor, H: Tensor, grids: Mapping[int, Grid], options: Sequence[Option],
                   base_options: Mapping[str, object], layer: str = "?") -> list[float]:
     """The layer loss of each option (``grids[bits]``: the layer's grid at that width), the
-    pattern passed to ``recipe`` through its options, ``base_options`` (the method's) underneath."""
+    pattern passed to ``recipe`` through its options, ``base_options`` (the method's) underneath.
+    Weights-only options: a w+a option's loss needs the layer's inputs, not one Hessian
+    (``passes/compound_plan.py`` measures it with :func:`l2fx.layerwise.joint_errors`)."""
     out = []
     for opt in options:
+        if opt.act_bits != ACT_BITS:
+            raise ConfigError(f"option_errors: {opt.name} quantises activations; its loss is measured on the "
+                              f"layer's inputs (l2fx.layerwise.joint_errors), not from one Hessian")
         if opt.format is not None:
             out.append(format_loss(W, H, opt.format))
             continue

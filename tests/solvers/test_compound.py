@@ -162,3 +162,11 @@ def test_four_block_options_prune_whole_blocks_under_both_solvers():
         assert int(zeros.sum()) == 16 and bool((blocks | zeros).all()) and int(blocks.sum()) == 16
     with pytest.raises(ConfigError, match="single weights"):
         solve("wanda", W, H, grids[4], options_for({"sparsity": 0.5, "block": 4}))
+
+
+def test_option_errors_refuse_wa_options():
+    """A w+a option's loss is not a function of one Hessian: refused, not returned as the weights-only loss."""
+    from l2fx.solvers.compound import WA_OPTIONS
+    W, H = torch.randn(4, 8), torch.eye(8)
+    with pytest.raises(ConfigError, match="dense-w8a8 quantises activations"):
+        option_errors("obc-compound", W, H, {}, WA_OPTIONS[:1], {})
