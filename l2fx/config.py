@@ -112,6 +112,16 @@ class SensitivityConfig(_JsonConfig):
     measured joint error is lower; the report has predicted vs measured per round. Cost: about
     one model evaluation per layer and round, on the ``num_samples`` inputs.
 
+    ``scope``: where a candidate's distortion is measured. ``"model"`` (the default): the model's
+    output with only this layer compressed (what the allocation's additivity assumes; each
+    measurement re-runs the model downstream of the layer, so the pass costs O(depth^2) model
+    blocks and holds every node's value on the ``num_samples`` inputs). ``"layer"``: the outputs
+    of the ops reading the weight, ``sum ||op(x, W_hat) - op(x, W)||^2 / sum ||op(x, W)||^2``
+    on their inputs in the uncompressed model: one run of the model, each value freed after its
+    last use, so time is linear in depth and memory one block's activations; a proxy that
+    weighs every layer's relative error alike (for models too deep to measure at the output,
+    e.g. decoder LLMs; ``joint_rounds`` needs ``"model"``).
+
     ``formats``: block formats (``TransformKind.MXFP4_E2M1``, ``"mxfp8_e4m3"``, ...) offered to
     every allocated layer as candidates besides its grids: each format one candidate, its bytes
     exact and its output error measured (one model evaluation per layer and format). Where the
@@ -127,6 +137,7 @@ class SensitivityConfig(_JsonConfig):
     formats: tuple[TransformKind, ...] = ()
     joint_rounds: int = 0
     fit: str = "interpolate"
+    scope: str = "model"
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -142,6 +153,9 @@ class SensitivityConfig(_JsonConfig):
                  and 0 <= self.joint_rounds <= 16, n, f"joint_rounds must be an int in 0..16, got {self.joint_rounds!r}")
         _require(self.fit in ("interpolate", "least_squares"), n,
                  f"fit must be 'interpolate' or 'least_squares', got {self.fit!r}")
+        _require(self.scope in ("model", "layer"), n, f"scope must be 'model' or 'layer', got {self.scope!r}")
+        _require(self.scope == "model" or self.joint_rounds == 0, n,
+                 "joint_rounds re-weights curves measured at the model output: it needs scope='model'")
         formats = tuple(TransformKind(f) for f in self.formats)
         _require(len(set(formats)) == len(formats), n, f"formats holds a format twice: {[f.value for f in formats]}")
         object.__setattr__(self, "formats", formats)

@@ -5,19 +5,25 @@ replaced. Everything that does not depend on that weight is the same every time,
 :class:`DownstreamRunner` runs the graph once, keeps every node's value, and afterwards
 recomputes only the descendants of the replaced node. For a layer halfway through a network
 this halves the work; for the last layers it is nearly free.
+
+:func:`visit_readers` is the linear-time alternative (sensitivity's ``scope="layer"``): one run
+of the graph, each value freed after its last use, handing every watched weight's readers
+(their inputs and outputs) to a callback, from which :class:`LocalError` measures a replaced
+weight's effect on those outputs alone.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import networkx as nx
 import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
+from l2fx import distributed
 from l2fx.data import Batch
-from l2fx.ir import fetch_attr
+from l2fx.ir import fetch_attr, weighted_op
 
 
 def _flat_inputs(gm: fx.GraphModule, batch: Batch) -> list[Any]:
@@ -31,6 +37,23 @@ def _flat_inputs(gm: fx.GraphModule, batch: Batch) -> list[Any]:
         bound = inspect.signature(gm.forward).bind(*args, **kwargs)
         args = tuple(bound.arguments.values())
     return list(gm.graph._codegen.process_inputs(*args))
+
+
+def execute_node(gm: fx.GraphModule, node: fx.Node, env: Mapping[fx.Node, Any]) -> Any:
+    """``node``'s value from its inputs' values in ``env`` (what ``gm``'s generated code does)."""
+    args = map_arg(node.args, lambda n: env[n])
+    kwargs = map_arg(node.kwargs, lambda n: env[n])
+    if node.op == "get_attr":
+        return fetch_attr(gm, str(node.target))
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_module":
+        return gm.get_submodule(str(node.target))(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    if node.op == "output":
+        return gm.graph._codegen.process_outputs(args[0])
+    raise ValueError(f"cannot execute {node.op}")
 
 
 class DownstreamRunner:
@@ -59,20 +82,7 @@ class DownstreamRunner:
         self.output = self.cache[self.order[-1]]
 
     def _execute(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
-        args = map_arg(node.args, lambda n: env[n])
-        kwargs = map_arg(node.kwargs, lambda n: env[n])
-        if node.op == "get_attr":
-            return fetch_attr(self.gm, str(node.target))
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_module":
-            return self.gm.get_submodule(str(node.target))(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-        if node.op == "output":
-            out = args[0]
-            return self.gm.graph._codegen.process_outputs(out)
-        raise ValueError(f"cannot execute {node.op}")
+        return execute_node(self.gm, node, env)
 
     @torch.no_grad()
     def run_with(self, node: fx.Node, value: Any) -> Any:
@@ -84,3 +94,66 @@ class DownstreamRunner:
             if n in reached:
                 env[n] = self._execute(n, env)
         return env[self.order[-1]]
+
+
+#: ``(reader node, its positional args, its kwargs, its output)`` as the uncompressed run gave them.
+Reading = tuple[fx.Node, tuple, dict, Any]
+
+
+@torch.no_grad()
+def visit_readers(gm: fx.GraphModule, batch: Batch, weights: Collection[fx.Node],
+                  visit: Callable[[fx.Node, list[Reading]], None]) -> Any:
+    """Runs ``gm`` once on ``batch`` and returns its output. ``weights``: weight nodes, each read
+    only by weighted ops (:data:`l2fx.ir.WEIGHTED_OPS`, as ``mark_weights`` guarantees); once the
+    last reader (user) of such a node has run, ``visit(node, readings)`` is called with every reader's inputs and output,
+    in graph order. Values are freed after their last use, so what is alive at once is what the
+    graph's own execution holds plus the readings of the weights being visited."""
+    order = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(order)}
+    last_use = {n: max((position[u] for u in n.users), default=position[n]) for n in order}
+    placeholders = [n for n in order if n.op == "placeholder"]
+    flat = _flat_inputs(gm, batch)
+    if len(flat) != len(placeholders):
+        raise ValueError(f"graph takes {len(placeholders)} inputs, batch gives {len(flat)}")
+    env: dict[fx.Node, Any] = dict(zip(placeholders, flat))
+    pending: dict[fx.Node, list[Reading]] = {}
+    weights = set(weights)
+    readers_left = {w: len(w.users) for w in weights}
+    for i, node in enumerate(order):
+        if node.op != "placeholder":
+            env[node] = execute_node(gm, node, env)
+        for w in node.all_input_nodes:
+            if w in weights:
+                pending.setdefault(w, []).append((node, map_arg(node.args, lambda n: env[n]),
+                                                  map_arg(node.kwargs, lambda n: env[n]), env[node]))
+                readers_left[w] -= 1
+                if readers_left[w] == 0:
+                    visit(w, pending.pop(w))
+        if node is order[-1]:
+            break
+        for n in node.all_input_nodes:
+            if last_use[n] <= i and n in env:
+                del env[n]
+    return env[order[-1]]
+
+
+class LocalError:
+    """The relative error a replacement of one weight makes in the outputs of its readers,
+    ``sum ||op(x, W_hat) - op(x, W)||^2 / sum ||op(x, W)||^2`` over the readings (their inputs
+    from the uncompressed run), both sums over every rank's samples in a distributed compile;
+    0 when the outputs carry no energy."""
+
+    def __init__(self, readings: list[Reading]):
+        self.readings = readings
+        self.energy, = distributed.all_reduce_scalars(sum(float(out.double().pow(2).sum()) for *_, out in readings))
+
+    @torch.no_grad()
+    def __call__(self, w_hat: torch.Tensor) -> float:
+        num = 0.0
+        for node, args, kwargs, out in self.readings:
+            args = list(args)
+            i = weighted_op(node).weight_arg
+            args[i] = w_hat.to(args[i].dtype)
+            num += float((node.target(*args, **kwargs) - out).double().pow(2).sum())
+        num, = distributed.all_reduce_scalars(num)
+        return num / self.energy if self.energy > 0 else 0.0

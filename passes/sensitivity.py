@@ -8,7 +8,11 @@ ratios e/s), the pass measures
   (:func:`l2fx.accounting.predict_layer_nbytes`: payload of the real symbols under the real
   probability table, table, chunk index, T parameters, manifest entry);
 * the distortion: the model's output error on ``num_samples`` calibration inputs with only
-  this layer compressed, relative to the output's energy.
+  this layer compressed, relative to the output's energy (``sensitivity.scope="model"``, each
+  measurement re-running the model downstream of the layer: O(depth^2) in all); or, with
+  ``scope="layer"``, the relative error of the outputs of the ops reading the weight, on their
+  inputs in the uncompressed model, all from one run of the model (linear in depth, memory one
+  block's activations; every layer's relative error weighs alike).
 
 With ``config.sensitivity.formats``, every allocated layer's curve also holds one candidate per
 block format (kind: the format), bytes exact and output error measured.
@@ -33,8 +37,8 @@ import torch.fx as fx
 from l2fx.accounting import predict_layer_nbytes
 from l2fx.config import CompileConfig
 from l2fx.data import output_vector, relative_error_to, take_samples, to_device
-from l2fx.evaluate import DownstreamRunner
-from l2fx.ir import Candidate, LayerIntent, SensitivityCurve, fetch_attr, get_meta, set_meta, weight_sites
+from l2fx.evaluate import DownstreamRunner, LocalError, visit_readers
+from l2fx.ir import Candidate, LayerIntent, SensitivityCurve, WeightSite, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 from l2fx.tparams import fixed_qmax, format_intent, format_scales, layout, scale_ratio, stored_vector
 from l2fx.transform import FORMAT_KINDS, TransformKind, channel_view, decode, encode
@@ -179,6 +183,48 @@ def _points(w: torch.Tensor, site, intent: LayerIntent, ratios, params, cfg: Com
     return points
 
 
+def _curve(w: torch.Tensor, site, intent: LayerIntent, cfg: CompileConfig, error) -> tuple[tuple[Candidate, ...], int]:
+    """A layer's candidates sorted by (bytes, distortion), with ``error(w_hat)`` (the scope's
+    distortion of a decoded weight) measured where :func:`estimate_distortions` asks; and how
+    many were measured."""
+    def output_error(w_hat: torch.Tensor) -> float:
+        d = error(w_hat)
+        return d if math.isfinite(d) else math.inf
+
+    # Points (see _points) hold a w_hat thunk: the decoded weights are re-made for the few
+    # candidates whose error is measured rather than kept for all of them: ~56 copies of a
+    # layer (a 4096x4096 Linear: peak RSS 4.4 GB for a 64 MB model; VGG-11's 392 MB classifier
+    # layer was killed at 24 GB).
+    # Two step families: one step for the whole tensor (MSE-optimal under entropy coding), and
+    # steps proportional to each channel's (or group's) range (no channel is rounded away: BN
+    # folding leaves depthwise convs with channels 100x apart).
+    kind = TransformKind(intent.kind)
+    ratio = scale_ratio(w, site, intent)
+    if intent.format is not None:
+        # A block format's own grid: one candidate, its max-scaled power-of-two scales.
+        ratios, params = [format_scales(w, intent)], [(1.0, 0.5)]
+    elif intent.bits is not None:
+        # A fixed grid (a layers rule's bits): one candidate, RTN steps max|w_c| / qmax per
+        # channel (or group), so the allocation takes it as it is.
+        amax = float(w.abs().max()) or 1.0
+        qmax = fixed_qmax(intent)
+        ratios, params = [ratio], [(amax / qmax, 0.5 * amax / qmax)]
+    else:
+        ratios, params = [None] + ([ratio] if ratio is not None else []), candidate_params(w, kind, cfg)
+    points = _points(w, site, intent, ratios, params, cfg)
+    distortions = estimate_distortions(points, cfg.sensitivity.measured_points, output_error, cfg.sensitivity.fit)
+    if intent.format is None and intent.bits is None:
+        # Block formats offered beside the grids: one candidate each, measured.
+        for fmt in cfg.sensitivity.formats:
+            f_intent = format_intent(fmt, intent.options, intent.rule)
+            (point,) = _points(w, site, f_intent, [format_scales(w, f_intent)], [(1.0, 0.5)], cfg)
+            points.append(point)
+            distortions.append((output_error(point[4]()), True))
+    candidates = sorted((Candidate(kind, s, e, nbytes, d, scaled) for (s, e, nbytes, _, _, scaled, kind), (d, _)
+                         in zip(points, distortions)), key=lambda c: (c.nbytes, c.distortion))
+    return tuple(candidates), sum(1 for _, exact in distortions if exact)
+
+
 class SensitivityAnalysis(L2fxPass):
     name = "sensitivity_analysis"
     requires_meta = (LayerIntent,)
@@ -194,53 +240,30 @@ class SensitivityAnalysis(L2fxPass):
         ctx = PassContext.current()
         cfg = ctx.config
         batch = to_device(take_samples(list(ctx.calib), cfg.sensitivity.num_samples), ctx.device)
-        runner = DownstreamRunner(gm, batch)
-        error_of = relative_error_to(output_vector(runner.output))  # over every rank's samples
         sites = list(weight_sites(gm))
+        index = {node: i for i, (node, _) in enumerate(sites)}
         measured = 0
-        for i, (node, site) in enumerate(sites):
-            ctx.log(self.name, f"{i + 1}/{len(sites)} {site.param}")
-            w = fetch_attr(gm, site.param).detach().float()
 
-            def output_error(w_hat: torch.Tensor) -> float:
-                d = error_of(output_vector(runner.run_with(node, w_hat)))
-                return d if math.isfinite(d) else math.inf
+        def curve(node: fx.Node, site, output_error) -> None:
+            nonlocal measured
+            ctx.log(self.name, f"{index[node] + 1}/{len(sites)} {site.param}")
+            candidates, n = _curve(fetch_attr(gm, site.param).detach().float(), site, get_meta(node, LayerIntent),
+                                   cfg, output_error)
+            measured += n
+            set_meta(node, SensitivityCurve(candidates))
 
-            # Points (see _points) hold a w_hat thunk: the decoded weights are re-made for the few candidates whose output error is measured rather than kept
-            # for all of them: ~56 copies of a layer (a 4096x4096 Linear: peak RSS 4.4 GB for
-            # a 64 MB model; VGG-11's 392 MB classifier layer was killed at 24 GB).
-            # Two step families: one step for the whole tensor (MSE-optimal under entropy
-            # coding), and steps proportional to each channel's (or group's) range (no channel
-            # is rounded away: BN folding leaves depthwise convs with channels 100x apart).
-            intent = get_meta(node, LayerIntent)
-            kind = TransformKind(intent.kind)
-            ratio = scale_ratio(w, site, intent)
-            if intent.format is not None:
-                # A block format's own grid: one candidate, its max-scaled power-of-two scales.
-                ratios, params = [format_scales(w, intent)], [(1.0, 0.5)]
-            elif intent.bits is not None:
-                # A fixed grid (a layers rule's bits): one candidate, RTN steps max|w_c| / qmax
-                # per channel (or group), so the allocation takes it as it is.
-                amax = float(w.abs().max()) or 1.0
-                qmax = fixed_qmax(intent)
-                ratios, params = [ratio], [(amax / qmax, 0.5 * amax / qmax)]
-            else:
-                ratios, params = [None] + ([ratio] if ratio is not None else []), candidate_params(w, kind, cfg)
-            points = _points(w, site, intent, ratios, params, cfg)
-            distortions = estimate_distortions(points, cfg.sensitivity.measured_points, output_error,
-                                               cfg.sensitivity.fit)
-            if intent.format is None and intent.bits is None:
-                # Block formats offered beside the grids: one candidate each, measured.
-                for fmt in cfg.sensitivity.formats:
-                    f_intent = format_intent(fmt, intent.options, intent.rule)
-                    (point,) = _points(w, site, f_intent, [format_scales(w, f_intent)], [(1.0, 0.5)], cfg)
-                    points.append(point)
-                    distortions.append((output_error(point[4]()), True))
-            measured += sum(1 for _, exact in distortions if exact)
-            candidates = sorted((Candidate(kind, s, e, nbytes, d, scaled) for (s, e, nbytes, _, _, scaled, kind), (d, _)
-                                 in zip(points, distortions)), key=lambda c: (c.nbytes, c.distortion))
-            set_meta(node, SensitivityCurve(tuple(candidates)))
-        ctx.records[self.name] = {"model_evaluations": measured, "candidates": sum(
+        if cfg.sensitivity.scope == "layer":
+            # One run; each weight measured on its readers' inputs as they pass (evaluate.visit_readers).
+            visit_readers(gm, batch, [node for node, _ in sites],
+                          lambda node, readings: curve(node, get_meta(node, WeightSite), LocalError(readings)))
+        else:
+            runner = DownstreamRunner(gm, batch)
+            error_of = relative_error_to(output_vector(runner.output))  # over every rank's samples
+            for node, site in sites:
+                def output_error(w_hat: torch.Tensor, node=node) -> float:
+                    return error_of(output_vector(runner.run_with(node, w_hat)))
+                curve(node, site, output_error)
+        ctx.records[self.name] = {"model_evaluations": measured, "scope": cfg.sensitivity.scope, "candidates": sum(
             len(get_meta(n, SensitivityCurve).candidates) for n, _ in sites)}
         return PassResult(gm, True)
 

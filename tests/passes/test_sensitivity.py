@@ -84,3 +84,126 @@ def test_least_squares_fit_puts_every_point_of_a_family_on_one_line():
     # Two anchors: the same curve as interpolation.
     two = estimate_distortions(points, 2, noisy, fit="least_squares")
     assert two == estimate_distortions(points, 2, noisy)
+
+
+# --------------------------------------------------------------------------------------------
+# scope="layer": distortions at the weight's readers, from one run of the model
+
+
+class _Tied(torch.nn.Module):
+    """One weight read by two linear ops (a tied pair), and a weight read once."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = torch.nn.Linear(64, 64)
+        self.head = torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        h = torch.relu(self.shared(x))
+        return self.head(torch.nn.functional.linear(h, self.shared.weight))
+
+
+def _readings(gm, batch):
+    from l2fx.evaluate import visit_readers
+    from l2fx.ir import weight_sites
+
+    seen = {}
+    out = visit_readers(gm, batch, [n for n, _ in weight_sites(gm)],
+                        lambda node, readings: seen.setdefault(node.meta["l2fx.site"].param, readings))
+    return out, seen
+
+
+def test_visit_readers_gives_every_weights_readers_and_the_models_output():
+    from tests.passes.pass_cases import marked
+
+    torch.manual_seed(0)
+    model = _Tied().eval()
+    x = torch.randn(8, 64)
+    gm = marked(model, x)
+    out, seen = _readings(gm, x)
+    assert torch.allclose(out if isinstance(out, torch.Tensor) else out[0], model(x), atol=1e-6)
+    assert sorted(seen) == ["head.weight", "shared.weight"]
+    assert len(seen["shared.weight"]) == 2 and len(seen["head.weight"]) == 1
+
+
+def test_local_error_is_the_relative_error_of_the_readers_outputs():
+    """LocalError(W_hat) = sum over readers ||op(x, W_hat) - op(x, W)||^2 / sum ||op(x, W)||^2,
+    re-derived by hand for the tied weight (two readers) and the head."""
+    from l2fx.evaluate import LocalError
+    from tests.passes.pass_cases import marked
+
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    model = _Tied().eval()
+    x = torch.randn(8, 64)
+    _, seen = _readings(marked(model, x), x)
+    W, b = model.shared.weight.detach(), model.shared.bias.detach()
+    noise = 0.05 * torch.randn_like(W)
+    h = torch.relu(F.linear(x, W, b))
+    num = (F.linear(x, W + noise, b) - F.linear(x, W, b)).pow(2).sum() + (F.linear(h, W + noise) - F.linear(h, W)).pow(2).sum()
+    den = F.linear(x, W, b).pow(2).sum() + F.linear(h, W).pow(2).sum()
+    err = LocalError(seen["shared.weight"])
+    assert math.isclose(err(W + noise), float(num / den), rel_tol=1e-5)
+    assert err(W) == 0.0
+    head = LocalError(seen["head.weight"])
+    Wh = model.head.weight.detach()
+    hh = F.linear(h, W)
+    ref = (F.linear(hh, torch.zeros_like(Wh))).pow(2).sum()  # W_hat = 0 leaves the bias: error ||W h||^2
+    assert math.isclose(head(torch.zeros_like(Wh)),
+                        float((hh @ Wh.T).pow(2).sum() / F.linear(hh, Wh, model.head.bias.detach()).pow(2).sum()),
+                        rel_tol=1e-5)
+    assert float(ref) == 0.0
+
+
+def test_layer_scope_curves_measure_local_errors_and_compile_to_target():
+    """End to end with scope='layer': every weight has a curve whose measured points are its
+    local errors (so they differ from the model-scope ones), and a one-shot compile meets the
+    target on counted bytes."""
+    import dataclasses
+
+    import l2fx
+    from l2fx.config import CompileConfig, SensitivityConfig
+    from l2fx.ir import SensitivityCurve, get_meta, weight_sites
+    from l2fx.passes import SensitivityAnalysis
+    from tests.passes.pass_cases import make_mlp, marked, mlp_calib, run
+
+    model = make_mlp()
+    calib = mlp_calib()
+    curves = {}
+    for scope in ("model", "layer"):
+        cfg = CompileConfig(sensitivity=SensitivityConfig(scope=scope, num_samples=16))
+        gm, records, _ = run(marked(model, calib[0], cfg), [SensitivityAnalysis()], cfg, calib)
+        assert records["sensitivity_analysis"]["scope"] == scope
+        curves[scope] = {site.param: get_meta(n, SensitivityCurve).candidates for n, site in weight_sites(gm)}
+    assert curves["model"].keys() == curves["layer"].keys()
+    for param in curves["model"]:
+        lay, mod = curves["layer"][param], curves["model"][param]
+        assert [c.nbytes for c in lay] == sorted(c.nbytes for c in lay)
+        assert {c.nbytes for c in lay} == {c.nbytes for c in mod}  # same candidates, other distortions
+        assert all(math.isfinite(c.distortion) and c.distortion >= 0 for c in lay)
+    # The last layer's readers' output is the model's: the two scopes differ only in the energy
+    # they divide by (the model scope's is centred over the batch), for every candidate alike.
+    out = model(calib[0]).detach().double()
+    centred = float((out - out.mean(0, keepdim=True)).pow(2).sum() / out.pow(2).sum())
+    key = lambda c: (c.nbytes, c.step_s, c.threshold_e)  # noqa: E731
+    last = sorted(curves["model"])[-1]
+    for a, b in zip(sorted(curves["layer"][last], key=key), sorted(curves["model"][last], key=key)):
+        assert math.isclose(a.distortion, b.distortion * centred, rel_tol=1e-4)
+    first = sorted(curves["model"])[0]  # its noise passes through two more layers to the output
+    assert not all(math.isclose(a.distortion, b.distortion * centred, rel_tol=1e-2) for a, b in
+                   zip(sorted(curves["layer"][first], key=key), sorted(curves["model"][first], key=key)))
+    cfg = dataclasses.replace(CompileConfig(), sensitivity=SensitivityConfig(scope="layer"))
+    compiled = l2fx.compile(model, 6.0, calib, method="gptq", config=cfg)
+    assert abs(compiled.report.compressed_cr / 6.0 - 1) <= 0.01
+
+
+def test_scope_is_validated():
+    import pytest
+
+    from l2fx.config import SensitivityConfig
+    from l2fx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="scope"):
+        SensitivityConfig(scope="block")
+    with pytest.raises(ConfigError, match="joint_rounds"):
+        SensitivityConfig(scope="layer", joint_rounds=1)
