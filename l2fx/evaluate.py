@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
-from l2fx import distributed
+from l2fx import distributed, memory
 from l2fx.data import Batch
 from l2fx.ir import fetch_attr, weighted_op
 
@@ -129,6 +129,7 @@ def visit_readers(gm: fx.GraphModule, batch: Batch, weights: Collection[fx.Node]
                 readers_left[w] -= 1
                 if readers_left[w] == 0:
                     visit(w, pending.pop(w))
+                    memory.release()
         if node is order[-1]:
             break
         for n in node.all_input_nodes:

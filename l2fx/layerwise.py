@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from l2fx import distributed
+from l2fx import distributed, memory
 from l2fx.activations import ActQuantSpec, RangeHistogram
 from l2fx.blocks import BlockProgram, build_programs, calibration_inputs
 from l2fx.data import batch_size
@@ -163,6 +163,7 @@ def stream_blocks(gm: fx.GraphModule, calib: Any, device: torch.device, max_samp
                     cache[n] = [o[j] for o in outs]
             for n in [n for n in cache if last_use.get(n, -1) <= prog.block.index]:
                 del cache[n]
+            memory.release()
 
         yield prog, inputs, advance
 

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from l2fx import distributed
+from l2fx import distributed, memory
 from l2fx.config import BackendConfig, CompileConfig
 from l2fx.errors import CalibrationError, ConfigError, L2fxError, PassError, VerifierError
 from l2fx.ir import namespace, owned_meta, registered_meta_types, weight_sites
@@ -392,6 +392,7 @@ class PassManager:
             if ctx.verify:
                 verify(gm, after=p.name)
             modified |= result.modified
+            memory.release()  # what the pass freed goes back to the OS before the next one's peak
             for inst in ctx.instruments:
                 inst.after_pass(p, gm, result)
         return PassResult(gm, modified)

@@ -1,7 +1,7 @@
 """The import layers of the package: every module in a layer, imports downwards only, no cycles.
 
     (0) math and format: errors, config, transform, counter, coding, rangedec, accounting,
-        formats, sparsity, activations, the kernels (triton_kernels)
+        formats, sparsity, activations, memory, the kernels (triton_kernels)
     (1) IR, runtime modules and infrastructure the passes share: ir, modules, compiled, pipeline,
         data, evaluate, frontend, inplace, manifest, artifact, report, blocks, bytefit, optim,
         tparams, solvers, layerwise
@@ -26,7 +26,7 @@ SOURCES = {"l2fx": ROOT / "l2fx", "l2fx.passes": ROOT / "passes", "l2fx.triton_k
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("l2fx.errors", "l2fx.config", "l2fx.transform", "l2fx.counter", "l2fx.coding", "l2fx.rangedec",
         "l2fx.accounting", "l2fx.formats", "l2fx.sparsity", "l2fx.triton_kernels", "l2fx.distributed",
-        "l2fx.activations"),
+        "l2fx.activations", "l2fx.memory"),
     1: ("l2fx.ir", "l2fx.modules", "l2fx.compiled", "l2fx.pipeline", "l2fx.data", "l2fx.evaluate", "l2fx.frontend",
         "l2fx.inplace", "l2fx.manifest", "l2fx.artifact", "l2fx.report", "l2fx.blocks", "l2fx.bytefit", "l2fx.optim",
         "l2fx.tparams", "l2fx.solvers", "l2fx.layerwise", "l2fx.calibration", "l2fx.into_model",

@@ -1,0 +1,34 @@
+"""Giving freed host memory back to the operating system between the large steps of a compile.
+
+A compile allocates and frees many tensors between 128 KB and 32 MB (activations, decoded
+candidates, a layer's symbols). glibc serves those from its heap once its dynamic mmap threshold
+has risen, and a freed heap chunk stays in the process until ``malloc_trim``: on a random
+Llama of 1024 x 2816 widths, the resident set after sensitivity analysis stood 1.1 GB above
+what was alive (0.8x the model's fp32 bytes, more with depth), and the next pass's peak started
+from there. :func:`release` trims the heap; the pass manager calls it after every pass, and the
+passes that loop over layers or blocks call it per step. Elsewhere than glibc it does nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+__all__ = ["release"]
+
+
+@functools.lru_cache(maxsize=1)
+def _trim():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc.malloc_trim if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release() -> None:
+    """Returns the heap's free memory to the OS (glibc ``malloc_trim(0)``); a no-op elsewhere."""
+    trim = _trim()
+    if trim is not None:
+        trim(0)
