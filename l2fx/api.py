@@ -86,6 +86,7 @@ def compile(
             raise CalibrationError(f"the model runs in {sorted({str(d) for d in dtypes.values()})} but not cast to "
                                    f"float32, which l2fx compresses in: {exc}") from exc
     gm.to(device)
+    captured_peak = peak_rss_mib()
     timing, memory = Timing(), PeakMemory()
     ctx = PassContext(config=config, backend=backend or BackendConfig(), calib=batches,
                       instruments=[timing, memory, *instruments], verify=verify, device=device)
@@ -100,9 +101,10 @@ def compile(
     }
     compiled = CompiledModel(gm, None, header)  # type: ignore[arg-type]
     file_nbytes = len(compiled.artifact_bytes())
+    peaks = {"capture": captured_peak, **memory.mib, "artifact": peak_rss_mib()}
     compiled.report = _report([info for _, info, _ in coded_layers(gm)], config.target_cr, file_nbytes,
                               header["original_nbytes"], pass_seconds=dict(timing.seconds),
-                              peak_rss_mib=peak_rss_mib(),
+                              peak_rss_mib=peak_rss_mib(), pass_peak_rss_mib=peaks,
                               records={"capture": {"frontend": info.frontend, "notes": list(info.notes)}, **ctx.records})
     return compiled
 

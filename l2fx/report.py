@@ -43,7 +43,9 @@ class CompressionReport:
 
     ``compressed_cr``: fp32 bytes of the compressed weights over every byte written for them.
     ``file_cr``: fp32 bytes of every parameter and buffer of the original model (non-float
-    buffers at their own size) over the artifact's file size.
+    buffers at their own size) over the artifact's file size. ``pass_peak_rss_mib``: the
+    process's peak resident memory (a high-water mark) after the capture and after each pass:
+    the step where it rises is the one that set it.
     """
 
     target_cr: float
@@ -53,6 +55,7 @@ class CompressionReport:
     pass_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     peak_rss_mib: float | None = None
     records: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pass_peak_rss_mib: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def compressed_fp32_nbytes(self) -> int:
