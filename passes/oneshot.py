@@ -112,10 +112,19 @@ class OneShotSolve(L2fxPass):
                 share = budget / max(sum(budgets[i] for i in later), 1.0)  # this block's share of the drift
                 target = min(max(budget - carry * share, 0.8 * budget), 1.25 * budget)
                 runs: dict[float, list[dict[str, Any]]] = {}
+                sizes: dict[float, int] = {}
 
                 def total(t: float) -> int:
                     runs[t] = [self._solve_layer(st, 2.0 ** t, cfg) for st in stats]
-                    return sum(r["nbytes"] for r in runs[t])
+                    sizes[t] = sum(r["nbytes"] for r in runs[t])
+                    # Only the runs fit_log2_factor can still return keep their symbols: the latest,
+                    # the largest under the target, the coarsest (a block's symbols per run: 8
+                    # runs of the lm_head of a 32000-word vocabulary held 1 GB).
+                    under = [x for x, b in sizes.items() if b <= target]
+                    keep = {t, max(sizes)} | ({max(under, key=sizes.__getitem__)} if under else set())
+                    for x in [x for x in runs if x not in keep]:
+                        del runs[x]
+                    return sizes[t]
 
                 # The second probe from the first solve: a halving of every step costs about one
                 # bit per weight that is not zero (numel / 8 bytes at no sparsity).
@@ -137,9 +146,9 @@ class OneShotSolve(L2fxPass):
                 advance()
                 carry += nbytes - budget
                 blocks.append({"index": prog.block.index, "name": prog.block.name, "budget_nbytes": budget,
-                               "target_nbytes": target, "nbytes": nbytes, "factor": 2.0 ** t, "solves": len(runs),
+                               "target_nbytes": target, "nbytes": nbytes, "factor": 2.0 ** t, "solves": len(sizes),
                                "seconds": time.perf_counter() - t0})
-                ctx.log(self.name, f"block {prog.block.name}: {len(runs)} solves, factor 2^{t:+.3f}")
+                ctx.log(self.name, f"block {prog.block.name}: {len(sizes)} solves, factor 2^{t:+.3f}")
         finally:
             for p in gm.parameters():
                 p.requires_grad_(saved_flags.get(id(p), True))
