@@ -5,14 +5,16 @@ candidates, a layer's symbols). glibc serves those from its heap once its dynami
 has risen, and a freed heap chunk stays in the process until ``malloc_trim``: on a random
 Llama of 1024 x 2816 widths, the resident set after sensitivity analysis stood 1.1 GB above
 what was alive (0.8x the model's fp32 bytes, more with depth), and the next pass's peak started
-from there. :func:`release` trims the heap; the pass manager calls it after every pass, and the
-passes that loop over layers or blocks call it per step. Elsewhere than glibc it does nothing.
+from there. :func:`release` trims the heap; the pass manager calls it (after a cycle collection)
+after every pass, and the passes that loop over layers or blocks call it per step. Elsewhere than
+glibc the trim does nothing.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
+import gc
 
 __all__ = ["release"]
 
@@ -27,8 +29,15 @@ def _trim():
         return None
 
 
-def release() -> None:
-    """Returns the heap's free memory to the OS (glibc ``malloc_trim(0)``); a no-op elsewhere."""
+def release(collect: bool = False) -> None:
+    """Returns the heap's free memory to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere).
+    ``collect``: first run Python's cycle collector, which frees tensors only a reference cycle
+    still holds (fx nodes and graphs are cycles: a weight a pass replaced can stay alive through
+    one until the next collection; a whole model's worth on a random Llama). A full collection
+    takes a few tens of ms on a transformer's graph: the pass manager asks for it between passes,
+    the per-layer loops do not."""
+    if collect:
+        gc.collect()
     trim = _trim()
     if trim is not None:
         trim(0)

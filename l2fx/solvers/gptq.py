@@ -54,19 +54,19 @@ def gptq(W: Tensor, H: Tensor, grid: Grid, *, blocksize: int = 128, percdamp: fl
     grid.check(rows, cols, layer)
     check_blocksize(blocksize, layer)
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
-    Wk = W.to(dt).clone()
-    Hd, dead = prepare_hessian(H.to(_factor_dtype(H, W)), Wk, percdamp)
+    # The working copy, transposed: columns are rows of Wt, contiguous for the per-column work
+    # (one copy of W; prepare_hessian zeroes the dead columns through the transposed view).
+    Wt = W.to(dt).t().clone(memory_format=torch.contiguous_format)
+    Hd, dead = prepare_hessian(H.to(_factor_dtype(H, W)), Wt.t(), percdamp)
     perm = None
     if act_order:
         perm = torch.argsort(Hd.diagonal(), descending=True, stable=True)
-        Wk, Hd = Wk[:, perm], Hd[perm][:, perm]
+        Wt, Hd = Wt[perm], Hd[perm][:, perm]
         original = perm.tolist()
     else:
         original = list(range(cols))
     U = inverse_cholesky(Hd, layer, percdamp).to(dt)
     del Hd
-    # Columns are rows of the transposed weight: contiguous for the per-column work.
-    Wt = Wk.t().contiguous()
     Qt = torch.empty(cols, rows, dtype=torch.float32)
     St = torch.empty(cols, rows, dtype=torch.int16)
 
@@ -76,6 +76,7 @@ def gptq(W: Tensor, H: Tensor, grid: Grid, *, blocksize: int = 128, percdamp: fl
         return q
 
     column_sweep(Wt, U, blocksize, column)
+    del Wt, U
     w_hat, symbols = Qt.t(), St.t()
     if perm is not None:
         inv = torch.argsort(perm)
