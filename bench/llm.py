@@ -17,7 +17,8 @@ coded; no sensitivity analysis, so the CR is whatever B gives and ``--targets`` 
 Sensitivity analysis re-runs the model downstream of each of the 211 weights, so its default
 budget (8 samples, 2 dead-zone families, 2 measured points: about 10 s per weight here) is cut
 by default to ``--sens-samples`` 1 sample, dead zone 0.5 only, 1 measured point; the table
-header says what ran. SmolLM2's weights were Q4_1 before packaging: CRs up to about 8 are
+header says what ran. ``--set sensitivity.scope=layer`` measures each weight at its own ops'
+outputs from one run of the model instead (linear in depth; ``bench/llm_depth.py``). SmolLM2's weights were Q4_1 before packaging: CRs up to about 8 are
 flattering (a 4-bit grid is there to be found), see ``l2fx/zoo/smollm2.py``.
 
 Load rows (``--load-models``): one artifact per model (SmolLM2: the first quality row's when
