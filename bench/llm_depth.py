@@ -3,23 +3,27 @@ TinyLlama-1.1B's widths by default: hidden 2048, MLP 5632, 32 heads / 4 KV heads
 32000; 22 layers are 1.1 B parameters) built at several depths and compiled with a one-shot
 method, each depth in a fresh process (spawned) so its peak RSS is its own.
 
-    nice -n 10 python bench/llm_depth.py --depths 4 8 16 22
+    nice -n 10 python bench/llm_depth.py --depths 8 16 22
+    nice -n 10 python bench/llm_depth.py --depths 22 --dtype bfloat16 --append
     python bench/llm_depth.py --depths 2 4 --hidden 512 --intermediate 1408   # a quick look
 
 Weights are random: the rows measure time and memory, not quality. Calibration is
 ``--num-calib`` random token sequences of ``--seq-len`` tokens. The method's sensitivity analysis
 runs with ``scope="layer"`` (``SensitivityConfig``: one run of the model, each weight's error at
 its readers' outputs; the default ``"model"`` scope re-runs the model downstream of every weight,
-O(depth^2)); ``--scope model`` measures that instead. Per row: parameters, the fp32 bytes of the
-model itself (which grow with depth: the caller's model stays in memory), the process's peak RSS,
-the peak RSS less the model's fp32 bytes (what the compile adds), compile seconds and seconds per
-layer, and the slowest passes.
+O(depth^2)); ``--scope model`` measures that instead. Per row: parameters, the model's bytes in the
+caller's dtype (``--dtype``; the caller's model stays in memory, unmodified) and in fp32 (l2fx's
+working copy), the process's peak RSS, the peak less both (what the compile adds besides the
+model: the part that should not grow with depth), compile seconds and seconds per layer, the
+slowest passes and the steps that raised the peak (``CompressionReport.pass_peak_rss_mib``).
+``--append`` adds rows to the tag's results file (e.g. a bfloat16 row beside float32 ones).
 
 Writes ``bench/results/llm_depth[_TAG].{md,json}``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import resource
@@ -40,11 +44,15 @@ def llama(depth: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
     return transformers.LlamaForCausalLM(config).eval()
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def run_row(job: dict) -> dict:
     import l2fx
 
     torch.set_num_threads(job["threads"] or torch.get_num_threads())
     model = llama(job["depth"], job["hidden"], job["intermediate"], job["heads"], job["kv_heads"], job["vocab"])
+    model = model.to(DTYPES[job["dtype"]])  # the caller's copy; l2fx compresses a float32 copy of its own
     params = sum(p.numel() for p in model.parameters())
     model_nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     g = torch.Generator().manual_seed(1)
@@ -77,17 +85,20 @@ def markdown(rows: list[dict], command: str) -> str:
              f"(transform {j['transform']}), "
              f"sensitivity scope `{j['scope']}` ({j['sens_samples']} sample(s), 1 measured point, no dead zone); "
              f"calibration {j['num_calib']} random sequences of {j['seq_len']} tokens in batches of {j['batch_size']}.",
-             "", "| layers | parameters | model fp32 MiB | peak RSS MiB | peak RSS - model MiB | compile s | "
+             "", "| layers | caller's dtype | parameters | model MiB (caller's dtype) | model fp32 MiB | peak RSS MiB | "
+             "peak RSS - caller's model - fp32 copy MiB | compile s | "
              "s per layer | CR coded | slowest passes (s) | steps raising the peak (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['depth']} | {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['depth']} | {r['error']} |" + " |" * 10)
             continue
         slow = ", ".join(f"{k} {v:.0f}" for k, v in r["slowest"])
         rises = ", ".join(f"{k} +{v:.0f}" for k, v in r.get("peak_rises", []) if v > 0)
-        lines.append(f"| {r['depth']} | {r['params'] / 1e6:.0f} M | {r['model_mib']:.0f} | {r['peak_rss_mib']:.0f} | "
-                     f"{r['peak_rss_mib'] - r['model_mib']:.0f} | {r['compile_s']:.0f} | {r['compile_s'] / r['depth']:.1f} | "
+        fp32_mib = r["params"] * 4 / 2 ** 20
+        lines.append(f"| {r['depth']} | {r.get('dtype', 'float32')} | {r['params'] / 1e6:.0f} M | {r['model_mib']:.0f} | "
+                     f"{fp32_mib:.0f} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - r['model_mib'] - fp32_mib:.0f} | "
+                     f"{r['compile_s']:.0f} | {r['compile_s'] / r['depth']:.1f} | "
                      f"{r['cr']:.2f} | {slow} | {rises} |")
     return "\n".join(lines) + "\n"
 
@@ -109,13 +120,18 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the caller's model's dtype")
     p.add_argument("--tag", default="")
+    p.add_argument("--append", action="store_true", help="add the rows to the tag's results file")
     args = p.parse_args()
     base = {k: getattr(args, k) for k in ("hidden", "intermediate", "heads", "kv_heads", "vocab", "method", "target",
                                          "scope", "transform", "sens_samples", "num_calib", "batch_size", "seq_len",
-                                         "threads")}
+                                         "threads", "dtype")}
     out = RESULTS / ("llm_depth" + (f"_{args.tag}" if args.tag else ""))
     rows, command = [], command_line()
+    if args.append:  # rows of an earlier run of this tag first (each row says its own settings)
+        rows = json.loads(out.with_name(out.name + ".json").read_text())["rows"]
+        command = json.loads(out.with_name(out.name + ".json").read_text())["command"] + "; " + command
     ctx = multiprocessing.get_context("spawn")
     for depth in args.depths:
         job = {**base, "depth": depth}

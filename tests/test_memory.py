@@ -20,6 +20,7 @@ def resident():
 big = torch.empty(64 * 2 ** 20 // 4)  # a freed 64 MB chunk raises glibc's dynamic mmap threshold,
 del big                               # so the 1 MB tensors below come from the heap
 chunks = [torch.ones(2 ** 18) for _ in range(300)]
+pin = torch.ones(2 ** 18)  # allocated last, on top of the heap: free() cannot shrink the heap past it
 held = resident()
 del chunks
 after_free = resident()
