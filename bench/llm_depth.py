@@ -91,7 +91,7 @@ def markdown(rows: list[dict], command: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['depth']} | {r['error']} |" + " |" * 10)
+            lines.append(f"| {r['depth']} | {r.get('dtype', 'float32')} | {r['error']} |" + " |" * 9)
             continue
         slow = ", ".join(f"{k} {v:.0f}" for k, v in r["slowest"])
         rises = ", ".join(f"{k} +{v:.0f}" for k, v in r.get("peak_rises", []) if v > 0)
