@@ -132,7 +132,7 @@ def visit_readers(gm: fx.GraphModule, batch: Batch, weights: Collection[fx.Node]
                     memory.release()
         if node is order[-1]:
             break
-        for n in node.all_input_nodes:
+        for n in node.all_input_nodes + ([node] if not node.users else []):  # a value nothing reads: now
             if last_use[n] <= i and n in env:
                 del env[n]
     return env[order[-1]]

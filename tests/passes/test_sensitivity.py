@@ -207,3 +207,29 @@ def test_scope_is_validated():
         SensitivityConfig(scope="block")
     with pytest.raises(ConfigError, match="joint_rounds"):
         SensitivityConfig(scope="layer", joint_rounds=1)
+
+
+def test_visit_readers_frees_values_after_their_last_use():
+    """By the time the last layer's weight is visited, the first layer's output (and the
+    activations between) are gone: what the run holds does not grow with depth."""
+    import weakref
+
+    from l2fx.evaluate import visit_readers
+    from l2fx.ir import weight_sites
+    from tests.passes.pass_cases import make_mlp, marked
+
+    model = make_mlp((64, 128, 128, 128, 64))
+    x = torch.randn(8, 64)
+    gm = marked(model, x)
+    refs, alive_at_last = {}, {}
+    sites = list(weight_sites(gm))
+    last = sites[-1][1].param
+
+    def visit(node, readings):
+        param = node.meta["l2fx.site"].param
+        refs[param] = weakref.ref(readings[0][3])
+        if param == last:
+            alive_at_last.update({p: r() is not None for p, r in refs.items() if p != last})
+
+    visit_readers(gm, x, [n for n, _ in sites], visit)
+    assert alive_at_last and not any(alive_at_last.values())
