@@ -3,11 +3,11 @@
 A compile allocates and frees many tensors between 128 KB and 32 MB (activations, decoded
 candidates, a layer's symbols). glibc serves those from its heap once its dynamic mmap threshold
 has risen, and a freed heap chunk stays in the process until ``malloc_trim``: on a random
-Llama of 1024 x 2816 widths, the resident set after sensitivity analysis stood 1.1 GB above
-what was alive (0.8x the model's fp32 bytes, more with depth), and the next pass's peak started
-from there. :func:`release` trims the heap; the pass manager calls it (after a cycle collection)
-after every pass, and the passes that loop over layers or blocks call it per step. Elsewhere than
-glibc the trim does nothing.
+Llama of 1024 x 2816 widths (148 MB of weights), the resident set after sensitivity analysis
+stood 1.1 GB above what was alive, and the next pass's peak started from there. :func:`release`
+trims the heap; the pass manager calls it (after a cycle collection on large models) after every
+pass, and the passes that loop over layers or blocks call it per step. Elsewhere than glibc the
+trim does nothing.
 """
 from __future__ import annotations
 
