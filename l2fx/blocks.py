@@ -51,34 +51,38 @@ def block_key(param: str) -> str:
     return ".".join(parts)
 
 
+class RawWeights(fx.Interpreter):
+    """Interprets a graph with every ``TransformedWeight`` giving its raw (uncompressed) ``.weight``."""
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if isinstance(module, TransformedWeight):
+            return module.weight
+        return super().call_module(target, args, kwargs)
+
+
 def tensor_valued(gm: fx.GraphModule, calib: Any = None) -> dict[fx.Node, bool]:
     """Whether each node's value holds a Tensor (False for sizes, dtypes, None).
 
     Read from ``meta["val"]`` (torch.export) when present, else measured by interpreting the
-    graph once on ``calib`` (one calibration batch), else assumed True. The interpretation
-    takes each ``TransformedWeight``'s raw ``.weight`` for its output (a tensor of the same
-    shape): fake-quantising every weight of a 0.5 B-parameter Llama here added 2.1 GB to the
-    compile's peak. (An exported graph's ``_guards_fn`` call carries no value meta, so exported
-    graphs are interpreted too.)
+    graph once on ``calib`` (one calibration batch), else assumed True. Nodes nothing reads (the
+    output, an exported graph's ``_guards_fn``) need no answer, so an exported graph, whose
+    weight modules carry their weights' value meta (``ir.replace_weight``), is not interpreted.
+    The interpretation runs each ``TransformedWeight``'s raw ``.weight`` (:class:`RawWeights`):
+    fake-quantising every weight of a 0.5 B-parameter Llama here added 2.1 GB to the peak.
     """
     out: dict[fx.Node, bool] = {}
     missing = False
     for node in gm.graph.nodes:
         val = node.meta.get("val", node.meta.get("example_value"))
         if val is None:
-            missing = missing or node.op != "output"  # nothing reads the output node's value
+            missing = missing or bool(node.users)
             continue
         out[node] = any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(val))
     if missing and calib is not None:
         env: dict[fx.Node, Any] = {}
 
-        class _Record(fx.Interpreter):
-            def call_module(self, target, args, kwargs):
-                module = self.fetch_attr(target)
-                if isinstance(module, TransformedWeight):
-                    return module.weight
-                return super().call_module(target, args, kwargs)
-
+        class _Record(RawWeights):
             def run_node(self, n):
                 value = super().run_node(n)
                 env[n] = any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value))

@@ -331,8 +331,7 @@ def replace_weight(gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module, r
         new = gm.graph.call_module(path)
     new.meta.update(owned_meta(node))
     # The module produces the tensor the node did (same shape and dtype): torch.export's value
-    # meta carries over, so what reads it (blocks.tensor_valued) need not run the graph, which
-    # fake-quantised every weight at once (2.1 GB above the rest on a 0.5 B-parameter Llama).
+    # meta carries over, so blocks.tensor_valued need not interpret an exported graph.
     for key in ("val", "tensor_meta"):
         if key in node.meta:
             new.meta[key] = node.meta[key]

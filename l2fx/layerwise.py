@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from l2fx import distributed, memory
 from l2fx.activations import ActQuantSpec, RangeHistogram
-from l2fx.blocks import BlockProgram, build_programs, calibration_inputs
+from l2fx.blocks import BlockProgram, RawWeights, build_programs, calibration_inputs
 from l2fx.data import batch_size
 from l2fx.ir import WeightSite, arg_of, weighted_op
 from l2fx.modules import TransformedWeight
@@ -72,19 +72,13 @@ def _conv_params(op_node: fx.Node) -> dict[str, Any]:
             for i, (n, d) in enumerate(zip(names, defaults))}
 
 
-class _Capture(fx.Interpreter):
+class _Capture(RawWeights):
     """Runs a block program with raw (fp32) weights and feeds each weighted op's input to the
     accumulator of its weight."""
 
     def __init__(self, gm: fx.GraphModule, accumulators: dict[str, tuple]):
         super().__init__(gm)
         self.accumulators = accumulators  # weight module path -> (accumulator, family, shape, conv params)
-
-    def call_module(self, target, args, kwargs):
-        module = self.fetch_attr(target)
-        if isinstance(module, TransformedWeight):
-            return module.weight
-        return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         op = weighted_op(n)

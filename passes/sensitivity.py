@@ -38,7 +38,7 @@ from l2fx.accounting import predict_layer_nbytes
 from l2fx.config import CompileConfig
 from l2fx.data import output_vector, relative_error_to, take_samples, to_device
 from l2fx.evaluate import DownstreamRunner, LocalError, visit_readers
-from l2fx.ir import Candidate, LayerIntent, SensitivityCurve, WeightSite, fetch_attr, get_meta, set_meta, weight_sites
+from l2fx.ir import Candidate, LayerIntent, SensitivityCurve, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 from l2fx.tparams import fixed_qmax, format_intent, format_scales, layout, scale_ratio, stored_vector
 from l2fx.transform import FORMAT_KINDS, TransformKind, channel_view, decode, encode
@@ -240,12 +240,13 @@ class SensitivityAnalysis(L2fxPass):
         ctx = PassContext.current()
         cfg = ctx.config
         batch = to_device(take_samples(list(ctx.calib), cfg.sensitivity.num_samples), ctx.device)
-        sites = list(weight_sites(gm))
-        index = {node: i for i, (node, _) in enumerate(sites)}
+        sites = dict(weight_sites(gm))
+        index = {node: i for i, node in enumerate(sites)}
         measured = 0
 
-        def curve(node: fx.Node, site, output_error) -> None:
+        def curve(node: fx.Node, output_error) -> None:
             nonlocal measured
+            site = sites[node]
             ctx.log(self.name, f"{index[node] + 1}/{len(sites)} {site.param}")
             candidates, n = _curve(fetch_attr(gm, site.param).detach().float(), site, get_meta(node, LayerIntent),
                                    cfg, output_error)
@@ -254,17 +255,16 @@ class SensitivityAnalysis(L2fxPass):
 
         if cfg.sensitivity.scope == "layer":
             # One run; each weight measured on its readers' inputs as they pass (evaluate.visit_readers).
-            visit_readers(gm, batch, [node for node, _ in sites],
-                          lambda node, readings: curve(node, get_meta(node, WeightSite), LocalError(readings)))
+            visit_readers(gm, batch, sites, lambda node, readings: curve(node, LocalError(readings)))
         else:
             runner = DownstreamRunner(gm, batch)
             error_of = relative_error_to(output_vector(runner.output))  # over every rank's samples
-            for node, site in sites:
+            for node in sites:
                 def output_error(w_hat: torch.Tensor, node=node) -> float:
                     return error_of(output_vector(runner.run_with(node, w_hat)))
-                curve(node, site, output_error)
+                curve(node, output_error)
         ctx.records[self.name] = {"model_evaluations": measured, "scope": cfg.sensitivity.scope, "candidates": sum(
-            len(get_meta(n, SensitivityCurve).candidates) for n, _ in sites)}
+            len(get_meta(n, SensitivityCurve).candidates) for n in sites)}
         return PassResult(gm, True)
 
     def ensures(self, gm: fx.GraphModule) -> None:
