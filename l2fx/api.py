@@ -6,6 +6,7 @@ import concurrent.futures
 import copy
 import dataclasses
 import os
+import tempfile
 import warnings
 from typing import Any, Sequence
 
@@ -75,6 +76,7 @@ def compile(
     check_runs(gm, batches[0])
     fingerprint = graph_fingerprint(gm)
     dtypes = float_dtypes(gm)
+    on_copy = False  # compressed on a float32 capture; the result is then the artifact loaded (below)
     if any(d != torch.float32 for d in dtypes.values()):
         # Compression runs in fp32 (rounding, gradients, byte prediction); the result is cast
         # back to the model's own dtypes at the end (restore_dtypes).
@@ -82,31 +84,57 @@ def compile(
         batches = [cast_floats(b, torch.float32) for b in batches]
         try:
             check_runs(gm, batches[0])
-        except CalibrationError as exc:
-            raise CalibrationError(f"the model runs in {sorted({str(d) for d in dtypes.values()})} but not cast to "
-                                   f"float32, which l2fx compresses in: {exc}") from exc
+        except CalibrationError:
+            # Its graph casts to the model's dtype inside (torch.export records the dtype a
+            # forward reads off a tensor as a constant): capture a float32 copy instead.
+            del gm
+            gm, _ = capture(model, batches[0], frontend=info.frontend, dtype=torch.float32)
+            try:
+                check_runs(gm, batches[0])
+            except CalibrationError as exc:
+                raise CalibrationError(f"the model runs in {sorted({str(d) for d in dtypes.values()})} but not in "
+                                       f"float32, which l2fx compresses in: {exc}") from exc
+            on_copy = True
+            info = dataclasses.replace(info, notes=info.notes + (
+                "compressed on a float32 copy captured in float32 (the graph traced in the model's dtype casts to "
+                "it inside); the compiled model is the artifact loaded on the model's own graph (l2fx.load)",))
     gm.to(device)
     captured_peak = peak_rss_mib()
     timing, memory = Timing(), PeakMemory()
-    ctx = PassContext(config=config, backend=backend or BackendConfig(), calib=batches,
+    backend = backend or BackendConfig()
+    ctx = PassContext(config=config, backend=backend, calib=batches,
                       instruments=[timing, memory, *instruments], verify=verify, device=device)
     with ctx:
         gm = pipeline(gm).graph_module
     restore_dtypes(gm, dtypes)
-    configure_decode(gm, ctx.backend.decode)  # a runtime choice, after the final dtypes: no pass reads it
+    if not on_copy:  # a float32 capture's graph, its tensors cast back, is serialised, never run
+        configure_decode(gm, backend.decode)  # a runtime choice, after the final dtypes: no pass reads it
     header = {
         "capture": info.to_dict(), "fingerprint": fingerprint, "config": config.to_dict(),
         "passes": pipeline.names, "fold_batchnorm": config.fold_batchnorm,
         "original_nbytes": original_nbytes(model), "torch": torch.__version__,
     }
     compiled = CompiledModel(gm, None, header)  # type: ignore[arg-type]
-    file_nbytes = len(compiled.artifact_bytes())
+    data = compiled.artifact_bytes()
+    layers = [info for _, info, _ in coded_layers(gm)]
+    if on_copy:
+        del compiled, gm
+        compiled = _load_bytes(data, model, device=device, backend=backend, verify=verify)
     peaks = {"capture": captured_peak, **memory.mib, "artifact": peak_rss_mib()}
-    compiled.report = _report([info for _, info, _ in coded_layers(gm)], config.target_cr, file_nbytes,
-                              header["original_nbytes"], pass_seconds=dict(timing.seconds),
+    compiled.report = _report(layers, config.target_cr, len(data), header["original_nbytes"],
+                              pass_seconds=dict(timing.seconds),
                               peak_rss_mib=peak_rss_mib(), pass_peak_rss_mib=peaks,
                               records={"capture": {"frontend": info.frontend, "notes": list(info.notes)}, **ctx.records})
     return compiled
+
+
+def _load_bytes(data: bytes, model: nn.Module, **kwargs) -> CompiledModel:
+    """:func:`load` of an artifact held in memory (``compile`` of a model compressed on a float32
+    copy: what it returns is what loading its file on ``model`` gives, bit for bit)."""
+    with tempfile.TemporaryDirectory(prefix="l2fx-") as tmp:
+        path = os.path.join(tmp, "compiled.l2fx")
+        write_atomic(path, data)
+        return load(path, model, **kwargs)
 
 
 def float_dtypes(gm: fx.GraphModule) -> dict[str, torch.dtype]:

@@ -9,7 +9,12 @@ reproduce the model's output on the example batch (within 1e-5 of its largest ou
 counts as a failed trace and export is tried.
 
 The caller's model is deep-copied first: fx shares submodules with the traced model, and
-later passes (BatchNorm folding) rewrite parameters.
+later passes (BatchNorm folding) rewrite parameters. ``capture(..., dtype=torch.float32)`` makes
+that copy with every floating parameter and buffer cast as it is copied (:func:`copy_as`; the
+caller's weights in their own dtype are never copied first): how :func:`l2fx.compile` captures a
+bfloat16 or float16 model whose graph, traced in its own dtype, casts to that dtype inside (a
+transformers ``LlamaRMSNorm`` returns ``weight * h.to(input_dtype)``; torch.export records
+``input_dtype`` as a constant), so the graph cannot simply be cast to float32 afterwards.
 
 Hugging Face transformers (:func:`_prepare_copy`): a model whose ``config.use_cache`` is on
 returns a ``DynamicCache`` that torch.export cannot flatten ("not a known type"), and a KV
@@ -212,13 +217,29 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def capture(model: torch.nn.Module, example: Batch, frontend: str = "auto") -> tuple[fx.GraphModule, CaptureInfo]:
-    """Deep-copies ``model`` (eval mode) and captures it; raises CaptureError naming what failed."""
+def copy_as(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A deep copy of ``model``; with ``dtype``, every floating parameter and buffer of another
+    dtype is cast to it as it is copied (shared tensors stay shared), so the copy costs the cast
+    weights only, never a copy in the model's own dtype first. The caller's model is untouched."""
+    memo: dict[int, Any] = {}
+    if dtype is not None:
+        for t in (*model.parameters(), *model.buffers()):
+            if t.is_floating_point() and t.dtype != dtype and id(t) not in memo:
+                cast = t.detach().to(dtype)
+                memo[id(t)] = torch.nn.Parameter(cast, requires_grad=t.requires_grad) \
+                    if isinstance(t, torch.nn.Parameter) else cast
+    return copy.deepcopy(model, memo)
+
+
+def capture(model: torch.nn.Module, example: Batch, frontend: str = "auto",
+            dtype: torch.dtype | None = None) -> tuple[fx.GraphModule, CaptureInfo]:
+    """Deep-copies ``model`` (eval mode; with ``dtype``, its floating tensors cast to it: see
+    :func:`copy_as`) and captures it; raises CaptureError naming what failed."""
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if frontend not in ("auto", "fx", "export"):
         raise CaptureError(f"unknown frontend {frontend!r}: expected 'auto', 'fx' or 'export'")
-    work = copy.deepcopy(model).eval()
+    work = copy_as(model, dtype).eval()
     for p in work.parameters():
         p.requires_grad_(False)
     notes = _prepare_copy(work)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import l2fx
+from l2fx.artifact import ArtifactReader
 from l2fx.config import CompileConfig, ReconstructionConfig, SensitivityConfig
 from l2fx.evaluate import DownstreamRunner
 from l2fx.frontend import capture, outline_vmap_regions
@@ -65,6 +66,34 @@ def test_default_config_llama_compiles_and_leaves_the_callers_model_alone(tmp_pa
     restored = l2fx.load(path, tiny_llama(seed=5))
     with torch.no_grad():
         assert torch.equal(restored(**calib[0]).logits, got)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_half_precision_llama_compresses_on_a_float32_copy(tmp_path, dtype):
+    """Traced in bfloat16, LlamaRMSNorm's ``h.to(input_dtype)`` is a constant cast to bfloat16,
+    so the graph cannot be cast to float32: the compile captures a float32 copy (the caller's
+    model is never copied in its own dtype first nor modified), and returns the artifact loaded
+    on the model's own graph, which runs in its dtype as the model does."""
+    model = tiny_llama().to(dtype)
+    before = copy.deepcopy(model.state_dict())
+    calib = llama_calib()
+    compiled = l2fx.compile(model, target_cr=8, calib=calib, config=fast(), method="gptq")
+    assert all(before[k].dtype == v.dtype and torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any("float32 copy" in n for n in compiled.report.records["capture"]["notes"])
+    assert abs(compiled.report.compressed_cr / 8 - 1) <= 0.01
+    with torch.no_grad():
+        got = compiled(**calib[0]).logits
+        want = model(**calib[0], use_cache=False).logits
+    assert got.dtype == dtype
+    rel = float((got.float() - want.float()).pow(2).sum() / (want.float() - want.float().mean()).pow(2).sum())
+    assert rel < 0.1, rel
+    path = tmp_path / "half.l2fx"
+    assert l2fx.save(compiled, path) == compiled.report.file_nbytes
+    with torch.no_grad():
+        assert torch.equal(l2fx.load(path, tiny_llama(seed=5).to(dtype))(**calib[0]).logits, got)
+        mine = l2fx.load_into(path, tiny_llama(seed=5).to(dtype))
+        assert torch.equal(mine(**calib[0], use_cache=False).logits, got)
+    assert {p.dtype for p in ArtifactReader(path).plain_entries} == {str(dtype).replace("torch.", "")}
 
 
 def test_capture_matches_eager_exactly():
