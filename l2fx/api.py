@@ -28,6 +28,7 @@ from l2fx.into_model import CodedTensor, check_model, install
 from l2fx.into_model import materialize as _materialize
 from l2fx.ir import CodedInfo
 from l2fx.manifest import INSPECT_SYMBOLS_PER_BYTE, LayerEntry
+from l2fx.memory import release as release_memory
 from l2fx.method import default_pipeline, structural_pipeline
 from l2fx.modules import StoredParams, configure_decode
 from l2fx.passes import DecodedLayer, InsertActQuant, InstallDecodedWeights, LowerKernels
@@ -85,16 +86,18 @@ def compile(
         try:
             check_runs(gm, batches[0])
         except CalibrationError:
+            on_copy = True  # outside the except block: its traceback's frames hold this graph
+        if on_copy:
             # Its graph casts to the model's dtype inside (torch.export records the dtype a
             # forward reads off a tensor as a constant): capture a float32 copy instead.
             del gm
+            release_memory(collect=True)
             gm, _ = capture(model, batches[0], frontend=info.frontend, dtype=torch.float32)
             try:
                 check_runs(gm, batches[0])
             except CalibrationError as exc:
                 raise CalibrationError(f"the model runs in {sorted({str(d) for d in dtypes.values()})} but not in "
                                        f"float32, which l2fx compresses in: {exc}") from exc
-            on_copy = True
             info = dataclasses.replace(info, notes=info.notes + (
                 "compressed on a float32 copy captured in float32 (the graph traced in the model's dtype casts to "
                 "it inside); the compiled model is the artifact loaded on the model's own graph (l2fx.load)",))
