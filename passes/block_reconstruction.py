@@ -151,8 +151,6 @@ class BlockRecord:
     loss_after_transform: float = math.nan
     loss_after: float = math.nan
     finetune_reverted: bool = False
-    # Stage (b)'s rate checkpoints: (step, real bytes there, whether the block was rescaled).
-    checkpoints: list[tuple[int, int, bool]] = dataclasses.field(default_factory=list)
     budget_nbytes: int = 0
     target_nbytes: float = 0.0
     block_factor: float = 1.0
@@ -358,23 +356,13 @@ class BlockReconstruction(L2fxPass):
             # Rate checkpoints: fine-tuning moves weights out of the dead zone, so bytes drift
             # up with the number of steps (Fashion-MNIST ResNet, 400 steps: +6 % on one block,
             # more than the blocks after it can repay). Part-way through, a block over its
-            # target by more than half the CR tolerance is put back on it by a common T factor;
-            # the remaining steps re-adapt the weights to the new grid. A smaller drift is left
-            # to the later blocks' repayment (``repay``) and rate_fit: a rescale moves the
-            # symbol of every weight tuned so far, and for drifts of 0.1-0.3 % it cost more
-            # than it saved on the early blocks (EfficientNet-Lite0 at CR 12, _blocks.0:
-            # calibration loss 0.0041 after fine-tuning with it, 0.0012 without; _conv_stem
-            # 0.00025 / 0.00015; the later blocks and the held-out figures within run-to-run
-            # spread, as on the Fashion-MNIST ResNet at CR 15-25).
+            # target is put back on it by a common T factor; the remaining steps re-adapt
+            # the weights to the new grid.
             checks = {round(f * cfg.weight_iters) - 1 for f in (0.5, 0.75, 0.9)} if ws else set()
-            over = rec.target_nbytes * (1 + ctx.config.cr_tolerance / 2)
 
             def keep_on_budget(step: int) -> None:
-                if step in checks:
-                    now = block_nbytes(layers, 1.0, chunk)
-                    rec.checkpoints.append((step, now, now > over))
-                    if now > over:
-                        fit_block_nbytes(layers, rec.target_nbytes, ctx.config.cr_tolerance / 2, chunk, now)
+                if step in checks and (now := block_nbytes(layers, 1.0, chunk)) > rec.target_nbytes:
+                    fit_block_nbytes(layers, rec.target_nbytes, ctx.config.cr_tolerance / 2, chunk, now)
 
             # Adam steps are absolute: a bias moved by lr_plain per step drowns a block whose
             # outputs are far below unit scale (randomly initialised MobileNetV2 in eval mode:

@@ -192,14 +192,6 @@ def test_blocks_stay_on_budget_and_weights_are_snapped(compiled_pair):
     budget = sum(b["budget_nbytes"] for b in blocks)
     assert abs(sum(b["nbytes_after"] for b in blocks) / budget - 1) <= 0.01
     assert blocks[0]["target_nbytes"] == blocks[0]["budget_nbytes"]  # nothing to repay yet
-    # Stage (b)'s checkpoints (half, three quarters, nine tenths of the steps) rescale a block
-    # only when it is more than half the CR tolerance over its target: a rescale moves the
-    # symbol of every weight tuned so far, and a smaller drift is repaid by the later blocks.
-    tol = CompileConfig().cr_tolerance  # the fixture compiles with the default
-    steps = FAST.weight_iters
-    for b in blocks:
-        assert [c[0] for c in b["checkpoints"]] == [round(f * steps) - 1 for f in (0.5, 0.75, 0.9)]
-        assert all(rescaled == (nbytes > b["target_nbytes"] * (1 + tol / 2)) for _, nbytes, rescaled in b["checkpoints"])
 
 
 def test_snapped_weights_keep_their_symbols_under_small_rescales():
