@@ -117,8 +117,9 @@ def l2_pipeline(config: CompileConfig) -> PassManager:
     if rec.enabled:
         pm.append(BlockPartition())
         if rec.transform_iters or rec.weight_iters:
-            # Every block starts on its budget (block_reconstruction's docstring says why).
-            pm.append(RateFit("rate_prefill"))
+            # Every block starts on its budget (block_reconstruction's docstring says why),
+            # the total in the middle of the tolerance, so the blocks' drift stays inside it.
+            pm.append(RateFit("rate_prefill", tight=True))
             if rec.distill_iters:
                 pm.append(KeepReference())
             pm.append(BlockReconstruction())

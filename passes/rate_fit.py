@@ -37,13 +37,20 @@ __all__ = ["RateFit"]
 
 class RateFit(L2fxPass):
     """``name``: one pipeline can hold the pass twice (the L2 method runs it as ``rate_prefill``
-    before block reconstruction, to start every block on its budget, and as ``rate_fit`` after)."""
+    before block reconstruction, to start every block on its budget, and as ``rate_fit`` after).
+    ``tight``: leave T alone only inside the fit's own window ``[budget (1 - tol/2), budget]``,
+    not anywhere within the promised tolerance: L2's ``rate_prefill`` is tight, since the blocks
+    drift by a few tenths of a percent after it, and a start at the tolerance's edge (a randomly
+    initialised MobileNetV2 at CR 8: CR 8.074 for a window up to 8.08) then ends outside it,
+    where ``rate_fit`` rescales every fine-tuned weight (factor 0.978, no snapping), undoing
+    reconstruction."""
 
     name = "rate_fit"
     requires_weight_modules = (TransformedWeight,)
 
-    def __init__(self, name: str = "rate_fit"):
+    def __init__(self, name: str = "rate_fit", tight: bool = False):
         self.name = name
+        self.tight = tight
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()
@@ -58,10 +65,11 @@ class RateFit(L2fxPass):
 
         now = total(0.0)
         slack = prediction_slack(gm, cfg.coding.chunk_size)
-        if within_tolerance(now, budget, cfg.cr_tolerance, slack):
-            # Already within the promised tolerance (CR within -tol/2 .. +tol of the target):
-            # leave T alone. After block reconstruction this is the rule, and any rescale
-            # there scales every fine-tuned weight, whose symbols it hardly changes.
+        if (low_ok <= now <= budget) if self.tight else within_tolerance(now, budget, cfg.cr_tolerance, slack):
+            # Already within the promised tolerance (CR within -tol/2 .. +tol of the target;
+            # tight: within the fit's own window): leave T alone. After block reconstruction
+            # this is the rule, and any rescale there scales every fine-tuned weight, whose
+            # symbols it hardly changes.
             best_t, best_bytes = 0.0, now
         else:
             # Finer steps than the layers can hold would saturate symbols at +-qmax.

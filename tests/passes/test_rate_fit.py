@@ -150,6 +150,23 @@ def test_a_total_within_the_tolerance_is_left_alone(cr_over_target):
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(t_params(gm), before))
 
 
+@pytest.mark.parametrize("cr_over_target", [1 + 0.8e-2, 1 - 0.4e-2])
+def test_a_tight_fit_moves_a_total_within_the_tolerance_into_its_window(cr_over_target):
+    """before: the same totals as above (within the tolerance, outside [budget (1 - tol/2),
+    budget]); expected: RateFit(tight=True) (L2's rate_prefill, whose blocks drift after it)
+    rescales them into that window with one common factor."""
+    cfg0 = CompileConfig()
+    gm = mlp_at(20.0, "joint", cfg0)
+    now = total_nbytes(gm, 1.0, cfg0.coding.chunk_size)
+    fp32 = sum(4 * s.numel for _, s in weight_sites(gm))
+    cfg = CompileConfig(target_cr=fp32 / now / cr_over_target)
+    budget = budget_nbytes(gm, cfg.target_cr)
+    assert within_tolerance(now, budget, cfg.cr_tolerance) and not budget * (1 - cfg.cr_tolerance / 2) <= now <= budget
+    gm, records, _ = run(gm, [RateFit("rate_prefill", tight=True)], cfg)
+    assert records["rate_prefill"]["factor"] != 1.0
+    assert budget * (1 - cfg.cr_tolerance / 2) <= total_nbytes(gm, 1.0, cfg.coding.chunk_size) <= budget
+
+
 def test_a_target_past_the_saturation_floor_is_a_target_cr_error_with_the_reach():
     """before: symbols up to ~3 of qmax = 7, and a target CR of 4.5 (7 bits a weight), more than
     15 symbols can code; expected: even the steps refined down to where symbols start to saturate
