@@ -133,28 +133,14 @@ def test_real_bytes_land_in_the_window_whenever_a_factor_reaches_it(target, wher
         assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(t_params(gm), state))
 
 
-@pytest.mark.parametrize("cr_over_target", [1 + 0.8e-2, 1 - 0.4e-2])
-def test_a_total_within_the_tolerance_is_left_alone(cr_over_target):
-    """before: a CR within -tol/2 .. +tol of the target (tol = 1 %), but bytes outside the fit's
-    narrower window [budget (1 - tol/2), budget]; expected: factor exactly 1, T unchanged bit for bit."""
-    cfg0 = CompileConfig()
-    gm = mlp_at(20.0, "joint", cfg0)
-    now = total_nbytes(gm, 1.0, cfg0.coding.chunk_size)
-    fp32 = sum(4 * s.numel for _, s in weight_sites(gm))
-    cfg = CompileConfig(target_cr=fp32 / now / cr_over_target)
-    budget = budget_nbytes(gm, cfg.target_cr)
-    assert not budget * (1 - cfg.cr_tolerance / 2) <= now <= budget
-    before = t_params(gm)
-    gm, records, _ = run(gm, [RateFit()], cfg)
-    assert records["rate_fit"]["factor"] == 1.0
-    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(t_params(gm), before))
+#: CRs over the target within -tol/2 .. +tol (tol = 1 %) whose bytes lie outside the fit's
+#: narrower window [budget (1 - tol/2), budget].
+OFF_WINDOW = [1 + 0.8e-2, 1 - 0.4e-2]
 
 
-@pytest.mark.parametrize("cr_over_target", [1 + 0.8e-2, 1 - 0.4e-2])
-def test_a_tight_fit_moves_a_total_within_the_tolerance_into_its_window(cr_over_target):
-    """before: the same totals as above (within the tolerance, outside [budget (1 - tol/2),
-    budget]); expected: RateFit(tight=True) (L2's rate_prefill, whose blocks drift after it)
-    rescales them into that window with one common factor."""
+def off_window(cr_over_target: float):
+    """An MLP, and a config whose target puts its current total at ``cr_over_target``: within
+    the tolerance, outside [budget (1 - tol/2), budget]. Returns (gm, cfg, budget)."""
     cfg0 = CompileConfig()
     gm = mlp_at(20.0, "joint", cfg0)
     now = total_nbytes(gm, 1.0, cfg0.coding.chunk_size)
@@ -162,6 +148,25 @@ def test_a_tight_fit_moves_a_total_within_the_tolerance_into_its_window(cr_over_
     cfg = CompileConfig(target_cr=fp32 / now / cr_over_target)
     budget = budget_nbytes(gm, cfg.target_cr)
     assert within_tolerance(now, budget, cfg.cr_tolerance) and not budget * (1 - cfg.cr_tolerance / 2) <= now <= budget
+    return gm, cfg, budget
+
+
+@pytest.mark.parametrize("cr_over_target", OFF_WINDOW)
+def test_a_total_within_the_tolerance_is_left_alone(cr_over_target):
+    """before: a CR within -tol/2 .. +tol of the target (tol = 1 %), but bytes outside the fit's
+    narrower window [budget (1 - tol/2), budget]; expected: factor exactly 1, T unchanged bit for bit."""
+    gm, cfg, _ = off_window(cr_over_target)
+    before = t_params(gm)
+    gm, records, _ = run(gm, [RateFit()], cfg)
+    assert records["rate_fit"]["factor"] == 1.0
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(t_params(gm), before))
+
+
+@pytest.mark.parametrize("cr_over_target", OFF_WINDOW)
+def test_a_tight_fit_moves_a_total_within_the_tolerance_into_its_window(cr_over_target):
+    """before: the same totals as above; expected: RateFit(tight=True) (L2's rate_prefill, whose
+    blocks drift after it) rescales them into [budget (1 - tol/2), budget] with one common factor."""
+    gm, cfg, budget = off_window(cr_over_target)
     gm, records, _ = run(gm, [RateFit("rate_prefill", tight=True)], cfg)
     assert records["rate_prefill"]["factor"] != 1.0
     assert budget * (1 - cfg.cr_tolerance / 2) <= total_nbytes(gm, 1.0, cfg.coding.chunk_size) <= budget
