@@ -98,7 +98,7 @@ def markdown(model: str, fp32: dict, rows: list[dict], command: "str | list[str]
                     f"{mb['map_order0'] / 8 / r['compressed_nbytes']:.1%} | "
                     f"{mb['map_order0'] / 8 / r['file_nbytes']:.1%} | "
                     + (f"{mb['map_per_row'] / mb['map_order0']:.3f}x | {mb['map_order1'] / mb['map_order0']:.3f}x"
-                       if mb["map_order0"] > 0 else "- | -"))
+                       if mb["map_order0"] > 0 and r["method"] != "smol-l" else "- | -"))  # SMOL-L: only zero cells vary
         else:
             smol = " | | | | | "
         lines.append(f"| {r['method']} | {r['target']:g} | {r['cr']:.3f} | {r['file_cr']:.3f} | {vals} | "

@@ -8,8 +8,10 @@ signed-bit expansion of ``theta`` after ``p`` bits (the seed's ``Q(theta, p)``) 
 centre of ``theta``, so rounding at precision ``p`` is :func:`quantize_at`. Precision 0 is the
 empty bit string: the value 0, a pruned parameter ("zero-precision allocation", Appendix C).
 
-Over a layer's range ``[-a, a]`` (``a = range_factor * max|w|``) the layer's weights are
-``w = r * unit`` with ``unit = a / (2^P - 1)`` (:func:`grid_unit`) and integer symbols
+The grid is laid over a range ``[-a, a]`` per cell of the layer's layout (``CompileConfig.
+granularity`` or a ``layers`` rule's: one per output channel by default, else per tensor or
+per group; ``a = range_factor * max|w|`` over the cell, :func:`l2fx.tparams.cell_amax`): the
+cell's weights are ``w = r * unit`` with ``unit = a / (2^P - 1)`` (:func:`grid_unit`) and integer symbols
 ``r = theta * 2^(P-1)``, ``P`` the highest precision (``max_precision``, at most 7 so that
 ``|r| <= 127`` fits the int8 codes of the artifact). At precision ``p >= 1`` the symbol is an
 odd multiple of ``2^(P-p)``: **the precision is a function of the symbol**,
@@ -17,7 +19,7 @@ odd multiple of ``2^(P-p)``: **the precision is a function of the symbol**,
 ``r = 0``. A layer's symbols under one frequency table are therefore an order-0 code of the
 pair (precision map, values at their precisions): ``H(r) = H(p) + H(r | p)`` exactly, since p
 is determined by r. That is how the map is stored, range coded and counted: the artifact's
-ordinary LINEAR layer, per-tensor unit, nothing new in the format (docs/format.md).
+ordinary LINEAR layer with its units in the layout's shape, nothing new in the format (docs/format.md).
 :func:`map_code_bits` measures what other contexts would give (``bench/smol.py``).
 
 **Reparametrisation (Eq. 12).** ``sigmoid(s) = 2^(1-p)``, so ``p = 1 + log2(1 + e^-s)``
@@ -141,12 +143,13 @@ class SmolOptions:
 @dataclasses.dataclass(frozen=True)
 class LearnedPrecision:
     """``smol_precision``'s result for one weight: the continuous precision ``p >= 1`` (float32,
-    the weight's shape, or ``[1]`` for a per-layer precision) and ``max|w|`` of the weight it
-    was learned for (the range the grid is laid over)."""
+    the weight's shape, or ``[1]`` for a per-layer precision) and the range the grid is laid
+    over, ``amax`` (float32, one per cell of the weight's layout: ``[1]`` per tensor, ``[C]`` per
+    output channel, ``[rows, groups]`` per group; every weight of a cell within it)."""
 
     META_KEY = "l2fx.smol_precision"
     precision: torch.Tensor
-    amax: float
+    amax: torch.Tensor
     per_layer: bool
 
 
@@ -154,16 +157,22 @@ class LearnedPrecision:
 @dataclasses.dataclass(frozen=True)
 class PrecisionMap:
     """``smol_round``'s result for one weight: integer precisions (int8, the weight's shape,
-    0 = pruned) and the grid they were rounded on (``unit`` as stored, ``max_precision`` P)."""
+    0 = pruned) and the grid they were rounded on (``unit``: the units as stored, one per cell
+    of the weight's layout; ``max_precision`` P)."""
 
     META_KEY = "l2fx.precision_map"
     precision: torch.Tensor
-    unit: float
+    unit: torch.Tensor
     max_precision: int
 
 
-def grid_unit(amax: float, range_factor: float, max_precision: int) -> float:
-    """The symbol unit of a layer with ``max|w| = amax`` over the range ``range_factor * amax``."""
+def grid_unit(amax: float | torch.Tensor, range_factor: float, max_precision: int) -> float | torch.Tensor:
+    """The symbol unit of a grid over the range ``range_factor * amax`` (a float, or a tensor of
+    ranges, one per cell of the layer's layout: :func:`l2fx.tparams.cell_amax`); 1 where the
+    range is 0 (an all-zero cell, whose symbols are all 0)."""
+    if isinstance(amax, torch.Tensor):
+        a = amax.float() * float(range_factor)
+        return torch.where(a > 0, a / (2 ** max_precision - 1), torch.ones_like(a))
     a = float(amax) * float(range_factor)
     return a / (2 ** max_precision - 1) if a > 0 else 1.0
 
@@ -202,8 +211,10 @@ def check_learned_precisions(gm, fail) -> None:
             fail(f"precision of shape {tuple(lp.precision.shape)} for a weight of {tuple(m.weight.shape)}", node)
         if not (torch.isfinite(lp.precision).all() and (lp.precision >= 1.0).all()):
             fail("a learned precision is not finite and >= 1", node)
-        if float(m.weight.detach().abs().max()) > lp.amax:
-            fail("a weight left its layer's range", node)
+        if not isinstance(lp.amax, torch.Tensor) or lp.amax.shape != m.step_s.shape:
+            fail(f"range of shape {tuple(getattr(lp.amax, 'shape', ()))} for a layout of {tuple(m.step_s.shape)}", node)
+        if bool((m.weight.detach().abs() > m.view(lp.amax.to(m.weight.device))).any()):
+            fail("a weight left its cell's range", node)
 
 
 def precision_of_s(s: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ Two phases, as the seed splits its budget (Appendix D.2: about half each):
    ``s`` (one per parameter, or one per layer with ``per_layer``: SMOL-L), and Adam minimises
    ``loss_fn(model(x; w + sigmoid(s) 2^(P-1) u eps), y) + lam * mean(p - 1)`` over the user's
    batches, ``eps ~ U(-1, 1)`` drawn per weight and step (Eq. 11-12: ``sigmoid(s) = 2^(1-p)``,
-   the noise half a cell of the precision-p grid of unit ``u`` over the layer's range
-   ``[-max|w|, max|w|]``, fixed at the start; ``p = 1 + log2(1 + e^-s)``). The penalty is the
+   the noise half a cell of the precision-p grid of unit ``u`` over the range
+   ``[-max|w|, max|w|]`` of each cell of the weight's layout (per output channel by default, as
+   ``bit_value_grid`` lays it), fixed at the start; ``p = 1 + log2(1 + e^-s)``). The penalty is the
    mean over all compressed weights (one lambda for any model size), against the task loss.
    The seed fixes lambda and reads off the bpp it gives; here the bytes are the target, so
    lambda follows the budget (``lam_rate``): every ``probe_every`` steps the bits per weight of
@@ -68,6 +69,7 @@ from l2fx.passes import BitValueGrid, GivenPrecision, LowerKernels, RangeCode, S
 from l2fx.pipeline import PassContext, PassManager
 from l2fx.precision import (MAX_PRECISION, PrecisionMap, entropy_bits, grid_unit, precision_of_s, quantize_at,
                             s_of_precision)
+from l2fx.tparams import cell_amax
 
 __all__ = ["SmolTrainConfig", "train", "smol_train_pipeline"]
 
@@ -190,8 +192,10 @@ def train(model: nn.Module, data: Iterable, target_cr: float, *,
 
     work = copy.deepcopy(model).eval()
     gm, _ = capture(work, x0)
-    with PassContext(config=cfg, calib=[x0]):
-        names = [site.param for _, site in weight_sites(front_pipeline(cfg)(gm).graph_module)]
+    with PassContext(config=cfg, calib=[x0]):  # the compressed weights and their grids' layouts
+        grids0 = front_pipeline(cfg).append(BitValueGrid(opts.per_layer))(gm).graph_module
+        layouts = {site.param: grids0.get_submodule(str(node.target)) for node, site in weight_sites(grids0)}
+    names = list(layouts)
     params = dict(work.named_parameters())
     missing = [n for n in names if n not in params]
     if missing:
@@ -203,10 +207,17 @@ def train(model: nn.Module, data: Iterable, target_cr: float, *,
         p.requires_grad_(False)
     ws = {n: params[n] for n in names}
     others = [p for n, p in params.items() if n not in ws and p.is_floating_point()]
-    amax = {n: float(w.detach().abs().max()) for n, w in ws.items()}
-    units = {n: grid_unit(amax[n], 1.0, P) for n in ws}
-    # theta's unit in weights (no noise on an all-zero layer: smol_round prunes it whole)
-    amp = {n: units[n] * 2.0 ** (P - 1) if amax[n] > 0 else 0.0 for n in ws}
+    for n, w in ws.items():
+        if tuple(w.shape) != tuple(layouts[n].weight.shape):
+            raise ConfigError(f"l2fx.smol.train: weight {n!r} is captured as {tuple(layouts[n].weight.shape)}, not "
+                              f"as its parameter's {tuple(w.shape)}")
+    # The grid of each weight over each cell of its layout (per output channel by default), as
+    # bit_value_grid lays it: the range max|w| of the cell, fixed at the start.
+    amax = {n: cell_amax(w, layouts[n].channel_axis, layouts[n].group_size) for n, w in ws.items()}
+    limit = {n: layouts[n].view(amax[n]).to(w.device) for n, w in ws.items()}
+    units = {n: layouts[n].view(grid_unit(amax[n], 1.0, P)).to(w.device) for n, w in ws.items()}
+    # theta's unit in weights (no noise on an all-zero cell: smol_round prunes it whole)
+    amp = {n: units[n] * 2.0 ** (P - 1) * (limit[n] > 0) for n in ws}
     numel = sum(w.numel() for w in ws.values())
     p0 = opts.init_precision if opts.init_precision is not None else min(32.0 / target_cr + 1.0, P - 1e-3)
     s = {n: torch.full((1,) if opts.per_layer else tuple(w.shape), float(s_of_precision(p0)), device=w.device,
@@ -218,14 +229,14 @@ def train(model: nn.Module, data: Iterable, target_cr: float, *,
     def penalty() -> torch.Tensor:
         return sum((precision_of_s(s[n]) - 1.0).mean() * w.numel() for n, w in ws.items()) / numel
 
-    def clamp(limit: dict[str, float]) -> None:
+    def clamp() -> None:
         with torch.no_grad():
             for n, w in ws.items():
-                w.clamp_(-limit[n], limit[n])
+                torch.maximum(torch.minimum(w, limit[n]), -limit[n], out=w)
 
     # 1. Precision training.
     groups = [{"params": list(s.values()), "lr": opts.lr_s}]
-    groups += [{"params": [w], "lr": opts.lr_w * max(amax[n], 1e-30)} for n, w in ws.items()]
+    groups += [{"params": [w], "lr": opts.lr_w * max(float(amax[n].max()), 1e-30)} for n, w in ws.items()]
     if others:
         groups.append({"params": others, "lr": opts.lr_other})
     opt = torch.optim.Adam(groups)
@@ -252,7 +263,7 @@ def train(model: nn.Module, data: Iterable, target_cr: float, *,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        clamp(amax)
+        clamp()
         step += 1
         if opts.lam_rate and step % opts.probe_every == 0:
             est = rounded_bits()
@@ -285,8 +296,9 @@ def train(model: nn.Module, data: Iterable, target_cr: float, *,
         rec = ctx.records["smol_round"]
         grid = {}
         for node, site in weight_sites(gm1):
-            unit = float(gm1.get_submodule(str(node.target)).step_s.detach())
-            grid[site.param] = (get_meta(node, PrecisionMap).precision.to(ws[site.param].device), unit)
+            m1 = gm1.get_submodule(str(node.target))
+            device = ws[site.param].device
+            grid[site.param] = (get_meta(node, PrecisionMap).precision.to(device), m1.view(m1.step_s.detach()).to(device))
         return float(rec["offset"]), float(rec["range_factor"]), bool(rec["fixed_used"]), grid
 
     offset, factor, _, grid = rounding(None)
@@ -295,7 +307,7 @@ def train(model: nn.Module, data: Iterable, target_cr: float, *,
         pint, unit = grid[n]
         return quantize_at(w.detach() / unit, pint, P).float() * unit
 
-    groups = [{"params": [w], "lr": opts.lr_finetune * max(amax[n], 1e-30)} for n, w in ws.items()]
+    groups = [{"params": [w], "lr": opts.lr_finetune * max(float(amax[n].max()), 1e-30)} for n, w in ws.items()]
     if others:
         groups.append({"params": others, "lr": opts.lr_other})
     opt = torch.optim.Adam(groups)
@@ -309,7 +321,7 @@ def train(model: nn.Module, data: Iterable, target_cr: float, *,
             opt.zero_grad(set_to_none=True)
             task.backward()
             opt.step()
-            clamp(amax)  # within the range the grid was laid over (its unit stays what it was)
+            clamp()  # within the range the grid was laid over (its unit stays what it was)
             phase2.setdefault(first_epoch + epoch, []).append(float(task.detach()))
             steps += 1
         return steps

@@ -28,7 +28,8 @@ from l2fx.config import Granularity
 from l2fx.ir import LayerIntent, WeightSite
 from l2fx.transform import FORMAT_KINDS, TransformKind, channel_view, decode, encode, param_shape
 
-__all__ = ["layout", "format_intent", "allocated_params", "candidate_weight", "fixed_qmax", "format_scales", "channel_ratio", "group_ratio", "scale_ratio", "stored_vector"]
+__all__ = ["layout", "format_intent", "allocated_params", "candidate_weight", "fixed_qmax", "format_scales", "cell_amax", "channel_ratio", "group_ratio", "scale_ratio",
+           "stored_vector"]
 
 
 def layout(site: WeightSite, intent: LayerIntent) -> tuple[int | None, int | None]:
@@ -74,20 +75,31 @@ def _ratio(amax_part: torch.Tensor) -> torch.Tensor:
     return torch.where(amax_part > 0, (amax_part / amax).clamp_min(1e-4), torch.ones_like(amax_part)).float()
 
 
+def cell_amax(w: torch.Tensor, axis: int | None, group: int | None = None) -> torch.Tensor:
+    """max|w| over each cell of the layout ``(axis, group)`` (:func:`layout`), float32 in the
+    stored shape: ``[1]`` per tensor, ``[C]`` per channel, ``[rows, ceil(K / group)]`` per group."""
+    a = w.detach().abs().float()
+    if group is not None:
+        rows = a.reshape(a.shape[0], -1)
+        k = rows.shape[1]
+        groups = -(-k // group)
+        padded = torch.nn.functional.pad(rows, (0, groups * group - k))
+        return padded.reshape(a.shape[0], groups, group).amax(dim=2)
+    if axis is None:
+        return a.max().reshape(1)
+    dims = [d for d in range(a.dim()) if d != axis % a.dim()]
+    return a.amax(dim=dims) if dims else a
+
+
 def channel_ratio(w: torch.Tensor, site: WeightSite) -> torch.Tensor:
     """r_c = max|w_c| / max|w| per channel (1 for an all-zero channel), shape [C]."""
-    dims = [d for d in range(w.dim()) if d != site.channel_axis % w.dim()]
-    return _ratio(w.detach().abs().amax(dim=dims) if dims else w.detach().abs())
+    return _ratio(cell_amax(w, site.channel_axis))
 
 
 def group_ratio(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """r = max|w_group| / max|w| per group of ``group_size`` elements of each row (1 for an
     all-zero group), shape [rows, ceil(K / group_size)]."""
-    rows = w.detach().abs().reshape(w.shape[0], -1)
-    k = rows.shape[1]
-    groups = -(-k // group_size)
-    padded = torch.nn.functional.pad(rows, (0, groups * group_size - k))
-    return _ratio(padded.reshape(w.shape[0], groups, group_size).amax(dim=2))
+    return _ratio(cell_amax(w, 0, group_size))
 
 
 def scale_ratio(w: torch.Tensor, site: WeightSite, intent: LayerIntent) -> torch.Tensor | None:

@@ -4,7 +4,8 @@
 Training-aware SMOL (:func:`l2fx.smol.train`) learns every precision with the task loss over
 whole epochs, not block by block on calibration inputs; what the artifact needs from it is the
 same as from ``smol_precision``: per weight, the continuous precision ``p >= 1`` (the weight's
-shape, or ``[1]`` per layer) and the ``max|w|`` of the range the grid is laid over. This pass
+shape, or ``[1]`` per layer) and the range the grid is laid over (``max|w|`` per cell of the
+weight's layout, in the layout's shape, or one number for every cell). This pass
 takes them by parameter name and sets each weight's :class:`~l2fx.precision.LearnedPrecision`;
 ``smol_round`` then rounds, fits the bytes and codes as for post-training SMOL.
 
@@ -15,7 +16,6 @@ or below 1, or a weight outside the given range is a ConfigError naming the laye
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
@@ -34,7 +34,7 @@ class GivenPrecision(L2fxPass):
     name = "given_precision"
     requires_weight_modules = (TransformedWeight,)
 
-    def __init__(self, precisions: Mapping[str, tuple[torch.Tensor, float]], per_layer: bool = False):
+    def __init__(self, precisions: Mapping[str, tuple[torch.Tensor, float | torch.Tensor]], per_layer: bool = False):
         if not isinstance(precisions, Mapping):
             raise ConfigError(f"given_precision: precisions must map parameter names to (precision, amax), "
                               f"got {type(precisions).__name__}")
@@ -60,12 +60,24 @@ class GivenPrecision(L2fxPass):
             p = p.detach().float().cpu().contiguous()
             if not (bool(torch.isfinite(p).all()) and bool((p >= 1.0).all())):
                 raise ConfigError(f"given_precision: layer {site.param!r}: precisions must be finite and >= 1")
-            wmax = float(m.weight.detach().abs().max())
-            if not (isinstance(amax, (int, float)) and math.isfinite(amax) and amax >= wmax):
-                raise ConfigError(f"given_precision: layer {site.param!r}: range {amax!r} does not hold its weights "
-                                  f"(max|w| = {wmax:.6g})")
-            set_meta(node, LearnedPrecision(p.to(m.weight.device), float(amax), self.per_layer))
+            set_meta(node, LearnedPrecision(p.to(m.weight.device), self._range(site.param, amax, m), self.per_layer))
         return PassResult(gm, True)
+
+    @staticmethod
+    def _range(param: str, amax, m: TransformedWeight) -> torch.Tensor:
+        """The given range as a tensor of the weight's layout, checked to hold its weights."""
+        if isinstance(amax, (int, float)) and not isinstance(amax, bool):
+            amax = torch.full(m.step_s.shape, float(amax))
+        if not isinstance(amax, torch.Tensor) or amax.numel() != m.step_s.numel():
+            raise ConfigError(f"given_precision: layer {param!r} needs a range as a number or a tensor of "
+                              f"{m.step_s.numel()} elements (its layout {tuple(m.step_s.shape)}), got "
+                              f"{tuple(amax.shape) if isinstance(amax, torch.Tensor) else type(amax).__name__}")
+        amax = amax.detach().float().reshape(m.step_s.shape).to(m.weight.device).contiguous()
+        held = bool(torch.isfinite(amax).all()) and not bool((m.weight.detach().abs() > m.view(amax)).any())
+        if not held:
+            raise ConfigError(f"given_precision: layer {param!r}: range does not hold its weights "
+                              f"(max|w| = {float(m.weight.detach().abs().max()):.6g})")
+        return amax
 
     def ensures(self, gm: fx.GraphModule) -> None:
         check_learned_precisions(gm, self.fail)

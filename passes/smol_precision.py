@@ -11,7 +11,8 @@ with ``eps ~ U(-1, 1)`` per weight (K = ``noise_samples`` draws per step, each w
 curvature term that ``s`` must learn from; with one plain draw that term is buried under the
 ``g . eps`` noise, and Adam's normalised steps then follow the penalty alone), ``u`` the layer's
 symbol unit (``bit_value_grid``), ``B`` the block on a mini-batch of its calibration inputs and
-``B_fp32`` the block with fp32 weights on the same inputs: Eq. 12 with the block-output MSE
+``B_fp32`` the block with fp32 weights on the same inputs (``u`` per cell of the
+layer's layout: per output channel by default, ``bit_value_grid``): Eq. 12 with the block-output MSE
 as the loss and the penalty's sum replaced by the block's mean (one lambda for any block
 size; :class:`l2fx.precision.SmolOptions`). ``s`` is one value per weight element (``smol``)
 or one per layer (``smol-l``, Appendix D); ``sigmoid(s) = 2^(1-p)``, so the noise is half a cell
@@ -24,7 +25,7 @@ per-model offset once all precisions are known.
 
 Pre: blocks partitioned; every weight a ``TransformedWeight`` of ``bit_value_grid``. Post:
 every weight carries a :class:`~l2fx.precision.LearnedPrecision` (finite, >= 1; the weight's
-shape, or [1] per layer) and its weight lies within ``max|w|`` of its fp32 layer;
+shape, or [1] per layer) and its weight lies within each cell's ``max|w|`` of its fp32 layer;
 per-block and per-layer records in ``ctx.records["smol_precision"]``.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ from l2fx.optim import Adam, Sampler, float_leaves, relative_mse
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 from l2fx.precision import (LearnedPrecision, SmolOptions, check_learned_precisions, integer_precisions,
                             precision_of_s, quantize_at, s_of_precision)
+from l2fx.tparams import cell_amax
 
 __all__ = ["SmolPrecision"]
 
@@ -91,7 +93,7 @@ class SmolPrecision(L2fxPass):
                         lp = get_meta(node, LearnedPrecision)
                         kept.append(m.weight.detach().clone())
                         pint = integer_precisions(lp.precision, 0.0, opts.max_precision)
-                        unit = m.step_s.detach().reshape(())
+                        unit = m.view(m.step_s.detach())
                         m.weight.copy_(quantize_at(m.weight / unit, pint, opts.max_precision).float() * unit)
                 advance()
                 with torch.no_grad():
@@ -118,24 +120,25 @@ class SmolPrecision(L2fxPass):
             targets = [tuple(prog.fp32(*args)) for args in inputs]
             energy = sum(float(sum(t.float().pow(2).mean() for t in float_leaves(tg))) for tg in targets)
             energy = energy / max(len(targets), 1) or 1.0
-        paths, mods, ss, ws, amaxes, amps = [], [], [], [], [], []
+        paths, ss, ws, amaxes, limits, amps = [], [], [], [], [], []
         for node, m, _ in prog.weights:
             w0 = m.weight.detach()
-            amax = float(w0.abs().max())
+            amax = cell_amax(w0, m.channel_axis, m.group_size)  # the range of each cell of the layout
+            limit = m.view(amax)
             shape = (1,) if self.per_layer else tuple(w0.shape)
             ss.append(torch.full(shape, float(s_of_precision(p0)), device=w0.device, requires_grad=True))
             ws.append(w0.clone().requires_grad_(opts.lr_w > 0))
             paths.append(str(node.target))
-            mods.append(m)
             amaxes.append(amax)
-            # theta's unit in weights (no noise on an all-zero layer: smol_round prunes it whole)
-            amps.append(float(m.step_s.detach().reshape(())) * 2.0 ** (P - 1) if amax > 0 else 0.0)
+            limits.append(limit)
+            # theta's unit in weights (no noise on an all-zero cell: smol_round prunes it whole)
+            amps.append(m.view(m.step_s.detach()) * 2.0 ** (P - 1) * (limit > 0))
         numel = sum(w.numel() for w in ws)
         sampler = Sampler([[] for _ in inputs], inputs, inputs, targets, opts.batch_size, 0.0, gen)
         opt_s = Adam(ss, opts.lr_s, opts.iters, opts.schedule)
         # Adam moves a parameter by about its learning rate: lr_w is a fraction of the layer's max|w|.
         opt_w = Adam(ws, opts.lr_w, opts.iters, opts.schedule,
-                     scales=[torch.tensor(max(a, 1e-30), device=w.device) for a, w in zip(amaxes, ws)])
+                     scales=[a.max().clamp_min(1e-30) for a in amaxes])
 
         def penalty() -> torch.Tensor:
             total = sum((precision_of_s(s) - 1.0).mean() * w.numel() for s, w in zip(ss, ws))
@@ -160,13 +163,13 @@ class SmolPrecision(L2fxPass):
             opt_s.step()
             opt_w.step()
             with torch.no_grad():
-                for w, a in zip(ws, amaxes):
-                    w.clamp_(-a, a)
+                for w, limit in zip(ws, limits):
+                    torch.maximum(torch.minimum(w, limit), -limit, out=w)
             losses.append(float(mse.detach()))
         with torch.no_grad():
             for (node, m, _), s, w, amax in zip(prog.weights, ss, ws, amaxes):
                 m.weight.copy_(w.detach())
-                set_meta(node, LearnedPrecision(precision_of_s(s.detach()).float().contiguous(), amax,
+                set_meta(node, LearnedPrecision(precision_of_s(s.detach()).float().contiguous(), amax.contiguous(),
                                                 self.per_layer))
             mean_p = float(penalty()) + 1.0
         return {"iters": len(losses), "loss_first": losses[0] if losses else float("nan"),

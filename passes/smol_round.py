@@ -1,19 +1,20 @@
 """``smol_round``: every weight rounded to its learned integer precision, the counted bytes on target.
 
-Each parameter's precision becomes ``clamp(round(p - offset), 0, P)`` (0 = pruned) with one
-per-model ``offset``, and its weight the centre of its cell on the precision's bit-value grid
-over the layer's range (:func:`l2fx.precision.quantize_at`): symbols ``r``, weight ``r * unit``.
-The offset is bisected so that the *counted* bytes (every byte the artifact writes for the
-layers, :func:`l2fx.accounting.predict_layer_nbytes`: the symbols, which carry the precision
-map, under their range-coder table) land in the tolerance window of the target. One offset
+Each parameter's precision becomes ``clamp(round(p - offset), 0, P)`` (0 = pruned) with one per-
+model ``offset``, and its weight the centre of its cell on the precision's bit-value grid over
+its cell's range (:func:`l2fx.precision.quantize_at`; a cell of the weight's layout, per output
+channel by default, ``bit_value_grid``): symbols ``r``, weight ``r * unit``. The offset is
+bisected so that the *counted* bytes (every byte the artifact writes for the layers,
+:func:`l2fx.accounting.predict_layer_nbytes`: the symbols, which carry the precision map, under
+their range-coder table, and the units) land in the tolerance window of the target. One offset
 moves a whole layer's precision at once for ``smol-l`` (and many equal precisions at once for
 ``smol``), so the bytes jump; where no offset lands in the window, the offset just above it is
-kept and one common range factor ``a = factor * max|w|`` (>= 1, coarser cells, no clipping)
-is bisected to close the rest. ``shuffle`` (the control of the seed's Table 6): each layer's
-integer map is permuted by a fixed random permutation before the weights are rounded, and the
-same search fits its bytes. ``fixed=(offset, factor)`` (training-aware SMOL, whose fine-tuning
-trained the weights at one rounding) applies that rounding when its bytes are in the window, and
-searches as above, recorded, when they are not.
+kept and one common range factor ``a = factor * max|w|`` of every cell (>= 1, coarser cells, no
+clipping) is bisected to close the rest. ``shuffle`` (the control of the seed's Table 6): each
+layer's integer map is permuted by a fixed random permutation before the weights are rounded,
+and the same search fits its bytes. ``fixed=(offset, factor)`` (training-aware SMOL, whose fine-
+tuning trained the weights at one rounding) applies that rounding when its bytes are in the
+window, and searches as above, recorded, when they are not.
 
 Before: ``TransformedWeight`` s of ``bit_value_grid`` with a ``LearnedPrecision`` each. After:
 the same modules, each weight a point of its grid (``T^-1(round(T(w))) == w``), its unit as
@@ -48,6 +49,11 @@ _FACTOR_ITERS = 16
 _MAX_FACTOR = 4.0
 
 
+def _layer_nbytes(m: TransformedWeight, site, q: torch.Tensor, s: torch.Tensor, e: torch.Tensor, chunk: int) -> int:
+    """The counted bytes of a layer stored as symbols ``q`` with units ``s`` in the module's layout."""
+    return predict_layer_nbytes(site.param, TransformKind.LINEAR, q, m.channel_axis, chunk, s, e, m.group_size).total
+
+
 class SmolRound(L2fxPass):
     name = "smol_round"
     requires_meta = (LearnedPrecision,)
@@ -75,7 +81,7 @@ class SmolRound(L2fxPass):
             lp = get_meta(node, LearnedPrecision)
             p = lp.precision.cpu().expand(m.weight.shape) if lp.per_layer else lp.precision.cpu()
             perm = torch.randperm(p.numel(), generator=gen) if opts.shuffle else None
-            layers.append((node, site, m, p, lp.amax, perm))
+            layers.append((node, site, m, p, lp.amax.detach().cpu(), perm))
         fp32 = sum(4 * site.numel for _, site, *_ in layers)
         budget = fp32 / cfg.target_cr
         slack = prediction_slack(gm, chunk)
@@ -88,17 +94,18 @@ class SmolRound(L2fxPass):
                 stacks.clear()  # one factor's stacks at a time: 16 bytes per weight
                 stacks[factor] = []
                 for node, site, m, p, amax, perm in layers:
-                    unit = torch.tensor([grid_unit(amax, factor, P)])
+                    unit = grid_unit(amax, factor, P)
                     s, e, _ = round_params(TransformKind.LINEAR, unit, 0.5 * unit)
-                    stacks[factor].append((s, e, symbols_by_precision(m.weight.detach().cpu() / s, P)))
+                    w = m.weight.detach().cpu()
+                    stacks[factor].append((s, e, symbols_by_precision(w / m.view(s), P)))
             return stacks[factor]
 
         def rounded(offset: float, factor: float):
             out = []
             for (node, site, m, p, amax, perm), (s, e, stack) in zip(layers, grids(factor)):
                 pint = integer_precisions(p, offset, P)
-                if amax <= 0:  # an all-zero layer is exactly its zero-precision map
-                    pint = torch.zeros_like(pint)
+                # an all-zero cell is exactly its zero-precision map (the mid-rise grid has no 0)
+                pint = torch.where(m.view(amax) > 0, pint, torch.zeros_like(pint))
                 if perm is not None:
                     pint = pint.reshape(-1)[perm].reshape(pint.shape)
                 q = stack.gather(0, pint.to(torch.int64).unsqueeze(0)).squeeze(0)
@@ -110,8 +117,8 @@ class SmolRound(L2fxPass):
         def total(offset: float, factor: float) -> int:
             key = (offset, factor)
             if key not in evals:
-                evals[key] = sum(predict_layer_nbytes(site.param, TransformKind.LINEAR, q, None, chunk, s, e).total
-                                 for (q, s, e, _), (_, site, *_r) in zip(rounded(offset, factor), layers))
+                evals[key] = sum(_layer_nbytes(m, site, q, s, e, chunk)
+                                 for (q, s, e, _), (_, site, m, *_r) in zip(rounded(offset, factor), layers))
             return evals[key]
 
         fixed_used = self.fixed is not None and low <= total(*self.fixed) <= high
@@ -119,17 +126,21 @@ class SmolRound(L2fxPass):
         if not fixed_used and total(lo, 1.0) < low:
             raise TargetCRError(f"smol: target_cr {cfg.target_cr} needs more bytes ({budget:.0f}) than every weight "
                                 f"at the highest precision {P} gives ({total(lo, 1.0)}); lower target_cr")
+        if not fixed_used and total(hi, 1.0) > high:
+            raise TargetCRError(f"smol: target_cr {cfg.target_cr} needs fewer bytes ({budget:.0f}) than every weight "
+                                f"pruned still takes ({total(hi, 1.0)}: the units and code tables of the layers' "
+                                f"grids); lower target_cr, or use a coarser granularity")
         offset, factor = self.fixed if fixed_used else self._search(total, lo, hi, low, high)
         nbytes = total(offset, factor)
         records, numel, zeros, psum, map_bits, joint_bits = {}, 0, 0, 0, 0.0, 0.0
         for (node, site, m, p, amax, perm), (q, s, e, pint) in zip(layers, rounded(offset, factor)):
             m.step_s.copy_(s.to(m.step_s.device))
             m.threshold_e.copy_(e.to(m.threshold_e.device))
-            m.weight.copy_(q.float().to(m.weight.device) * s.to(m.weight.device))
-            set_meta(node, PrecisionMap(pint.contiguous(), float(s), P))
+            m.weight.copy_(q.float().to(m.weight.device) * m.view(s.to(m.weight.device)))
+            set_meta(node, PrecisionMap(pint.contiguous(), s.clone(), P))
             bits = map_code_bits(q, P)
             hist = torch.bincount(pint.reshape(-1).to(torch.int64), minlength=P + 1).tolist()
-            layer_bytes = predict_layer_nbytes(site.param, TransformKind.LINEAR, q, None, chunk, s, e).total
+            layer_bytes = _layer_nbytes(m, site, q, s, e, chunk)
             records[site.param] = {"numel": site.numel, "mean_precision": float(pint.float().mean()),
                                    "zero_fraction": hist[0] / site.numel, "histogram": hist,
                                    "bpp": 8.0 * layer_bytes / site.numel, "nbytes": layer_bytes, "code_bits": bits}
@@ -188,12 +199,12 @@ class SmolRound(L2fxPass):
                 self.fail("weight has no precision map", node)
             if not torch.equal(m(), m.weight):
                 self.fail("a weight is not a point of its grid", node)
-            q = torch.round(m.weight.detach().cpu() / m.step_s.detach().cpu()).to(torch.int16)
+            s, e = m.step_s.detach().cpu(), m.threshold_e.detach().cpu()
+            q = torch.round(m.weight.detach().cpu() / m.view(s)).to(torch.int16)
             if not torch.equal(precision_of_symbols(q, pm.max_precision), pm.precision.cpu()):
                 self.fail("the symbols do not encode the layer's precision map", node)
-            s, e = m.step_s.detach().cpu(), m.threshold_e.detach().cpu()
             fp32 += 4 * site.numel
-            nbytes += predict_layer_nbytes(site.param, TransformKind.LINEAR, q, None, chunk, s, e).total
+            nbytes += _layer_nbytes(m, site, q, s, e, chunk)
         slack = prediction_slack(gm, chunk)
         budget = fp32 / cfg.target_cr
         if not within_tolerance(nbytes, budget, cfg.cr_tolerance, slack):

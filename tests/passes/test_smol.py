@@ -185,3 +185,69 @@ def test_shuffled_precision_control_compiles_on_target(smol):
     b = {s.param: get_meta(n, PrecisionMap).precision for n, s in weight_sites(shuffled.graph_module)}
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert shuffled.report.records["smol_round"]["shuffle"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid's layout: a range per cell of the layer's granularity
+
+
+@pytest.mark.parametrize("granularity,group_size", [("per_channel", 128), ("per_tensor", 128), ("per_group", 32)])
+def test_grid_layout_follows_the_granularity_and_roundtrips(granularity, group_size, tmp_path):
+    config = make_fast_config().replace(method_options=FAST, granularity=l2fx.Granularity(granularity),
+                                        group_size=group_size)
+    compiled = l2fx.compile(make_tiny_convnet(), TARGET, make_tiny_calib(), method="smol-l", config=config,
+                            verify=True)
+    assert abs(compiled.report.compressed_cr / TARGET - 1) <= 0.01
+    gm = compiled.graph_module
+    for node, site in weight_sites(gm):
+        coded, pm = gm.get_submodule(str(node.target)), get_meta(node, PrecisionMap)
+        want = {"per_tensor": (1,), "per_channel": (site.shape[site.channel_axis],),
+                "per_group": (site.shape[0], -(-(site.numel // site.shape[0]) // group_size))}[granularity]
+        assert tuple(pm.unit.shape) == want
+        assert torch.equal(precision_of_symbols(coded.codes, pm.max_precision), pm.precision)
+    path = tmp_path / "m.l2fx"
+    l2fx.save(compiled, path)
+    x = make_tiny_calib()[0]
+    assert torch.equal(l2fx.load(path, model=make_tiny_convnet(seed=5))(x), compiled(x))
+
+
+class _Rows(torch.nn.Module):
+    """One linear layer whose output rows span three orders of magnitude (as a depthwise conv's
+    channels do after batch-norm folding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 48)
+        with torch.no_grad():
+            self.fc.weight.mul_(torch.logspace(-2, 1, 48).unsqueeze(1))
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_range_per_channel_keeps_the_small_channels():
+    model = _Rows()
+    calib = [torch.randn(16, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    w = model.fc.weight.detach()
+    errs = {}
+    for granularity in ("per_tensor", "per_channel"):
+        config = make_fast_config().replace(method_options=FAST, granularity=l2fx.Granularity(granularity))
+        compiled = l2fx.compile(model, 6.0, calib, method="smol-l", config=config)
+        assert abs(compiled.report.compressed_cr / 6.0 - 1) <= 0.01
+        gm = compiled.graph_module
+        (node, _), = weight_sites(gm)
+        q = gm.get_submodule(str(node.target))().detach()
+        errs[granularity] = ((q - w).norm(dim=1) / w.norm(dim=1)).max()  # the worst row's relative error
+    # One range for the layer rounds the smallest rows to zero (relative error 1); a range per
+    # row gives every row the same relative precision.
+    assert errs["per_tensor"] > 0.9
+    assert errs["per_channel"] < 0.3
+
+
+def test_a_target_below_the_grids_own_bytes_is_a_target_cr_error():
+    # Groups of 8 weights: one float16 unit each is 2 bits per weight, over CR 20's 1.6 before a
+    # single symbol is coded; a clear error, not a fit outside the window.
+    config = make_fast_config().replace(method_options=FAST, granularity=l2fx.Granularity("per_group"),
+                                        group_size=8)
+    with pytest.raises(TargetCRError, match="every weight pruned"):
+        l2fx.compile(make_tiny_convnet(), 20.0, make_tiny_calib(), method="smol-l", config=config)
