@@ -66,10 +66,12 @@ class SmolOptions:
     ``max_precision``: P (<= 7). ``shuffle``: the control of the seed's Table 6, precisions
     permuted within each layer after rounding (then the range refitted to the same bytes).
     ``clip``: each layer's range is that of least weight MSE at the target's bits per weight
-    (:func:`clip_range`), not ``max|w|``. Off by default: on the Fashion-MNIST ResNet at CR 12
-    (128 calibration images, 100 steps) it cost accuracy, 0.704 -> 0.837 for SMOL and
-    0.878 -> 0.894 for SMOL-L without it (``bench/results/smol_fmnist-resnet_clip*.md``): the
-    tails it clips matter more than the finer cells it buys.
+    (:func:`clip_range`, one factor per layer on every cell's range), not ``max|w|``. Off by
+    default: on the Fashion-MNIST ResNet at CR 12 (128 calibration images, 100 steps, one range
+    per tensor) it cost accuracy, 0.704 -> 0.837 for SMOL and 0.878 -> 0.894 for SMOL-L without
+    it (``bench/results/smol_fmnist-resnet_clip*.md``): the tails it clips matter more than the
+    finer cells it buys there. On MiniLM it is what keeps SMOL-L working (CR 12, cosine to fp32
+    0.020 -> 0.646 per tensor; 0.645 per channel, ``smol_minilm_clip.md``).
     """
 
     per_layer: bool = False

@@ -14,8 +14,9 @@ The grid is laid over a range per cell of the weight's layout (the layer's granu
 every other method; :func:`l2fx.tparams.layout`): ``a = max|w|`` over the cell (default). A
 per-tensor range is what the seed describes, but one range for a whole layer wastes the grid
 on channels far smaller than the largest (a depthwise conv after batch-norm folding, a
-transformer's projections): measured at CR 12, per tensor -> per channel, SMOL-L on
-EfficientNet-Lite0 and MiniLM (``bench/results/smol_*.md``). With ``clip``, each cell's range is
+transformer's projections). Measured with SMOL-L at CR 12, per tensor -> per channel: Lite0 KL
+5.52 -> 4.18, MiniLM (with ``clip``) cosine 0.646 -> 0.645; on the Fashion-MNIST ResNet better at CR 8,
+worse at 12 and 16 (``bench/results/smol_*.md``, ``docs/methods.md``). With ``clip``, each cell's range is
 scaled by one factor per layer, the one of least weight MSE on the precision-p grid at the
 target's bits per weight (:func:`l2fx.precision.clip_range` over the weights in units of their
 cell's range; weights beyond it are clipped: finer cells for the bulk, the tails lost; measured
