@@ -232,7 +232,7 @@ def train(model: nn.Module, data: Iterable, target_cr: float, *,
     def clamp() -> None:
         with torch.no_grad():
             for n, w in ws.items():
-                torch.maximum(torch.minimum(w, limit[n]), -limit[n], out=w)
+                w.clamp_(-limit[n], limit[n])
 
     # 1. Precision training.
     groups = [{"params": list(s.values()), "lr": opts.lr_s}]

@@ -79,7 +79,7 @@ class BitValueGrid(L2fxPass):
                 r = w / channel_view(torch.where(amax > 0, amax, torch.ones_like(amax)), w, axis, group)
                 amax = amax * clip_range(r, opts.reference_precision(cfg.target_cr), opts.max_precision)
                 lim = channel_view(amax, w, axis, group)
-                w = torch.maximum(torch.minimum(w, lim), -lim)
+                w = w.clamp(-lim, lim)
             unit = grid_unit(amax, 1.0, opts.max_precision)
             s, e, _ = round_params(TransformKind.LINEAR, unit, 0.5 * unit)
             module = TransformedWeight(w, TransformKind.LINEAR, s, e, axis, qmax, group, fixed=True).to(w.device)

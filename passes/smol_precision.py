@@ -164,7 +164,7 @@ class SmolPrecision(L2fxPass):
             opt_w.step()
             with torch.no_grad():
                 for w, limit in zip(ws, limits):
-                    torch.maximum(torch.minimum(w, limit), -limit, out=w)
+                    w.clamp_(-limit, limit)
             losses.append(float(mse.detach()))
         with torch.no_grad():
             for (node, m, _), s, w, amax in zip(prog.weights, ss, ws, amaxes):
