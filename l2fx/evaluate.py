@@ -87,13 +87,18 @@ class DownstreamRunner:
     @torch.no_grad()
     def run_with(self, node: fx.Node, value: Any) -> Any:
         """The graph's output with ``node``'s value replaced by ``value``."""
+        return self.run_observing(node, value, ())[0]
+
+    @torch.no_grad()
+    def run_observing(self, node: fx.Node, value: Any, observe: Collection[fx.Node]) -> tuple[Any, list[Any]]:
+        """As :meth:`run_with`, and the values the ``observe`` nodes took in that run (in order)."""
         reached = nx.descendants(self.graph, node) if node in self.graph else set()
         env = dict(self.cache)
         env[node] = value
         for n in self.order:
             if n in reached:
                 env[n] = self._execute(n, env)
-        return env[self.order[-1]]
+        return env[self.order[-1]], [env[n] for n in observe]
 
 
 #: ``(reader node, its positional args, its kwargs, its output)`` as the uncompressed run gave them.

@@ -72,6 +72,16 @@ class SmolOptions:
     it (``bench/results/smol_fmnist-resnet_clip*.md``): the tails it clips matter more than the
     finer cells it buys there. On MiniLM it is what keeps SMOL-L working (CR 12, cosine to fp32
     0.020 -> 0.646 per tensor; 0.645 per channel, ``smol_minilm_clip.md``).
+    ``downstream``: each layer's bits priced by how much of its block's output error reaches the
+    network's output (``passes/smol_precision.py``: one gain per layer, measured once on the
+    fp32 model), so that one lambda trades bits against the network's error rather than each
+    block's own; off, every block's relative error costs the same. On by default: measured on
+    the three models of ``bench/smol.py`` (100 steps per block; on / off, ``*_ds.md`` against the
+    tables without it), SMOL-L at CR 8 / 12 / 16 on MiniLM (with ``clip``) cosine to fp32 0.986 /
+    0.920 / 0.676 against 0.950 / 0.645 / 0.437, on EfficientNet-Lite0 top-1 agreement 0.90 /
+    0.82 / 0.00 against 0.88 / 0.15 / 0.00; SMOL on Lite0 at CR 8 0.52 against 0.13, on MiniLM
+    0.971 / 0.231 / 0.070 against 0.932 / 0.276 / 0.022 (worse at CR 12 only); Fashion-MNIST
+    ResNet: ``bench/results/smol_fmnist-resnet_ds.md`` against ``_nods.md``.
     """
 
     per_layer: bool = False
@@ -84,12 +94,13 @@ class SmolOptions:
     noise_samples: int = 1
     antithetic: bool = True
     clip: bool = False
+    downstream: bool = True
     max_precision: int = MAX_PRECISION
     schedule: LRSchedule = LRSchedule.COSINE
     shuffle: bool = False
 
     OPTIONS = ("lam", "init_precision", "iters", "lr_s", "lr_w", "batch_size", "noise_samples", "antithetic",
-               "clip", "max_precision", "schedule", "shuffle")
+               "clip", "downstream", "max_precision", "schedule", "shuffle")
 
     def __post_init__(self) -> None:
         def num(name: str, lo: float, hi: float = math.inf, integer: bool = False) -> None:
@@ -101,7 +112,7 @@ class SmolOptions:
 
         if not isinstance(self.per_layer, bool):
             raise ConfigError(f"smol option 'per_layer' must be a bool, got {self.per_layer!r}")
-        for flag in ("shuffle", "antithetic", "clip"):
+        for flag in ("shuffle", "antithetic", "clip", "downstream"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"smol option {flag!r} must be a bool, got {getattr(self, flag)!r}")
         num("lam", 0.0)

@@ -3,6 +3,7 @@ the counted-byte target, save/load, options, and the shuffled-precision control.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -158,7 +159,7 @@ def test_caller_model_unmodified():
 @pytest.mark.parametrize("options", [(("lambda", 0.1),), (("lam", -1.0),), (("max_precision", 8),),
                                      (("iters", True),), (("iters", "10"),), (("lr_s", float("nan")),),
                                      (("init_precision", 0.5),), (("schedule", "linear"),), (("shuffle", 1),),
-                                     (("antithetic", 0),), (("clip", "yes"),)])
+                                     (("antithetic", 0),), (("clip", "yes"),), (("downstream", 1),)])
 def test_bad_options_are_config_errors(options):
     config = make_fast_config().replace(method_options=options)
     with pytest.raises(ConfigError):
@@ -251,3 +252,56 @@ def test_a_target_below_the_grids_own_bytes_is_a_target_cr_error():
                                         group_size=8)
     with pytest.raises(TargetCRError, match="every weight pruned"):
         l2fx.compile(make_tiny_convnet(), 20.0, make_tiny_calib(), method="smol-l", config=config)
+
+
+# ---------------------------------------------------------------------------------------------
+# downstream: each layer's bits priced by how much of its block's error reaches the output
+
+
+class _DeadBranch(torch.nn.Module):
+    """A main path (fc0 -> fc2) and a branch (fc1 -> fc3) that a ReLU shuts: ``fc1``'s and
+    ``fc3``'s weights can change without the output changing."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc0, self.fc1 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 64)
+        self.fc2, self.fc3 = torch.nn.Linear(64, 8), torch.nn.Linear(64, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.fc0(x))
+        return self.fc2(h) + self.fc3(torch.relu(self.fc1(h) - 1e4))
+
+
+def _downstream(compiled: l2fx.CompiledModel) -> dict[str, dict[str, float]]:
+    return {k: v["downstream"] for k, v in compiled.report.records["smol_precision"]["layers"].items()}
+
+
+def test_downstream_weights_are_normalised_and_bounded():
+    compiled = _compile("smol-l", (("downstream", True),))
+    assert abs(compiled.report.compressed_cr / TARGET - 1) <= 0.01
+    assert compiled.report.records["smol_precision"]["downstream"] is True
+    ds = _downstream(compiled)
+    assert set(ds) == {s.param for _, s in weight_sites(compiled.graph_module)}
+    for v in ds.values():
+        assert v["d_out"] > 0 and v["d_blk"] > 0 and v["gain"] == pytest.approx(v["d_out"] / v["d_blk"])
+        assert 1e-3 < v["weight"] < 1e3
+    # The penalty weights' geometric mean over the weights is 1: lambda keeps its scale.
+    log_mean = sum(v["numel"] * math.log(v["weight"]) for v in ds.values()) / sum(v["numel"] for v in ds.values())
+    assert log_mean == pytest.approx(0.0, abs=1e-9)
+    # The last layer's block output is the network's output: its gain is the ratio of the two
+    # error measures alone (centred over the batch vs not), at least 1.
+    assert ds["out.weight"]["gain"] >= 1.0
+
+
+def test_a_weight_whose_error_never_reaches_the_output_gets_the_highest_price():
+    model = _DeadBranch()
+    calib = [torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    config = make_fast_config().replace(method_options=FAST + (("downstream", True),))
+    compiled = l2fx.compile(model, 8.0, calib, method="smol-l", config=config)
+    assert abs(compiled.report.compressed_cr / 8.0 - 1) <= 0.01
+    ds = _downstream(compiled)
+    for dead in ("fc1.weight", "fc3.weight"):
+        assert ds[dead]["d_out"] == 0.0 and ds[dead]["weight"] == 1e3
+    for live in ("fc0.weight", "fc2.weight"):
+        assert ds[live]["d_out"] > 0 and ds[live]["weight"] < 1e3
