@@ -8,15 +8,23 @@ import l2fx
 from l2fx.config import CompileConfig, ReconstructionConfig, SensitivityConfig
 
 
-def test_lite0_compile_save_load(tmp_path):
+def _zoo_model(name: str):
+    """(the zoo entry, its model, 8 calibration samples in batches of 8); skipped where the
+    model's files are not on this machine."""
     from l2fx import zoo
 
-    entry = zoo.get("efficientnet-lite0")
+    entry = zoo.get(name)
     try:
         model = entry.build()
     except zoo.ZooError as exc:
         pytest.skip(str(exc))
-    calib = entry.calib(8, 8, 0)
+    return entry, model, entry.calib(8, 8, 0)
+
+
+def test_lite0_compile_save_load(tmp_path):
+    from l2fx import zoo
+
+    entry, model, calib = _zoo_model("efficientnet-lite0")
     # Small sensitivity settings and no reconstruction keep this a CI-sized test (~1-2 min).
     config = CompileConfig(sensitivity=SensitivityConfig(num_samples=4, num_steps=10),
                            reconstruction=ReconstructionConfig(enabled=False))
@@ -74,17 +82,11 @@ def test_smol_compiles_saves_and_loads_bit_exactly(name, method, tmp_path):
     """Issue 20's contract on the three models of bench/smol.py: the target met within 1 % on
     counted bytes (the precision map included), and the file loads into a fresh model computing
     the same outputs bit for bit. Two Adam steps per block: the contract, not the fidelity."""
-    from l2fx import zoo
     from l2fx.data import call_model
     from l2fx.ir import get_meta, weight_sites
     from l2fx.precision import PrecisionMap
 
-    entry = zoo.get(name)
-    try:
-        model = entry.build()
-    except zoo.ZooError as exc:
-        pytest.skip(str(exc))
-    calib = entry.calib(8, 8, 0)
+    entry, model, calib = _zoo_model(name)
     config = CompileConfig(sensitivity=SensitivityConfig(num_samples=4, num_steps=10),
                            method_options=(("iters", 2), ("batch_size", 8)))
     compiled = l2fx.compile(model, target_cr=12, calib=calib, method=method, config=config)
