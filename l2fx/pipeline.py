@@ -32,6 +32,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from l2fx import distributed, memory
 from l2fx.config import BackendConfig, CompileConfig
+from l2fx.data import take_samples, to_device
 from l2fx.errors import CalibrationError, ConfigError, L2fxError, PassError, VerifierError
 from l2fx.ir import namespace, owned_meta, registered_meta_types, weight_sites
 
@@ -197,6 +198,11 @@ class PassContext:
     # pass name; values are plain JSON-able data, never read back by another pass.
     records: dict[str, Any] = dataclasses.field(default_factory=dict)
     _token: Any = None
+
+    def sensitivity_batch(self) -> Any:
+        """The first ``config.sensitivity.num_samples`` calibration samples as one batch on
+        ``device``: what the passes that measure the model's output error run on."""
+        return to_device(take_samples(list(self.calib), self.config.sensitivity.num_samples), self.device)
 
     @staticmethod
     def current() -> "PassContext":

@@ -34,7 +34,7 @@ import torch.fx as fx
 
 from l2fx import distributed
 from l2fx.errors import ConfigError, TargetCRError
-from l2fx.data import output_vector, relative_error, take_samples, to_device
+from l2fx.data import output_vector, relative_error
 from l2fx.evaluate import DownstreamRunner
 from l2fx.ir import Allocation, Candidate, LayerIntent, SensitivityCurve, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
@@ -75,7 +75,7 @@ def joint_correction(gm: fx.GraphModule, sites, intents, curves, picks, budget: 
     summed curve distortions, measured = their joint output error on the sensitivity samples)."""
     ctx = PassContext.current()
     cfg = ctx.config
-    batch = to_device(take_samples(list(ctx.calib), cfg.sensitivity.num_samples), ctx.device)
+    batch = ctx.sensitivity_batch()
     weights = [fetch_attr(gm, site.param).detach() for _, site in sites]
     reference = output_vector(DownstreamRunner(gm, batch).output)
 

@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from l2fx.accounting import predict_layer_nbytes
 from l2fx.config import CompileConfig
-from l2fx.data import output_vector, relative_error_to, take_samples, to_device
+from l2fx.data import output_vector, relative_error_to
 from l2fx.evaluate import DownstreamRunner, LocalError, visit_readers
 from l2fx.ir import Candidate, LayerIntent, SensitivityCurve, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
@@ -239,7 +239,7 @@ class SensitivityAnalysis(L2fxPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()
         cfg = ctx.config
-        batch = to_device(take_samples(list(ctx.calib), cfg.sensitivity.num_samples), ctx.device)
+        batch = ctx.sensitivity_batch()
         sites = dict(weight_sites(gm))
         index = {node: i for i, node in enumerate(sites)}
         measured = 0

@@ -47,7 +47,7 @@ import torch
 import torch.fx as fx
 
 from l2fx.blocks import build_programs
-from l2fx.data import output_vector, relative_error_to, take_samples, to_device
+from l2fx.data import output_vector, relative_error_to
 from l2fx.evaluate import DownstreamRunner
 from l2fx.ir import Block, get_meta, set_meta, weight_sites
 from l2fx.layerwise import stream_blocks
@@ -138,7 +138,7 @@ class SmolPrecision(L2fxPass):
         downstream, downstream_s = {}, 0.0
         if opts.downstream:
             t0 = time.perf_counter()
-            batch = to_device(take_samples(list(ctx.calib), cfg.sensitivity.num_samples), device)
+            batch = ctx.sensitivity_batch()
             downstream = downstream_weights(gm, batch, p0, opts.max_precision, noise_gen)
             downstream_s = time.perf_counter() - t0
             ctx.log(self.name, f"downstream gains of {len(downstream)} layers in {downstream_s:.1f} s")
