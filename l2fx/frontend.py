@@ -11,7 +11,8 @@ counts as a failed trace and export is tried.
 The caller's model is deep-copied first: fx shares submodules with the traced model, and
 later passes (BatchNorm folding) rewrite parameters. ``capture(..., dtype=torch.float32)`` makes
 that copy with every floating parameter and buffer cast as it is copied (:func:`copy_as`; the
-caller's weights in their own dtype are never copied first): how :func:`l2fx.compile` captures a
+caller's weights in their own dtype are never copied first; tensors of the copy's dtype are
+copied on write, so they cost memory only where a pass rewrites them): how :func:`l2fx.compile` captures a
 bfloat16 or float16 model whose graph, traced in its own dtype, casts to that dtype inside (a
 transformers ``LlamaRMSNorm`` returns ``weight * h.to(input_dtype)``; torch.export records
 ``input_dtype`` as a constant), so the graph cannot simply be cast to float32 afterwards.
@@ -217,17 +218,45 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+def _lazy_copy(t: torch.Tensor) -> torch.Tensor | None:
+    """A copy-on-write copy of the CPU tensor ``t`` (``torch._lazy_clone``): it shares ``t``'s
+    storage until either side is written, and the first in-place write to either one copies
+    its storage then, so a write never reaches the other. None where this torch has no lazy
+    clone, or for a tensor it does not apply to (another device, a tensor subclass), which the
+    deep copy then clones as usual."""
+    lazy = getattr(torch, "_lazy_clone", None)
+    if lazy is None or t.device.type != "cpu" or type(t) not in (torch.Tensor, torch.nn.Parameter) \
+            or t.is_sparse or t.is_quantized or (t.requires_grad and not t.is_leaf):
+        return None
+    try:
+        c = lazy(t.detach())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    return torch.nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else c
+
+
 def copy_as(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A deep copy of ``model``; with ``dtype``, every floating parameter and buffer of another
     dtype is cast to it as it is copied (shared tensors stay shared), so the copy costs the cast
-    weights only, never a copy in the model's own dtype first. The caller's model is untouched."""
+    weights only, never a copy in the model's own dtype first. The caller's model is untouched.
+
+    Tensors that keep their dtype are copied on write (:func:`_lazy_copy`): the copy costs no
+    memory for the weights the passes only read (a float32 model's weights are not held twice
+    while it compiles), and a pass that rewrites a weight in place (BatchNorm folding, a
+    solver's update, a fp16 round trip) gets its own storage at that write, the caller's
+    tensor keeping its values."""
     memo: dict[int, Any] = {}
-    if dtype is not None:
-        for t in (*model.parameters(), *model.buffers()):
-            if t.is_floating_point() and t.dtype != dtype and id(t) not in memo:
-                cast = t.detach().to(dtype)
-                memo[id(t)] = torch.nn.Parameter(cast, requires_grad=t.requires_grad) \
-                    if isinstance(t, torch.nn.Parameter) else cast
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) in memo:
+            continue
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            cast = t.detach().to(dtype)
+            memo[id(t)] = torch.nn.Parameter(cast, requires_grad=t.requires_grad) \
+                if isinstance(t, torch.nn.Parameter) else cast
+            continue
+        lazy = _lazy_copy(t)
+        if lazy is not None:
+            memo[id(t)] = lazy
     return copy.deepcopy(model, memo)
 
 
