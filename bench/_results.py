@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def revision() -> str:
+    """The commit the benchmark runs on (``+changes`` when the tracked files differ from it), or
+    ``unknown`` outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 def command_line() -> str:
-    """The command that is running, as a reader would retype it."""
-    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    """The command that is running, as a reader would retype it, and the commit it ran on."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv) + f" (on {revision()})"
 
 
 def write_results(out: str | Path, markdown: str, payload: dict) -> None:
