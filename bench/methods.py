@@ -47,7 +47,9 @@ def run_row(job: dict) -> dict:
     return {**job, "cr": r.compressed_cr, "packed_cr": r.packed_cr, "file_cr": r.file_cr, "compile_s": seconds,
             "peak_rss_mib": r.peak_rss_mib, "metrics": metrics,
             "fallbacks": r.records.get("oneshot_solve", {}).get("fallbacks", {}),
-            "allocation": r.records.get("entropy_allocation", {}), "pass_seconds": r.pass_seconds}
+            "allocation": r.records.get("entropy_allocation", {}), "pass_seconds": r.pass_seconds,
+            "blocks": [{k: b[k] for k in ("name", "loss_before", "loss_after_transform", "loss_after", "seconds")}
+                       for b in r.records.get("block_reconstruction", {}).get("blocks", [])]}
 
 
 def markdown(model: str, fp32: dict, rows: list[dict], command: str) -> str:
