@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import l2fx
-from l2fx.config import CompileConfig, SensitivityConfig
+from l2fx.config import CompileConfig, LayerRule, SensitivityConfig
 from l2fx.errors import ConfigError, SolverError
 
 from conftest import DictInputNet, make_fast_config, make_tiny_calib, make_tiny_convnet
@@ -137,6 +137,22 @@ def test_n_m_on_a_dimension_m_does_not_divide_names_the_layer_and_the_option():
     torch.manual_seed(0)
     with pytest.raises(SolverError, match=r"a\.weight.*(4|prune_m)"):
         l2fx.compile(_Small(k=30).eval(), 6, _small_calib(30), method="sparsegpt-2:4", config=_small_config())
+
+
+def test_the_rule_the_n_m_error_suggests_gives_that_layer_an_unstructured_pattern():
+    torch.manual_seed(0)
+    with pytest.raises(SolverError) as info:
+        l2fx.compile(_Small(k=30).eval(), 6, _small_calib(30), method="sparsegpt-2:4", config=_small_config())
+    assert "LayerRule(" in str(info.value)
+    rule = LayerRule("a", options=(("prune_n", 0), ("prune_m", 0)))
+    compiled = l2fx.compile(_Small(k=30).eval(), 6, _small_calib(30), method="sparsegpt-2:4",
+                            config=_small_config().replace(layers=(rule,)))
+    assert abs(compiled.report.compressed_cr / 6 - 1) <= 0.01
+    gm = compiled.graph_module
+    b = gm.get_submodule("l2fx_weights.b__weight").codes.reshape(-1, 4)
+    assert bool(((b != 0).sum(1) <= 2).all())  # the other layer keeps 2:4
+    a = gm.get_submodule("l2fx_weights.a__weight").codes
+    assert 0.4 <= float((a == 0).float().mean()) < 0.75  # SparseGPT's default half, plus zero symbols
 
 
 def test_a_layer_without_an_input_hessian_falls_back_to_rounding_and_says_so():
