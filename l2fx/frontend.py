@@ -56,6 +56,7 @@ except ImportError:  # torch before 2.4 records the torch._C._functorch function
 
 from l2fx.data import Batch, call_model, clone_batch, output_vector
 from l2fx.errors import CaptureError
+from l2fx.memory import can_lazy_clone, lazy_clone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,29 +219,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _lazy_copy(t: torch.Tensor) -> torch.Tensor | None:
-    """A copy-on-write copy of the CPU tensor ``t`` (``torch._lazy_clone``): it shares ``t``'s
-    storage until either side is written, and the first in-place write to either one copies
-    its storage then, so a write never reaches the other. None where this torch has no lazy
-    clone, or for a tensor it does not apply to (another device, a tensor subclass), which the
-    deep copy then clones as usual."""
-    lazy = getattr(torch, "_lazy_clone", None)
-    if lazy is None or t.device.type != "cpu" or type(t) not in (torch.Tensor, torch.nn.Parameter) \
-            or t.is_sparse or t.is_quantized or (t.requires_grad and not t.is_leaf):
-        return None
-    try:
-        c = lazy(t.detach())
-    except (RuntimeError, TypeError, NotImplementedError):
-        return None
-    return torch.nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else c
-
-
 def copy_as(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A deep copy of ``model``; with ``dtype``, every floating parameter and buffer of another
     dtype is cast to it as it is copied (shared tensors stay shared), so the copy costs the cast
     weights only, never a copy in the model's own dtype first. The caller's model is untouched.
 
-    Tensors that keep their dtype are copied on write (:func:`_lazy_copy`): the copy costs no
+    Tensors that keep their dtype are copied on write (:func:`l2fx.memory.lazy_clone`): the copy costs no
     memory for the weights the passes only read (a float32 model's weights are not held twice
     while it compiles), and a pass that rewrites a weight in place (BatchNorm folding, a
     solver's update, a fp16 round trip) gets its own storage at that write, the caller's
@@ -254,9 +238,9 @@ def copy_as(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.n
             memo[id(t)] = torch.nn.Parameter(cast, requires_grad=t.requires_grad) \
                 if isinstance(t, torch.nn.Parameter) else cast
             continue
-        lazy = _lazy_copy(t)
-        if lazy is not None:
-            memo[id(t)] = lazy
+        if can_lazy_clone(t) and not (t.requires_grad and not t.is_leaf):
+            c = lazy_clone(t)
+            memo[id(t)] = torch.nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else c
     return copy.deepcopy(model, memo)
 
 

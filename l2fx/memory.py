@@ -8,6 +8,9 @@ stood 1.1 GB above what was alive, and the next pass's peak started from there. 
 trims the heap; the pass manager calls it (after a cycle collection on large models) after every
 pass, and the passes that loop over layers or blocks call it per step. Elsewhere than glibc the
 trim does nothing.
+
+:func:`lazy_clone` is the copy the compile makes of what it only reads: copy-on-write, so the
+caller's float32 weights are not held twice while the passes read them.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ import ctypes.util
 import functools
 import gc
 
-__all__ = ["release"]
+import torch
+
+__all__ = ["release", "lazy_clone", "can_lazy_clone"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,3 +46,24 @@ def release(collect: bool = False) -> None:
     trim = _trim()
     if trim is not None:
         trim(0)
+
+
+def can_lazy_clone(t: torch.Tensor) -> bool:
+    """Whether :func:`lazy_clone` of ``t`` shares its storage (else it clones): a dense CPU
+    tensor or parameter, on a torch that has ``torch._lazy_clone``."""
+    return (hasattr(torch, "_lazy_clone") and t.device.type == "cpu" and type(t) in (torch.Tensor, torch.nn.Parameter)
+            and t.layout == torch.strided and not t.is_quantized)
+
+
+def lazy_clone(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` (detached, same dtype) that shares its storage until either of them is
+    written in place: the first such write copies the written one's storage then, so a write
+    never reaches the other (``torch._lazy_clone``, copy-on-write). Where that does not apply
+    (:func:`can_lazy_clone`), or this torch refuses it, an ordinary clone."""
+    t = t.detach()
+    if can_lazy_clone(t):
+        try:
+            return torch._lazy_clone(t)
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    return t.clone()

@@ -23,6 +23,7 @@ from torch import nn
 from l2fx.activations import ActQuantSpec
 from l2fx.config import DECODE_MODES
 from l2fx.errors import BackendError, ConfigError
+from l2fx.memory import lazy_clone
 from l2fx.transform import TransformKind, channel_view, fake_quant, inverse_t
 from l2fx.triton_kernels import dequant_matmul as _kernels  # registers torch.ops.l2fx.dequant_matmul
 from l2fx.triton_kernels.packing import pack_codes
@@ -46,7 +47,9 @@ class TransformedWeight(nn.Module):
         """``fixed``: the grid is the user's (a ``layers`` rule's bits): T is neither trained nor
         rescaled by the byte fits (:func:`l2fx.bytefit.scaled`); the weights may still be tuned."""
         super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone().float())
+        # Copy-on-write: GPTQ and the other one-shot solvers only read it (and the caller's
+        # float32 weights are not held twice); reconstruction's first step copies it.
+        self.weight = nn.Parameter(lazy_clone(weight) if weight.dtype == torch.float32 else weight.detach().float())
         self.step_s = nn.Parameter(step_s.detach().clone().float())
         self.threshold_e = nn.Parameter(threshold_e.detach().clone().float())
         self.kind = TransformKind(kind)
