@@ -233,7 +233,9 @@ def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     parts = [len(text).to_bytes(8, "little"), text]
-    parts.extend(np.ascontiguousarray(arrays[name]).tobytes() for name in names)
+    # Buffers, not .tobytes() copies: join copies each once into the result (an LLM's payload
+    # is hundreds of MB, and a copy per array doubled the peak of this step).
+    parts.extend(memoryview(np.ascontiguousarray(arrays[name]).reshape(-1).view(np.uint8)) for name in names)
     return b"".join(parts)
 
 
