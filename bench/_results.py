@@ -12,13 +12,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def revision() -> str:
-    """The commit the benchmark runs on (``+changes`` when the tracked files differ from it), or
+    """The commit the benchmark runs on (``+changes`` when tracked files other than the results
+    differ from it), or
     ``unknown`` outside a git checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], cwd=root,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
