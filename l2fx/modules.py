@@ -47,8 +47,8 @@ class TransformedWeight(nn.Module):
         """``fixed``: the grid is the user's (a ``layers`` rule's bits): T is neither trained nor
         rescaled by the byte fits (:func:`l2fx.bytefit.scaled`); the weights may still be tuned."""
         super().__init__()
-        # Copy-on-write: GPTQ and the other one-shot solvers only read it (and the caller's
-        # float32 weights are not held twice); reconstruction's first step copies it.
+        # Copy-on-write: not held twice while only read (sensitivity, the byte fits); the first
+        # in-place write (a one-shot solver's w_hat, a reconstruction step) copies it then.
         self.weight = nn.Parameter(lazy_clone(weight) if weight.dtype == torch.float32 else weight.detach().float())
         self.step_s = nn.Parameter(step_s.detach().clone().float())
         self.threshold_e = nn.Parameter(threshold_e.detach().clone().float())
