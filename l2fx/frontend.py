@@ -234,13 +234,12 @@ def copy_as(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.n
         if id(t) in memo:
             continue
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            cast = t.detach().to(dtype)
-            memo[id(t)] = torch.nn.Parameter(cast, requires_grad=t.requires_grad) \
-                if isinstance(t, torch.nn.Parameter) else cast
-            continue
-        if can_lazy_clone(t) and not (t.requires_grad and not t.is_leaf):
+            c = t.detach().to(dtype)
+        elif can_lazy_clone(t) and not (t.requires_grad and not t.is_leaf):
             c = lazy_clone(t)
-            memo[id(t)] = torch.nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else c
+        else:
+            continue  # the deep copy clones it
+        memo[id(t)] = torch.nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else c
     return copy.deepcopy(model, memo)
 
 
