@@ -149,7 +149,8 @@ def oneshot_pipeline(recipe: str, *, then_l2: bool = False, **options) -> Callab
             pm.append(p)
         if then_l2:  # the solve moves the weights: reconstruction's targets come from the originals
             pm.append(KeepReference())
-        pm.append(OneShotSolve(recipe, **options))
+        # Nothing after the solve writes the weights unless L2 follows: hold them as symbols.
+        pm.append(OneShotSolve(recipe, hold_symbols=not then_l2, **options))
         if then_l2:
             pm.append(BlockReconstruction(train_transform=False))
             # Network distillation (distill_iters > 0) against the original model; with 0 it
@@ -195,7 +196,8 @@ def compound_pipeline(recipe: str) -> Callable[[CompileConfig], PassManager]:
     def build(config: CompileConfig) -> PassManager:
         pm = front_pipeline(config)
         for p in (CompoundPlan(recipe), InsertActQuant(), SensitivityAnalysis(), EntropyAllocation(check_target=False),
-                  InsertTransforms(), BlockPartition(), OneShotSolve(recipe), RangeCode(check_target=False),
+                  InsertTransforms(), BlockPartition(), OneShotSolve(recipe, hold_symbols=True),
+                  RangeCode(check_target=False),
                   LowerKernels()):
             pm.append(p)
         return pm

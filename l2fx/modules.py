@@ -24,7 +24,7 @@ from l2fx.activations import ActQuantSpec
 from l2fx.config import DECODE_MODES
 from l2fx.errors import BackendError, ConfigError
 from l2fx.memory import lazy_clone
-from l2fx.transform import TransformKind, channel_view, fake_quant, inverse_t
+from l2fx.transform import TransformKind, channel_view, encode, fake_quant, inverse_t
 from l2fx.triton_kernels import dequant_matmul as _kernels  # registers torch.ops.l2fx.dequant_matmul
 from l2fx.triton_kernels.packing import pack_codes
 
@@ -39,7 +39,15 @@ HAS_TRITON = _kernels.HAS_TRITON
 
 class TransformedWeight(nn.Module):
     """Fake-quantised weight: ``weight`` [shape]; ``step_s`` and ``threshold_e`` [1] per tensor,
-    [C] per channel, or [rows, groups] per group of ``group_size`` (:func:`l2fx.transform.channel_view`)."""
+    [C] per channel, or [rows, groups] per group of ``group_size`` (:func:`l2fx.transform.channel_view`).
+
+    ``weight`` is an fp32 ``nn.Parameter``, or, after :meth:`hold_symbols`, the same values held
+    as their symbols on a frozen copy of T (``held_symbols`` int8 or int16, ``held_s``,
+    ``held_e``: one or two bytes per weight instead of four) and decoded on every read. Held
+    weights are read-only: the passes that write weights (``L2fxPass.writes_weights``) refuse
+    them; T stays a parameter (``rate_fit`` may still rescale it, re-rounding the held weight as
+    it would an fp32 one), and :meth:`snap` re-holds them on the current T.
+    """
 
     def __init__(self, weight: torch.Tensor, kind: TransformKind, step_s: torch.Tensor,
                  threshold_e: torch.Tensor, channel_axis: int | None, qmax: int, group_size: int | None = None,
@@ -59,9 +67,54 @@ class TransformedWeight(nn.Module):
         self.fixed = bool(fixed)
         channel_view(self.step_s, self.weight, channel_axis, group_size)  # validates the layout
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The fp32 weight: the parameter, or the held symbols decoded now (:meth:`hold_symbols`)."""
+        p = self._parameters.get("weight")
+        if p is not None:
+            return p
+        q = self._buffers.get("held_symbols")
+        if q is None:  # nn.Module's attribute protocol: no weight yet (during __init__)
+            raise AttributeError("weight")
+        s = channel_view(self.held_s, q, self.channel_axis, self.group_size)
+        e = channel_view(self.held_e, q, self.channel_axis, self.group_size)
+        return inverse_t(q.to(torch.float32), self.kind, s, e)
+
+    @property
+    def holds_symbols(self) -> bool:
+        """Whether the weight is held as symbols (:meth:`hold_symbols`), not as an fp32 parameter."""
+        return "held_symbols" in self._buffers
+
+    @torch.no_grad()
+    def hold_symbols(self, symbols: torch.Tensor) -> None:
+        """From now on the weight is ``T^-1(symbols)`` on the current T, held as the symbols.
+
+        ``symbols``: integers in ``[-qmax, qmax]`` of the weight's shape (:func:`l2fx.transform.encode`
+        on the current T gives them back, so ``range_code`` codes exactly these). The fp32 parameter
+        is dropped: a one-shot solve of a model of 1.1 B weights held 4.2 GB of fp32 weights until
+        ``range_code``; as int8 symbols they take 1.05 GB.
+        """
+        shape = tuple(self._like().shape)
+        if symbols.is_floating_point() or symbols.is_complex() or tuple(symbols.shape) != shape:
+            raise ConfigError(f"TransformedWeight.hold_symbols: symbols must be integers of shape {shape}, got "
+                              f"{symbols.dtype} {tuple(symbols.shape)}")
+        if symbols.numel() and int(symbols.abs().max()) > self.qmax:
+            raise ConfigError(f"TransformedWeight.hold_symbols: a symbol is outside +-qmax ({self.qmax})")
+        dtype = torch.int8 if self.qmax <= 127 else torch.int16
+        held = symbols.to(device=self.step_s.device, dtype=dtype).contiguous()
+        if "weight" in self._parameters:
+            del self._parameters["weight"]
+        self.register_buffer("held_symbols", held)
+        self.register_buffer("held_s", self.step_s.detach().clone())
+        self.register_buffer("held_e", self.threshold_e.detach().clone())
+
+    def _like(self) -> torch.Tensor:
+        """A tensor of the weight's shape and device without decoding a held weight."""
+        return self._buffers["held_symbols"] if self.holds_symbols else self.weight
+
     def view(self, p: torch.Tensor) -> torch.Tensor:
         """A parameter of this layer's layout, broadcast against the weight."""
-        return channel_view(p, self.weight, self.channel_axis, self.group_size)
+        return channel_view(p, self._like(), self.channel_axis, self.group_size)
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.view(self.step_s), self.view(self.threshold_e)
@@ -80,14 +133,20 @@ class TransformedWeight(nn.Module):
         this, the rescale of ``rate_fit`` or rounding T to its storage dtype later re-rounds
         them at random (Fashion-MNIST ResNet, CR 20, 400 fine-tuning steps: calibration KL
         0.022 unsnapped).
+        A held weight is re-held on the current T (its symbols there, as ``encode`` gives them).
         """
+        if self.holds_symbols:
+            s, e = self.params()
+            self.hold_symbols(encode(self.weight, self.kind, s, e, self.qmax))
+            return
         self.weight.copy_(self.forward())
 
     def extra_repr(self) -> str:
         group = f", group={self.group_size}" if self.group_size else ""
         fixed = ", fixed" if self.fixed else ""
-        return (f"kind={self.kind.value}, shape={tuple(self.weight.shape)}, axis={self.channel_axis}{group}, "
-                f"qmax={self.qmax}{fixed}")
+        held = ", held as symbols" if self.holds_symbols else ""
+        return (f"kind={self.kind.value}, shape={tuple(self._like().shape)}, axis={self.channel_axis}{group}, "
+                f"qmax={self.qmax}{fixed}{held}")
 
 
 class ActQuant(nn.Module):

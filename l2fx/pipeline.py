@@ -51,7 +51,9 @@ class L2fxPass(PassBase, abc.ABC):
       (``(Allocation,)``: the allocation ran);
     * ``requires_weight_modules``: module types every compressed weight must be produced by
       (``(TransformedWeight,)``: weights are fake-quantised, not yet coded);
-    * ``requires_calib``: the context must hold calibration data.
+    * ``requires_calib``: the context must hold calibration data;
+    * ``writes_weights``: the pass writes or trains ``TransformedWeight.weight``, so no weight may
+      be held as symbols (:meth:`~l2fx.modules.TransformedWeight.hold_symbols`: read-only).
 
     ``supports_distributed``: a pass that reads calibration data reduces what it measures over
     the ``torch.distributed`` ranks (:mod:`l2fx.distributed`); a manager refuses, before running
@@ -65,6 +67,7 @@ class L2fxPass(PassBase, abc.ABC):
     requires_meta: tuple[type, ...] = ()
     requires_weight_modules: tuple[type, ...] = ()
     requires_calib: bool = False
+    writes_weights: bool = False
     supports_distributed: bool = False
 
     def requires(self, graph_module: fx.GraphModule) -> None:  # noqa: D401 - PassBase API
@@ -301,12 +304,17 @@ def verify(gm: fx.GraphModule, after: str = "?") -> None:
 
 def check_declared(p: L2fxPass, gm: fx.GraphModule, ctx: PassContext) -> None:
     """The pass's declared preconditions (``requires_meta``, ``requires_weight_modules``,
-    ``requires_calib``); the failure names the pass and the first node that lacks one."""
+    ``requires_calib``, ``writes_weights``); the failure names the pass and the first node that
+    lacks one."""
     if p.requires_calib and not ctx.calib:
         raise CalibrationError(f"pass {p.name!r} needs calibration data in the PassContext")
-    if not (p.requires_meta or p.requires_weight_modules):
+    if not (p.requires_meta or p.requires_weight_modules or p.writes_weights):
         return
     for node, _ in weight_sites(gm):
+        if p.writes_weights and node.op == "call_module" and getattr(gm.get_submodule(str(node.target)),
+                                                                     "holds_symbols", False):
+            p.fail("writes the weights, but this one is held as read-only symbols (an earlier pass such as "
+                   "oneshot_solve(hold_symbols=True) did that; build the pipeline with hold_symbols=False)", node)
         for cls in p.requires_meta:
             if cls.META_KEY not in node.meta:
                 p.fail(f"needs node.meta[{cls.META_KEY!r}] ({cls.__name__}) on every compressed weight", node)

@@ -196,6 +196,7 @@ class BlockReconstruction(L2fxPass):
     name = "block_reconstruction"
     requires_meta = (Block, Allocation)
     requires_weight_modules = (TransformedWeight,)
+    writes_weights = True
     requires_calib = True
     # The loss scale and the calibration loss all-reduced here, the gradients in l2fx.optim.Adam:
     # every rank takes the same steps and the same revert decisions.

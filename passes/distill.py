@@ -76,6 +76,7 @@ class NetworkDistillation(L2fxPass):
     requires_meta = (Block, Reference)
     requires_weight_modules = (TransformedWeight,)
     requires_calib = True
+    writes_weights = True
 
     @property
     def supports_distributed(self) -> bool:

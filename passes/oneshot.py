@@ -5,7 +5,9 @@ Before: ``TransformedWeight`` s holding the fp32 weights and the allocated T (st
 per channel or group), every block on its byte budget (``rate_prefill`` ran). After: the same
 modules, each weight replaced by the recipe's ``w_hat``, a point of its (possibly rescaled)
 grid, and its T the grid's, rounded to its storage dtype: ``range_code`` codes exactly the
-recipe's symbols.
+recipe's symbols. With ``hold_symbols`` (the one-shot methods) the weights are held as those
+symbols (:meth:`~l2fx.modules.TransformedWeight.hold_symbols`), a quarter of the fp32 bytes,
+and read-only from then on.
 
 Per block, streamed (:func:`l2fx.layerwise.stream_blocks`: inputs from the already compressed
 prefix, the references' sequential setting): the Hessian of every weight's inputs with the
@@ -81,11 +83,15 @@ class OneShotSolve(L2fxPass):
     requires_calib = True
     supports_distributed = True  # output errors / Hessians all-reduced (l2fx.distributed)
 
-    def __init__(self, recipe: str, **options: Any):
+    def __init__(self, recipe: str, *, hold_symbols: bool = False, **options: Any):
+        """``hold_symbols``: each solved weight is held as its symbols
+        (:meth:`TransformedWeight.hold_symbols`, 1 byte per weight instead of 4) instead of written
+        into its fp32 parameter; for pipelines in which no later pass writes the weights (the
+        one-shot methods, up to ``range_code``)."""
         if recipe not in RECIPES:
             raise ConfigError(f"unknown one-shot recipe {recipe!r}; known: {sorted(RECIPES)}")
         options_for(options)  # an unknown option fails when the method is built
-        self.recipe, self.options = recipe, options
+        self.recipe, self.options, self.hold_symbols = recipe, options, bool(hold_symbols)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()
@@ -141,7 +147,7 @@ class OneShotSolve(L2fxPass):
                                                 target * (1 - tol / 2), floor=-2.0, ceil=2.0, max_evals=8,
                                                 second=second)
                 for st, r in zip(stats, runs[t]):
-                    self._install(st.module, r)
+                    self._install(st.module, r, self.hold_symbols)
                     layers[st.site.param] = {k: v for k, v in r.items() if not k.startswith("_")}
                 advance()
                 carry += nbytes - budget
@@ -192,11 +198,15 @@ class OneShotSolve(L2fxPass):
 
     @staticmethod
     @torch.no_grad()
-    def _install(m: TransformedWeight, r: dict[str, Any]) -> None:
-        """The layer's T and its weight at its symbols' level: range_code re-derives these symbols."""
+    def _install(m: TransformedWeight, r: dict[str, Any], hold: bool) -> None:
+        """The layer's T and its weight at its symbols' level: range_code re-derives these symbols.
+        ``hold`` (or a weight held already): held as the symbols, else written in fp32."""
         m.step_s.copy_(r["_s"])
         m.threshold_e.copy_(r["_e"])
-        m.weight.copy_(inverse_t(r["_q"].to(torch.float32), m.kind, m.view(m.step_s), m.view(m.threshold_e)))
+        if hold or m.holds_symbols:
+            m.hold_symbols(r["_q"])
+        else:
+            m.weight.copy_(inverse_t(r["_q"].to(torch.float32), m.kind, m.view(m.step_s), m.view(m.threshold_e)))
 
     def ensures(self, gm: fx.GraphModule) -> None:
         for node, _ in weight_sites(gm):

@@ -121,6 +121,7 @@ class SmolPrecision(L2fxPass):
     name = "smol_precision"
     requires_meta = (Block,)
     requires_weight_modules = (TransformedWeight,)
+    writes_weights = True
     requires_calib = True  # (not supports_distributed: gradients are per rank)
 
     def __init__(self, per_layer: bool = False):

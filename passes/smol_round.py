@@ -58,6 +58,7 @@ class SmolRound(L2fxPass):
     name = "smol_round"
     requires_meta = (LearnedPrecision,)
     requires_weight_modules = (TransformedWeight,)
+    writes_weights = True
 
     def __init__(self, per_layer: bool = False, fixed: tuple[float, float] | None = None):
         if fixed is not None:

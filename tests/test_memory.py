@@ -1,6 +1,7 @@
 """memory.release: freed heap memory goes back to the OS (glibc), so a pass's peak does not
 start from the previous pass's high-water mark; memory.lazy_clone: copies that cost nothing
-until written, and a write reaches one side only."""
+until written, and a write reaches one side only; TransformedWeight.hold_symbols: a solved
+weight held as its symbols, read back bit-exactly."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,9 @@ import pytest
 import torch
 
 from l2fx import memory
+from l2fx.errors import ConfigError
 from l2fx.modules import TransformedWeight
-from l2fx.transform import TransformKind
+from l2fx.transform import TransformKind, encode
 
 # In a fresh interpreter: the heap's state in a long test session decides what free() alone
 # returns, so the same check inside it measures the session, not release().
@@ -70,3 +72,44 @@ def test_a_transformed_weight_trained_in_place_leaves_the_weight_it_was_made_fro
         m.weight.add_(0.3)   # a reconstruction step
     m.snap()
     assert torch.equal(w, before)
+
+
+@pytest.mark.parametrize("layout", ["channel", "tensor", "group"])
+def test_a_weight_held_as_symbols_reads_back_bit_exactly_at_a_quarter_of_the_bytes(layout):
+    torch.manual_seed(0)
+    w = torch.randn(6, 10)
+    before = w.clone()
+    axis, group, n = {"channel": (0, None, (6,)), "tensor": (None, None, (1,)), "group": (0, 4, (6, 3))}[layout]
+    m = TransformedWeight(w, TransformKind.JOINT, torch.full(n, 0.1), torch.full(n, 0.05), axis, 31, group)
+    fp32 = TransformedWeight(w, TransformKind.JOINT, torch.full(n, 0.1), torch.full(n, 0.05), axis, 31, group)
+    fp32.snap()
+    s, e = m.params()
+    m.hold_symbols(encode(w, m.kind, s, e, m.qmax))
+    assert m.holds_symbols and "weight" not in dict(m.named_parameters())
+    assert m.held_symbols.dtype == torch.int8 and m.held_symbols.element_size() * 4 == w.element_size()
+    assert torch.equal(m.weight, fp32.weight) and torch.equal(m(), fp32())
+    # T rescaled (rate_fit): the held weight re-rounds on the new grid as the fp32 one does.
+    with torch.no_grad():
+        for t in (m.step_s, m.threshold_e, fp32.step_s, fp32.threshold_e):
+            t.mul_(1.37)
+    assert torch.equal(m(), fp32())
+    m.snap()
+    fp32.snap()
+    assert torch.equal(m.weight, fp32.weight) and m.holds_symbols
+    assert torch.equal(w, before)  # the source is untouched
+    assert "held as symbols" in repr(m)
+
+
+def test_hold_symbols_refuses_what_is_not_the_weights_symbols():
+    m = TransformedWeight(torch.randn(6, 10), TransformKind.LINEAR, torch.full((6,), 0.1), torch.full((6,), 0.05), 0, 7)
+    with pytest.raises(ConfigError, match="integers of shape"):
+        m.hold_symbols(torch.zeros(6, 10))
+    with pytest.raises(ConfigError, match="integers of shape"):
+        m.hold_symbols(torch.zeros(6, 9, dtype=torch.int16))
+    with pytest.raises(ConfigError, match="qmax"):
+        m.hold_symbols(torch.full((6, 10), 8, dtype=torch.int16))
+    assert not m.holds_symbols  # nothing changed
+    wide = TransformedWeight(torch.randn(3, 4), TransformKind.LINEAR, torch.full((3,), 0.01), torch.full((3,), 0.005),
+                             0, 300)
+    wide.hold_symbols(torch.full((3, 4), -300, dtype=torch.int16))
+    assert wide.held_symbols.dtype == torch.int16 and float(wide.weight.min()) == pytest.approx(-3.0)

@@ -177,3 +177,31 @@ def test_a_target_the_pruned_weights_cannot_fill_is_a_target_cr_error_naming_the
     with pytest.raises(TargetCRError, match=r"out of reach after the passes of method 'sparsegpt'.*50% of them zero"):
         l2fx.compile(make_mlp((64, 256, 256, 16)), 5, mlp_calib(64, 64), method="sparsegpt",
                      config=make_fast_config().replace(min_numel=64))
+
+
+def test_holding_the_solved_weights_as_symbols_gives_the_same_artifact():
+    """The one-shot methods hold each solved weight as its symbols (a quarter of the fp32 bytes
+    until range_code); the artifact is byte for byte the one of the fp32 path."""
+    from l2fx.method import pipeline
+    from passes import OneShotSolve
+
+    x, cfg = make_tiny_calib(), make_fast_config()
+    held = pipeline("gptq", cfg)
+    assert held.passes[held.names.index("oneshot_solve")].hold_symbols
+    fp32 = pipeline("gptq", cfg)
+    i = fp32.names.index("oneshot_solve")
+    fp32.passes[i] = OneShotSolve("gptq", hold_symbols=False)
+    a = l2fx.compile(make_tiny_convnet(), 10, x, method="gptq", config=cfg, pipeline=held, verify=True)
+    b = l2fx.compile(make_tiny_convnet(), 10, x, method="gptq", config=cfg, pipeline=fp32, verify=True)
+    assert a.artifact_bytes() == b.artifact_bytes()
+
+
+def test_a_pass_that_writes_weights_refuses_weights_held_as_symbols():
+    from l2fx.errors import PassError
+    from l2fx.method import pipeline
+    from passes import BlockReconstruction
+
+    cfg = make_fast_config()
+    pm = pipeline("gptq", cfg).insert_after("oneshot_solve", BlockReconstruction())
+    with pytest.raises(PassError, match="held as read-only symbols"):
+        l2fx.compile(make_tiny_convnet(), 10, make_tiny_calib(), method="gptq", config=cfg, pipeline=pm)
