@@ -128,7 +128,7 @@ def serialize(gm: fx.GraphModule, header: dict[str, Any]) -> bytes:
     entries = []
     for _, info, module in layers:
         stream = info.stream
-        payload.extend(np.frombuffer(c, dtype=np.uint8) for c in stream.chunks)
+        payload.extend(stream.chunks)
         for c, crc in zip(stream.chunks, stream.crc32):
             chunk_index.extend((len(c), crc))
         tables.append(stream.table.freqs.astype(np.uint16))
@@ -139,8 +139,8 @@ def serialize(gm: fx.GraphModule, header: dict[str, Any]) -> bytes:
             else:
                 tparams[key].append(p.cpu().numpy().astype(np.float16 if key == "f16" else np.float32).reshape(-1))
         entries.append(info.entry)
-    arrays: dict[str, np.ndarray] = {
-        PAYLOAD: np.concatenate(payload) if payload else np.zeros(0, np.uint8),
+    arrays: dict[str, np.ndarray | Chunks] = {
+        PAYLOAD: Chunks(payload),  # written chunk by chunk: never concatenated in memory
         CHUNKS: np.asarray(chunk_index, dtype=np.uint32),
         TABLES: np.concatenate(tables) if tables else np.zeros(0, np.uint16),
     }
@@ -213,7 +213,20 @@ _ST_DTYPES = {np.dtype(k): v for k, v in {
     "int16": "I16", "uint32": "U32", "int32": "I32", "uint64": "U64", "int64": "I64", "bool": "BOOL"}.items()}
 
 
-def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+class Chunks:
+    """A 1-D uint8 array given as its consecutive pieces (``bytes``-like), for
+    :func:`safetensors_bytes` to write one after the other: the payload of an LLM is hundreds of
+    MB, held once in its layers' streams, and a concatenated copy would hold it twice more."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, pieces: list):
+        self.pieces = [memoryview(p).cast("B") for p in pieces]
+        self.nbytes = sum(p.nbytes for p in self.pieces)
+        self.shape = (self.nbytes,)
+
+
+def safetensors_bytes(arrays: dict[str, np.ndarray | Chunks], metadata: dict[str, str]) -> bytes:
     """Serialises ``arrays`` in the safetensors format, deterministically.
 
     ``safetensors.numpy.save`` orders the metadata through a hash map, so two saves of the
@@ -235,7 +248,12 @@ def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -
     parts = [len(text).to_bytes(8, "little"), text]
     # Buffers, not .tobytes() copies: join copies each once into the result (an LLM's payload
     # is hundreds of MB, and a copy per array doubled the peak of this step).
-    parts.extend(memoryview(np.ascontiguousarray(arrays[name]).reshape(-1).view(np.uint8)) for name in names)
+    for name in names:
+        a = arrays[name]
+        if isinstance(a, Chunks):
+            parts.extend(a.pieces)
+        else:
+            parts.append(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
     return b"".join(parts)
 
 

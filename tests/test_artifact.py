@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import l2fx
-from l2fx.artifact import MANIFEST, PLAIN_PREFIX, decode_manifest, encode_manifest, safetensors_bytes
+from l2fx.artifact import MANIFEST, PLAIN_PREFIX, Chunks, decode_manifest, encode_manifest, safetensors_bytes
 
 # The fixture has no per-group layer, so it is written in format version 2 (3 only adds groups).
 VERSION = 2
@@ -347,3 +347,15 @@ def test_a_quantiser_inserted_after_range_code_is_not_saved(artifact, tmp_path):
     with pytest.raises(ArtifactError, match="not the one its coded entry stores"):
         l2fx.save(c, out)
     assert not out.exists()
+
+
+@given(st.lists(st.binary(max_size=40), max_size=6), st.binary(min_size=1, max_size=9))
+def test_an_array_given_as_chunks_writes_the_bytes_of_its_concatenation(pieces, other):
+    """The payload is written from its layers' chunks, never concatenated first: same file."""
+    joined = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+    extra = np.frombuffer(other, dtype=np.uint8)
+    meta = {"format": "l2fx"}
+    assert safetensors_bytes({"p": Chunks(pieces), "x": extra}, meta) == safetensors_bytes({"p": joined, "x": extra},
+                                                                                          meta)
+    loaded = safetensors.numpy.load(safetensors_bytes({"p": Chunks(pieces), "x": extra}, meta))
+    assert loaded["p"].tobytes() == b"".join(pieces) and loaded["x"].tobytes() == other
