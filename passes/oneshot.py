@@ -25,7 +25,9 @@ Layers the recipe cannot take fall back to round-to-nearest on their grid, recor
 with the reason: a weight read by an op with no input Hessian (embeddings), a transform kind
 other than linear/joint (the recipes' grids), parameters along a non-output axis. A recipe
 that cannot apply as asked (N:M on a dimension M does not divide, OBC over its cost bound) is a
-:class:`~l2fx.errors.SolverError` naming the layer and the option.
+:class:`~l2fx.errors.SolverError` naming the layer and the option; with the option
+``nm_unfit="dense"`` a layer N:M does not divide runs the recipe's quantiser without pruning
+instead (:data:`l2fx.solvers.recipes.DENSE_RECIPE`), recorded as its fallback.
 
 Options: the recipe's defaults (:data:`l2fx.solvers.recipes.DEFAULTS`), then the pass's own
 (the method's), then ``CompileConfig.method_options``, then the weight's ``layers`` rule options.
@@ -50,7 +52,7 @@ from l2fx.layerwise import LayerStats, block_hessians, stream_blocks
 from l2fx.modules import TransformedWeight
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 from l2fx.solvers import Grid
-from l2fx.solvers.recipes import RECIPES, options_for, solve
+from l2fx.solvers.recipes import RECIPES, dense_fallback, options_for, solve
 from l2fx.transform import TransformKind, encode, inverse_t
 
 __all__ = ["OneShotSolve"]
@@ -172,6 +174,9 @@ class OneShotSolve(L2fxPass):
         unsupported = _unsupported(m)
         reason = unsupported or st.reason
         recipe, loss = ("rtn" if reason else self.recipe), 0.0
+        opts = options_for(self.options, cfg.method_options, intent.options)
+        if not reason and (dense := dense_fallback(recipe, opts, w[0].numel())):
+            recipe, reason = dense
         if unsupported:  # not a grid the recipes take: the module's own rounding on its scaled grid
             q = encode(w, m.kind, m.view(s), m.view(e), m.qmax)
         else:
@@ -179,7 +184,6 @@ class OneShotSolve(L2fxPass):
             W2, w_hat = w.reshape(rows, -1), torch.empty(rows, w[0].numel())
             groups = 1 if st.hessians is None else st.hessians.shape[0]
             per = rows // groups
-            opts = options_for(self.options, cfg.method_options, intent.options)
             for g in range(groups):
                 sl = slice(g * per, (g + 1) * per)
                 H = st.hessians[g] if st.hessians is not None else torch.eye(W2.shape[1], dtype=torch.float64)

@@ -24,7 +24,8 @@ def check_sparsity(sparsity: float, prune_n: int, prune_m: int, cols: int, layer
             raise SolverError(f"layer {layer!r}: N:M sparsity prune_m={prune_m} needs cols divisible by "
                               f"{prune_m}, the layer has {cols} columns; give that layer another pattern with a "
                               f"rule, e.g. LayerRule(<its module's name>, options=(('prune_n', 0), ('prune_m', 0))) "
-                              f"(unstructured) or keep=True (not compressed)")
+                              f"(unstructured) or keep=True (not compressed), or leave every such layer dense with "
+                              f"method_options=(('nm_unfit', 'dense'),)")
         return True
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
         raise ConfigError(f"layer {layer!r}: sparsity must be a float in [0, 1], got {sparsity!r}")

@@ -37,6 +37,10 @@ the pruners), ``prune_n``/``prune_m`` (N kept of every M consecutive columns), `
 4: ``sparsity`` of the layer's 4-blocks of consecutive columns pruned; ``obc``, ``adaprune``,
 ``adaprune+adaquant``, ``magnitude`` and the compound recipes; the others raise a ConfigError).
 
+``nm_unfit``: what a layer whose columns ``prune_m`` does not divide gets: ``"error"`` (the
+default: a SolverError naming it) or ``"dense"`` (:data:`DENSE_RECIPE`: the recipe's quantiser
+without pruning, recorded as the layer's fallback; 2:4 hardware leaves such layers dense too).
+
 ``bop_reduction``, ``bop_resolution``, ``bop_options`` (the option names offered to every layer,
 default {dense, 2:4} x {8, 4}; :meth:`l2fx.solvers.compound.Option.parse`) and ``bop_formats``
 (block formats offered as dense options beside them) are no recipe's: the compound methods' planning pass
@@ -60,13 +64,32 @@ from l2fx.solvers.result import SolverResult
 from l2fx.solvers.sparsegpt import sparsegpt
 from l2fx.solvers.wanda import magnitude_mask, wanda_mask
 
-__all__ = ["RECIPES", "DEFAULTS", "solve", "options_for"]
+__all__ = ["RECIPES", "DEFAULTS", "DENSE_RECIPE", "dense_fallback", "solve", "options_for"]
 
 DEFAULTS: dict[str, Any] = {
     "blocksize": 128, "percdamp": 0.01, "act_order": False, "sparsity": 0.0, "prune_n": 0, "prune_m": 0,
     "block": 1, "max_cost": DEFAULT_MAX_COST, "iters": 0, "lr": 1e-3, "reg_lambda": 0.01,
     "bop_reduction": 0.0, "bop_resolution": 10000, "bop_formats": (), "bop_options": (),
+    "nm_unfit": "error",
 }
+
+#: What ``nm_unfit="dense"`` runs on a layer whose columns N:M does not divide (a conv stem's 27,
+#: a depthwise 3x3's 9): each pruning recipe's own quantiser, without the pruning.
+DENSE_RECIPE: dict[str, str] = {
+    "sparsegpt": "gptq", "wanda": "rtn", "magnitude": "rtn", "obc": "obq", "adaprune": "rtn",
+    "adaprune+adaquant": "adaquant", "obc-compound": "obq", "adaprune+adaquant-compound": "adaquant",
+}
+
+
+def dense_fallback(recipe: str, options: Mapping[str, Any], cols: int) -> tuple[str, str] | None:
+    """``(recipe, reason)`` to run instead when ``options`` ask N:M that ``cols`` columns do not
+    take and ``nm_unfit`` is ``"dense"``; None when the pattern fits, or nothing asks for it (the
+    recipe then raises its SolverError, naming the layer)."""
+    n, m = options["prune_n"], options["prune_m"]
+    if not m or cols % m == 0 or options["nm_unfit"] != "dense" or recipe not in DENSE_RECIPE:
+        return None
+    dense = DENSE_RECIPE[recipe]
+    return dense, f"N:M {n}:{m} does not divide its {cols} columns: left dense ({dense}; nm_unfit='dense')"
 
 
 def _rtn(W: Tensor, grid: Grid, W0: Tensor, H: Tensor) -> SolverResult:
@@ -211,6 +234,8 @@ def options_for(*layers: Mapping[str, Any] | tuple) -> dict[str, Any]:
         for key, value in (given.items() if isinstance(given, Mapping) else given):
             if key not in DEFAULTS:
                 raise ConfigError(f"unknown one-shot option {key!r}; known: {sorted(DEFAULTS)}")
+            if key == "nm_unfit" and value not in ("error", "dense"):
+                raise ConfigError(f"one-shot option nm_unfit must be 'error' or 'dense', got {value!r}")
             out[key] = value
     return out
 

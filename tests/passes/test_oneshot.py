@@ -155,6 +155,25 @@ def test_the_rule_the_n_m_error_suggests_gives_that_layer_an_unstructured_patter
     assert 0.4 <= float((a == 0).float().mean()) < 0.75  # SparseGPT's default half, plus zero symbols
 
 
+@pytest.mark.parametrize("method, dense", [("sparsegpt-2:4", "gptq"), ("wanda-2:4", "rtn")])
+def test_nm_unfit_dense_leaves_the_layers_n_m_cannot_take_dense_and_says_so(method, dense):
+    torch.manual_seed(0)
+    cfg = _small_config().replace(method_options=(("nm_unfit", "dense"),))
+    compiled = l2fx.compile(_Small(k=30).eval(), 6, _small_calib(30), method=method, config=cfg)
+    assert abs(compiled.report.compressed_cr / 6 - 1) <= 0.01
+    record = compiled.report.records["oneshot_solve"]
+    assert list(record["fallbacks"]) == ["a.weight"] and "30 columns" in record["fallbacks"]["a.weight"]
+    assert record["layers"]["a.weight"]["recipe"] == dense
+    gm = compiled.graph_module
+    b = gm.get_submodule("l2fx_weights.b__weight").codes.reshape(-1, 4)
+    assert bool(((b != 0).sum(1) <= 2).all())  # the layer that takes 2:4 keeps it
+    a = gm.get_submodule("l2fx_weights.a__weight").codes
+    assert float((a == 0).float().mean()) < 0.4  # not pruned: only the zero symbols of its grid
+    with pytest.raises(ConfigError, match="nm_unfit"):
+        l2fx.compile(_Small(k=30).eval(), 6, _small_calib(30), method=method,
+                     config=cfg.replace(method_options=(("nm_unfit", "skip"),)))
+
+
 def test_a_layer_without_an_input_hessian_falls_back_to_rounding_and_says_so():
     g = torch.Generator().manual_seed(0)
     calib = [{"input_ids": torch.randint(0, 200, (8, 12), generator=g), "attention_mask": torch.ones(8, 12)}
