@@ -244,3 +244,17 @@ def test_torch_compile_reads_the_cache_without_a_graph_break(artifact):
     with torch.no_grad():
         assert torch.equal(compiled(x), model(x))
     dynamo.reset()
+
+
+@pytest.mark.parametrize("backend, filled", [(CACHE, True), (PER_CALL, False)])
+def test_compile_returns_the_backends_decode_and_counts_the_bytes_it_writes(backend, filled):
+    """compile makes the artifact's bytes before the decode caches fill (they are the model's
+    size in fp32): the returned model still has the backend's decode, and the report the bytes."""
+    x = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    config = CompileConfig(sensitivity=SensitivityConfig(num_samples=4, num_steps=8),
+                           reconstruction=ReconstructionConfig(enabled=False))
+    compiled = l2fx.compile(_net(), target_cr=6, calib=[x], config=config, backend=backend)
+    coded = _coded_modules(compiled.graph_module)
+    assert coded and all(m.cache_fresh() == filled for m in coded)
+    assert (decode_cache_nbytes(compiled.graph_module) > 0) == filled
+    assert compiled.report.file_nbytes == len(compiled.artifact_bytes())
