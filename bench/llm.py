@@ -188,7 +188,7 @@ def markdown(fp32: dict | None, rows: list[dict], loads: list[dict], header: str
                       + ", ".join(f"{x['method']} {_target(x)}: {x['load_into_vs_graph_max_abs']:.2e}" for x in done)]
         fallbacks = {f"{r['method']} {r['target']:g}": r["fallbacks"] for r in rows if r.get("fallbacks")}
         if fallbacks:
-            lines += ["", "Layers a one-shot method rounded to nearest instead:", ""]
+            lines += ["", "Layers a one-shot method did not solve as asked (each reason says what ran instead):", ""]
             lines += [f"- {k}: " + ", ".join(f"{n} ({v})" for n, v in fb.items()) for k, fb in fallbacks.items()]
     if loads:
         lines += ["", "## Load time: l2fx.load_into vs safetensors load of the fp32 weights + decode", "",

@@ -67,7 +67,7 @@ def markdown(model: str, fp32: dict, rows: list[dict], command: str) -> str:
                      f"{r['compile_s']:.1f} | {r['peak_rss_mib']:.0f} |")
     fallbacks = {f"{r['method']}": r["fallbacks"] for r in rows if r.get("fallbacks")}
     if fallbacks:
-        lines += ["", "Layers a one-shot method rounded to nearest instead (no input Hessian or grid it takes):", ""]
+        lines += ["", "Layers a one-shot method did not solve as asked (each reason says what ran instead):", ""]
         lines += [f"- {m}: " + ", ".join(f"{k} ({v})" for k, v in fb.items()) for m, fb in fallbacks.items()]
     return "\n".join(lines) + "\n"
 
