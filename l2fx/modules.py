@@ -98,9 +98,9 @@ class TransformedWeight(nn.Module):
         if symbols.is_floating_point() or symbols.is_complex() or tuple(symbols.shape) != shape:
             raise ConfigError(f"TransformedWeight.hold_symbols: symbols must be integers of shape {shape}, got "
                               f"{symbols.dtype} {tuple(symbols.shape)}")
-        if symbols.numel() and int(symbols.abs().max()) > self.qmax:
+        if symbols.numel() and (int(symbols.min()) < -self.qmax or int(symbols.max()) > self.qmax):
             raise ConfigError(f"TransformedWeight.hold_symbols: a symbol is outside +-qmax ({self.qmax})")
-        dtype = torch.int8 if self.qmax <= 127 else torch.int16
+        dtype = torch.int8 if self.qmax <= 127 else torch.int16 if self.qmax <= 32767 else torch.int32
         held = symbols.to(device=self.step_s.device, dtype=dtype).contiguous()
         if "weight" in self._parameters:
             del self._parameters["weight"]

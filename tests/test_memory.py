@@ -108,6 +108,8 @@ def test_hold_symbols_refuses_what_is_not_the_weights_symbols():
         m.hold_symbols(torch.zeros(6, 9, dtype=torch.int16))
     with pytest.raises(ConfigError, match="qmax"):
         m.hold_symbols(torch.full((6, 10), 8, dtype=torch.int16))
+    with pytest.raises(ConfigError, match="qmax"):  # int8's -128, whose abs() is -128 again
+        m.hold_symbols(torch.full((6, 10), -128, dtype=torch.int8))
     assert not m.holds_symbols  # nothing changed
     wide = TransformedWeight(torch.randn(3, 4), TransformKind.LINEAR, torch.full((3,), 0.01), torch.full((3,), 0.005),
                              0, 300)
