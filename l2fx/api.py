@@ -126,12 +126,11 @@ def compile(
     if on_copy:  # a float32 capture's graph, its tensors cast back, is serialised, never run
         del compiled, gm
         compiled = _load_bytes(data, model, device=device, backend=backend, verify=verify)
-        del data
-    else:
+    del data
+    if not on_copy:
         # A runtime choice, after the final dtypes (no pass reads it) and after the artifact's
         # bytes are dropped: the decode caches (fp32 on CPU) are the size of the model, and filled
         # beside the serialised copy they added its size to the peak (1.10 B float32 Llama).
-        del data
         configure_decode(gm, backend.decode)
     peaks = {"capture": captured_peak, **memory.mib, "artifact": peak_rss_mib()}
     compiled.report = _report(layers, config.target_cr, nbytes, header["original_nbytes"],

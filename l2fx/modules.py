@@ -24,7 +24,7 @@ from l2fx.activations import ActQuantSpec
 from l2fx.config import DECODE_MODES
 from l2fx.errors import BackendError, ConfigError
 from l2fx.memory import lazy_clone
-from l2fx.transform import TransformKind, channel_view, encode, fake_quant, inverse_t
+from l2fx.transform import TransformKind, channel_view, encode, fake_quant, inverse_laid_out
 from l2fx.triton_kernels import dequant_matmul as _kernels  # registers torch.ops.l2fx.dequant_matmul
 from l2fx.triton_kernels.packing import pack_codes
 
@@ -76,9 +76,7 @@ class TransformedWeight(nn.Module):
         q = self._buffers.get("held_symbols")
         if q is None:  # nn.Module's attribute protocol: no weight yet (during __init__)
             raise AttributeError("weight")
-        s = channel_view(self.held_s, q, self.channel_axis, self.group_size)
-        e = channel_view(self.held_e, q, self.channel_axis, self.group_size)
-        return inverse_t(q.to(torch.float32), self.kind, s, e)
+        return inverse_laid_out(q, self.kind, self.held_s, self.held_e, self.channel_axis, self.group_size)
 
     @property
     def holds_symbols(self) -> bool:
@@ -229,11 +227,8 @@ class DecodeCache(StoredParams):
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """``T^-1(codes)`` in ``dtype``, computed now: the per-call path, and what the cache holds."""
-        s = channel_view(self.step_s, codes, self.channel_axis, self.group_size)
-        e = channel_view(self.threshold_e, codes, self.channel_axis, self.group_size)
-        # inverse_t, not decode: decode's positivity check reads tensor values (a graph break
-        # under torch.compile); the parameters were validated at construction.
-        w = inverse_t(codes.to(torch.float32), self.kind, s, e)
+        # Unchecked (inverse_laid_out, not decode): the parameters were validated at construction.
+        w = inverse_laid_out(codes, self.kind, self.step_s, self.threshold_e, self.channel_axis, self.group_size)
         return w if self.dtype == torch.float32 else w.to(self.dtype)
 
     def caches_on(self, codes: torch.Tensor) -> bool:

@@ -293,6 +293,19 @@ def inverse_t(t: Tensor, kind: TransformKind | str, step_s: Tensor, threshold_e:
     raise AssertionError(kind)  # pragma: no cover
 
 
+def inverse_laid_out(q: Tensor, kind: TransformKind | str, step_s: Tensor, threshold_e: Tensor,
+                     channel_axis: int | None, group_size: int | None = None) -> Tensor:
+    """``T^-1(q)`` in float32 for integer symbols ``q``, the parameters in their stored layout
+    (per tensor, per channel on ``channel_axis``, or per group of ``group_size``: :func:`param_shape`).
+
+    The decode of a stored layer, unchecked: no positivity check, which reads tensor values (a
+    graph break under ``torch.compile``); callers validated the parameters when they took them.
+    """
+    s = channel_view(step_s, q, channel_axis, group_size)
+    e = channel_view(threshold_e, q, channel_axis, group_size)
+    return inverse_t(q.to(torch.float32), kind, s, e)
+
+
 def round_ste(t: Tensor) -> Tensor:
     """Round half to even in the forward pass, identity gradient (straight-through, [3])."""
     return t + (torch.round(t) - t).detach()
