@@ -89,6 +89,11 @@ def _require(cond: bool, cls_name: str, msg: str) -> None:
         raise ConfigError(f"{cls_name}: {msg}")
 
 
+#: ``SensitivityConfig.output_metric``: how a model output's distortion is measured
+#: (:func:`l2fx.data.output_distortion`).
+OUTPUT_METRICS = ("mse", "kl")
+
+
 @dataclasses.dataclass(frozen=True)
 class SensitivityConfig(_JsonConfig):
     """How the per-layer rate-distortion curves are measured (sensitivity analysis pass).
@@ -122,6 +127,14 @@ class SensitivityConfig(_JsonConfig):
     weighs every layer's relative error alike (for models too deep to measure at the output,
     e.g. decoder LLMs; ``joint_rounds`` needs ``"model"``).
 
+    ``output_metric``: the distortion of the model's output (``scope="model"`` and
+    ``joint_rounds``). ``"mse"`` (the default): squared error of every floating output relative
+    to its energy, for any model. ``"kl"``: the mean KL divergence of the first output's softmax
+    (over its last dimension: a classifier's or a language model's logits) from the uncompressed
+    model's, what perplexity, top-1 agreement and the benchmarks' KL measure. Logit MSE weighs a
+    vocabulary's improbable tokens like the likely ones, so it undervalues layers that move the
+    likely logits: SmolLM2's tied embedding/output table is one (docs/methods.md has the figures).
+
     ``formats``: block formats (``TransformKind.MXFP4_E2M1``, ``"mxfp8_e4m3"``, ...) offered to
     every allocated layer as candidates besides its grids: each format one candidate, its bytes
     exact and its output error measured (one model evaluation per layer and format). Where the
@@ -138,6 +151,7 @@ class SensitivityConfig(_JsonConfig):
     joint_rounds: int = 0
     fit: str = "interpolate"
     scope: str = "model"
+    output_metric: str = "mse"
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -154,6 +168,11 @@ class SensitivityConfig(_JsonConfig):
         _require(self.fit in ("interpolate", "least_squares"), n,
                  f"fit must be 'interpolate' or 'least_squares', got {self.fit!r}")
         _require(self.scope in ("model", "layer"), n, f"scope must be 'model' or 'layer', got {self.scope!r}")
+        _require(self.output_metric in OUTPUT_METRICS, n,
+                 f"output_metric must be one of {OUTPUT_METRICS}, got {self.output_metric!r}")
+        _require(self.scope == "model" or self.output_metric == "mse", n,
+                 "output_metric measures the model's output: it needs scope='model' (scope='layer' measures each "
+                 "weight at its own ops)")
         _require(self.scope == "model" or self.joint_rounds == 0, n,
                  "joint_rounds re-weights curves measured at the model output: it needs scope='model'")
         formats = tuple(TransformKind(f) for f in self.formats)

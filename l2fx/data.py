@@ -12,6 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from l2fx import distributed
+from l2fx.config import OUTPUT_METRICS
 from l2fx.errors import CalibrationError
 
 Batch = Any  # torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
@@ -197,6 +198,57 @@ def relative_error_to(reference: torch.Tensor) -> Callable[[torch.Tensor], float
         return num / energy
 
     return error
+
+
+def output_logits(output: Any) -> torch.Tensor:
+    """The model's first floating-point output as logits: ``[positions, classes]``, classes
+    along its last dimension (a classifier's ``[batch, classes]``, a language model's
+    ``[batch, tokens, vocabulary]``)."""
+    if hasattr(output, "to_tuple"):  # transformers ModelOutput: logits come first
+        output = output.to_tuple()
+    leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves:
+        raise CalibrationError("the model's output holds no floating-point tensor to compare")
+    t = leaves[0]
+    if t.dim() < 2 or t.shape[-1] < 2:
+        raise CalibrationError(f"output_metric='kl' reads the model's first output as logits over its last "
+                               f"dimension, but it has shape {tuple(t.shape)}; use output_metric='mse'")
+    return t.reshape(-1, t.shape[-1]).float()
+
+
+def kl_error_to(reference: torch.Tensor) -> Callable[[torch.Tensor], float]:
+    """Mean ``KL(softmax(reference) || softmax(output))`` in nats per position of ``[positions,
+    classes]`` logits, as a function of the output; over the union of the ``torch.distributed``
+    ranks' positions when a group is active (sums all-reduced)."""
+    ref_logp = torch.log_softmax(reference.double(), dim=-1)
+    ref_p = ref_logp.exp()
+    n_all, = distributed.all_reduce_scalars(reference.shape[0])
+    n_all = max(n_all, 1.0)
+
+    def error(output: torch.Tensor) -> float:
+        if output.shape != reference.shape:
+            raise CalibrationError(f"output logits of shape {tuple(output.shape)} against a reference of "
+                                   f"{tuple(reference.shape)}")
+        logp = torch.log_softmax(output.double(), dim=-1)
+        kl, = distributed.all_reduce_scalars(float((ref_p * (ref_logp - logp)).sum()))
+        return max(kl, 0.0) / n_all
+
+    return error
+
+
+def output_distortion(reference_output: Any, metric: str = "mse") -> Callable[[Any], float]:
+    """The distortion of a model output against ``reference_output``, as a function of the output:
+    ``"mse"``, the squared error of every floating output relative to the reference's energy
+    (:func:`relative_error_to`); ``"kl"``, the mean KL divergence of the first output's softmax
+    from the reference's (:func:`kl_error_to`: what perplexity and a classifier's top-1 feel,
+    where logit MSE weighs the improbable classes as much as the likely ones)."""
+    if metric == "mse":
+        mse = relative_error_to(output_vector(reference_output))
+        return lambda output: mse(output_vector(output))
+    if metric == "kl":
+        kl = kl_error_to(output_logits(reference_output))
+        return lambda output: kl(output_logits(output))
+    raise CalibrationError(f"output metric must be one of {OUTPUT_METRICS}, got {metric!r}")
 
 
 def call_model_with(model: torch.nn.Module, overrides: Mapping[str, torch.Tensor], batch: Batch) -> Any:

@@ -34,7 +34,7 @@ import torch.fx as fx
 
 from l2fx import distributed
 from l2fx.errors import ConfigError, TargetCRError
-from l2fx.data import output_vector, relative_error
+from l2fx.data import output_distortion
 from l2fx.evaluate import DownstreamRunner
 from l2fx.ir import Allocation, Candidate, LayerIntent, SensitivityCurve, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
@@ -77,7 +77,7 @@ def joint_correction(gm: fx.GraphModule, sites, intents, curves, picks, budget: 
     cfg = ctx.config
     batch = ctx.sensitivity_batch()
     weights = [fetch_attr(gm, site.param).detach() for _, site in sites]
-    reference = output_vector(DownstreamRunner(gm, batch).output)
+    distortion = output_distortion(DownstreamRunner(gm, batch).output, cfg.sensitivity.output_metric)
 
     def decoded(chosen):
         return {node: candidate_weight(w.float(), site, intent, c.kind, c.step_s, c.threshold_e, c.channel_scaled,
@@ -85,7 +85,7 @@ def joint_correction(gm: fx.GraphModule, sites, intents, curves, picks, budget: 
                 for (node, site), intent, w, c in zip(sites, intents, weights, chosen)}
 
     def error(runner_output) -> float:
-        d = relative_error(output_vector(runner_output), reference)
+        d = distortion(runner_output)
         return d if math.isfinite(d) else math.inf
 
     scale = [1.0] * len(sites)

@@ -8,7 +8,8 @@ ratios e/s), the pass measures
   (:func:`l2fx.accounting.predict_layer_nbytes`: payload of the real symbols under the real
   probability table, table, chunk index, T parameters, manifest entry);
 * the distortion: the model's output error on ``num_samples`` calibration inputs with only
-  this layer compressed, relative to the output's energy (``sensitivity.scope="model"``, each
+  this layer compressed, relative to the output's energy, or the mean KL divergence of its
+  softmax (``sensitivity.output_metric="kl"``) (``sensitivity.scope="model"``, each
   measurement re-running the model downstream of the layer: O(depth^2) in all); or, with
   ``scope="layer"``, the relative error of the outputs of the ops reading the weight, on their
   inputs in the uncompressed model, all from one run of the model (linear in depth, memory one
@@ -36,7 +37,7 @@ import torch.fx as fx
 
 from l2fx.accounting import predict_layer_nbytes
 from l2fx.config import CompileConfig
-from l2fx.data import output_vector, relative_error_to
+from l2fx.data import output_distortion
 from l2fx.evaluate import DownstreamRunner, LocalError, visit_readers
 from l2fx.ir import Candidate, LayerIntent, SensitivityCurve, fetch_attr, get_meta, set_meta, weight_sites
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
@@ -258,10 +259,10 @@ class SensitivityAnalysis(L2fxPass):
             visit_readers(gm, batch, sites, lambda node, readings: curve(node, LocalError(readings)))
         else:
             runner = DownstreamRunner(gm, batch)
-            error_of = relative_error_to(output_vector(runner.output))  # over every rank's samples
+            error_of = output_distortion(runner.output, cfg.sensitivity.output_metric)  # over every rank's samples
             for node in sites:
                 def output_error(w_hat: torch.Tensor, node=node) -> float:
-                    return error_of(output_vector(runner.run_with(node, w_hat)))
+                    return error_of(runner.run_with(node, w_hat))
                 curve(node, output_error)
         ctx.records[self.name] = {"model_evaluations": measured, "scope": cfg.sensitivity.scope, "candidates": sum(
             len(get_meta(n, SensitivityCurve).candidates) for n in sites)}

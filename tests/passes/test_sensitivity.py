@@ -233,3 +233,73 @@ def test_visit_readers_frees_values_after_their_last_use():
 
     visit_readers(gm, x, [n for n, _ in sites], visit)
     assert alive_at_last and not any(alive_at_last.values())
+
+
+def test_kl_distortion_is_the_mean_kl_of_the_softmax_and_ignores_improbable_logits():
+    """output_metric='kl': the mean KL(softmax(ref) || softmax(out)) per position, against an
+    independent computation; a shift of every logit costs nothing, a change of an improbable
+    class's logit far less than the same change of the likely class's (where MSE sees them alike)."""
+    import pytest
+    import torch.nn.functional as F
+
+    from l2fx.data import CalibrationError, output_distortion
+
+    torch.manual_seed(0)
+    ref = torch.randn(3, 5, 7) * 3
+    out = ref + 0.3 * torch.randn_like(ref)
+    kl = output_distortion(ref, "kl")
+    p = F.softmax(ref.double(), -1)
+    expected = float((p * (p.log() - F.log_softmax(out.double(), -1))).sum(-1).mean())
+    assert math.isclose(kl(out), expected, rel_tol=1e-9)
+    assert kl(ref) == 0.0 and kl(ref + 5.0) < 1e-12
+    logits = torch.tensor([[2.0, 2.0, -8.0]])  # two likely classes, one improbable
+    kl1, mse1 = output_distortion(logits, "kl"), output_distortion(torch.cat([logits, logits - 1]), "mse")
+    likely, unlikely = logits.clone(), logits.clone()
+    likely[0, 0] += 1.0
+    unlikely[0, 2] += 1.0
+    assert kl1(unlikely) < 1e-3 * kl1(likely)
+    assert math.isclose(mse1(torch.cat([likely, logits - 1])), mse1(torch.cat([unlikely, logits - 1])), rel_tol=1e-6)
+    with pytest.raises(CalibrationError, match="logits"):
+        output_distortion(torch.randn(4, 1), "kl")
+    with pytest.raises(CalibrationError, match="output metric"):
+        output_distortion(ref, "l1")
+
+
+def test_kl_output_metric_gives_kl_curves_and_compiles_to_target():
+    """End to end: with output_metric='kl' every measured distortion is the model output's KL
+    (so the curves differ from the MSE ones on the same candidates) and a compile meets its CR."""
+    import dataclasses
+
+    import l2fx
+    from l2fx.config import CompileConfig, SensitivityConfig
+    from l2fx.ir import SensitivityCurve, get_meta, weight_sites
+    from l2fx.passes import SensitivityAnalysis
+    from tests.passes.pass_cases import make_mlp, marked, mlp_calib, run
+
+    model, calib = make_mlp(), mlp_calib()
+    curves = {}
+    for metric in ("mse", "kl"):
+        cfg = CompileConfig(sensitivity=SensitivityConfig(output_metric=metric, num_samples=16))
+        gm, _, _ = run(marked(model, calib[0], cfg), [SensitivityAnalysis()], cfg, calib)
+        curves[metric] = {site.param: get_meta(n, SensitivityCurve).candidates for n, site in weight_sites(gm)}
+    for param, kl in curves["kl"].items():
+        mse = curves["mse"][param]
+        assert [c.nbytes for c in kl] == [c.nbytes for c in mse]
+        assert all(math.isfinite(c.distortion) and c.distortion >= 0 for c in kl)
+        assert [c.distortion for c in kl] != [c.distortion for c in mse]
+    cfg = dataclasses.replace(CompileConfig(), sensitivity=SensitivityConfig(output_metric="kl", joint_rounds=1))
+    compiled = l2fx.compile(model, 6.0, calib, method="gptq", config=cfg)
+    assert abs(compiled.report.compressed_cr / 6.0 - 1) <= 0.01
+    assert model(calib[0]).shape == compiled(calib[0]).shape
+
+
+def test_output_metric_is_validated():
+    import pytest
+
+    from l2fx.config import SensitivityConfig
+    from l2fx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="output_metric"):
+        SensitivityConfig(output_metric="ce")
+    with pytest.raises(ConfigError, match="scope='model'"):
+        SensitivityConfig(scope="layer", output_metric="kl")
