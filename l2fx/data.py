@@ -230,7 +230,9 @@ def kl_error_to(reference: torch.Tensor) -> Callable[[torch.Tensor], float]:
             raise CalibrationError(f"output logits of shape {tuple(output.shape)} against a reference of "
                                    f"{tuple(reference.shape)}")
         logp = torch.log_softmax(output.double(), dim=-1)
-        kl, = distributed.all_reduce_scalars(float((ref_p * (ref_logp - logp)).sum()))
+        # A class the reference rules out (a -inf logit, p = 0) adds 0, not 0 * nan.
+        terms = torch.where(ref_p > 0, ref_p * (ref_logp - logp), torch.zeros((), dtype=torch.float64))
+        kl, = distributed.all_reduce_scalars(float(terms.sum()))
         return max(kl, 0.0) / n_all
 
     return error

@@ -259,6 +259,12 @@ def test_kl_distortion_is_the_mean_kl_of_the_softmax_and_ignores_improbable_logi
     unlikely[0, 2] += 1.0
     assert kl1(unlikely) < 1e-3 * kl1(likely)
     assert math.isclose(mse1(torch.cat([likely, logits - 1])), mse1(torch.cat([unlikely, logits - 1])), rel_tol=1e-6)
+    masked = ref.clone()
+    masked[..., 0] = -math.inf  # a class the reference rules out: no NaN, and only the rest counts
+    out_masked = out.clone()
+    out_masked[..., 0] = -math.inf
+    assert math.isfinite(output_distortion(masked, "kl")(out_masked))
+    assert output_distortion(masked, "kl")(masked) == 0.0
     with pytest.raises(CalibrationError, match="logits"):
         output_distortion(torch.randn(4, 1), "kl")
     with pytest.raises(CalibrationError, match="output metric"):
