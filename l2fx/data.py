@@ -165,14 +165,20 @@ def call_model(model: torch.nn.Module, batch: Batch) -> Any:
     return model(*batch)
 
 
-def output_vector(output: Any) -> torch.Tensor:
-    """All floating-point leaves of a model output, flattened per sample: [batch, features]."""
+def _float_leaves(output: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output, in order (a transformers ModelOutput's
+    fields in its own order: logits first)."""
     if hasattr(output, "to_tuple"):  # transformers ModelOutput
         output = output.to_tuple()
     leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not leaves:
         raise CalibrationError("the model's output holds no floating-point tensor to compare")
-    return torch.cat([t.reshape(t.shape[0], -1).float() for t in leaves], dim=1)
+    return leaves
+
+
+def output_vector(output: Any) -> torch.Tensor:
+    """All floating-point leaves of a model output, flattened per sample: [batch, features]."""
+    return torch.cat([t.reshape(t.shape[0], -1).float() for t in _float_leaves(output)], dim=1)
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -204,12 +210,7 @@ def output_logits(output: Any) -> torch.Tensor:
     """The model's first floating-point output as logits: ``[positions, classes]``, classes
     along its last dimension (a classifier's ``[batch, classes]``, a language model's
     ``[batch, tokens, vocabulary]``)."""
-    if hasattr(output, "to_tuple"):  # transformers ModelOutput: logits come first
-        output = output.to_tuple()
-    leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not leaves:
-        raise CalibrationError("the model's output holds no floating-point tensor to compare")
-    t = leaves[0]
+    t = _float_leaves(output)[0]
     if t.dim() < 2 or t.shape[-1] < 2:
         raise CalibrationError(f"output_metric='kl' reads the model's first output as logits over its last "
                                f"dimension, but it has shape {tuple(t.shape)}; use output_metric='mse'")
