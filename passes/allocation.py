@@ -32,8 +32,7 @@ import math
 import torch
 import torch.fx as fx
 
-from l2fx import distributed
-from l2fx.errors import ConfigError, TargetCRError
+from l2fx.errors import TargetCRError
 from l2fx.data import output_distortion
 from l2fx.evaluate import DownstreamRunner
 from l2fx.ir import Allocation, Candidate, LayerIntent, SensitivityCurve, fetch_attr, get_meta, set_meta, weight_sites
@@ -126,16 +125,14 @@ def joint_correction(gm: fx.GraphModule, sites, intents, curves, picks, budget: 
 class EntropyAllocation(L2fxPass):
     name = "entropy_allocation"
     requires_meta = (SensitivityCurve,)
+    # joint_rounds reads the sensitivity samples; its every error is all-reduced
+    # (data.output_distortion), and its choices depend on those and the curves only.
+    supports_distributed = True
 
     def __init__(self, check_target: bool = True):
         # The compound methods fix every grid from a BOP target: their bytes are the result,
         # so target_cr is not checked (the curves then hold one candidate each).
         self.check_target = check_target
-
-    def requires(self, gm: fx.GraphModule) -> None:
-        if distributed.active() and PassContext.current().config.sensitivity.joint_rounds:
-            raise ConfigError("sensitivity.joint_rounds measures the joint error on each rank's own samples, not "
-                              "reduced over the torch.distributed ranks: set joint_rounds=0 to compile distributed")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = PassContext.current()

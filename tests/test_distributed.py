@@ -34,7 +34,9 @@ def _config(method: str):
     opts = (("bop_reduction", 10.0),) if method.endswith("-compound") else ()
     if method.endswith(":wa"):  # the w+a options: activation ranges (max) and histograms (sum) reduced too
         opts = (("bop_reduction", 40.0), ("bop_options", ["dense-w8a8", "dense-w4a4", "2:4-w8a8", "2:4-w4a4"]))
-    return CompileConfig(min_numel=64, sensitivity=SensitivityConfig(num_samples=4 * SAMPLES, num_steps=10),
+    # ":joint": the allocation's interaction correction, its joint errors (KL) all-reduced too
+    joint = {"joint_rounds": 2, "output_metric": "kl"} if method.endswith(":joint") else {}
+    return CompileConfig(min_numel=64, sensitivity=SensitivityConfig(num_samples=4 * SAMPLES, num_steps=10, **joint),
                          reconstruction=ReconstructionConfig(transform_iters=20, weight_iters=20),
                          method_options=opts)
 
@@ -73,7 +75,8 @@ def _run(method: str, tmp_path) -> dict:
         return dict(out)
 
 
-@pytest.mark.parametrize("method", ["gptq", "sparsegpt", "obc-compound", "obc-compound:wa", "l2", "gptq+l2"])
+@pytest.mark.parametrize("method", ["gptq", "gptq:joint", "sparsegpt", "obc-compound", "obc-compound:wa", "l2",
+                                    "gptq+l2"])
 def test_ranks_agree_and_match_one_process_on_the_union(method, tmp_path):
     import l2fx
     res = _run(method, tmp_path)
