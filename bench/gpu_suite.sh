@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure the issues ask for, in one device call (under 9 minutes; each step has its own
 # time limit, the issue's goal first): bench/compile_time.py, the kernel tests on CUDA (bf16
-# included), bench/latency.py and a reduced bench/kernels.py grid. Results go to $OUT (or
+# included), bench/latency.py and a reduced bench/kernel_speed.py grid. Results go to $OUT (or
 # bench/results/gpu when unset) as 7 files: suite.log (every step's output) and each
 # benchmark's .md/.json (the device tool returns at most 8 files). Arguments pick steps
 # (compile_time tests latency kernels; default all), e.g. `bash bench/gpu_suite.sh tests kernels`.
@@ -53,7 +53,7 @@ timeout 140 python3 bench/latency.py --models efficientnet-lite0 --artifacts ben
 fi
 if want kernels; then
 step "4. fused kernel vs cuBLAS and vs dequantise-then-matmul (reduced grid; rows written as they come)"
-timeout 150 python3 bench/kernels.py --shapes 4096x4096 4096x14336 1280x320 1536x384 --batches 1 16 256 4096 \
+timeout 150 python3 bench/kernel_speed.py --shapes 4096x4096 4096x14336 1280x320 1536x384 --batches 1 16 256 4096 \
     --bits 3 4 8 --out "$out/kernels" >> "$log" 2>&1; echo "rc $?" | tee -a "$log"
 fi
 step "done"

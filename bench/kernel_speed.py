@@ -1,7 +1,7 @@
 """Fused dequant-matmul vs cuBLAS bf16 and vs dequantise-then-matmul (GPU benchmark).
 
-    python bench/kernels.py                      # on a CUDA machine: the issue's full grid
-    python bench/kernels.py --smoke              # CPU, TRITON_INTERPRET=1, tiny shapes: checks the script only
+    python bench/kernel_speed.py                      # on a CUDA machine: the issue's full grid
+    python bench/kernel_speed.py --smoke              # CPU, TRITON_INTERPRET=1, tiny shapes: checks the script only
 
 For every weight shape (N, K), batch M and bit width b: time y = x @ W^T with
   * ``fused``   : dequant_matmul(method="fused") on packed b-bit codes (joint transform): the
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cpu" if args.smoke else "cuda"
     if not args.smoke and not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (use --smoke to check the script on CPU)", file=sys.stderr)
+        print("bench/kernel_speed.py needs a CUDA GPU (use --smoke to check the script on CPU)", file=sys.stderr)
         return 2
     if args.smoke:
         shapes, batches, bits_list = [(40, 70), (33, 64)], [1, 17], [3, 4]
