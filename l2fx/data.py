@@ -217,20 +217,42 @@ def output_logits(output: Any) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).float()
 
 
-def kl_error_to(reference: torch.Tensor) -> Callable[[torch.Tensor], float]:
+def real_positions(batch: Any, output: Any) -> torch.Tensor | None:
+    """The positions of a language model's logits that are not padding: where ``batch`` is a
+    mapping with a 2-D ``attention_mask`` ``[batch, tokens]`` and the output's first floating
+    tensor is ``[batch, tokens, vocabulary]``, the mask flattened to ``[batch * tokens]`` (bool);
+    ``None`` otherwise (every position counts)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    leaves = _float_leaves(output)
+    if not leaves or leaves[0].dim() != 3 or tuple(leaves[0].shape[:2]) != tuple(mask.shape):
+        return None
+    return mask.reshape(-1).to(device=leaves[0].device) != 0
+
+
+def kl_error_to(reference: torch.Tensor, keep: torch.Tensor | None = None) -> Callable[[torch.Tensor], float]:
     """Mean ``KL(softmax(reference) || softmax(output))`` in nats per position of ``[positions,
-    classes]`` logits, as a function of the output; over the union of the ``torch.distributed``
-    ranks' positions when a group is active (sums all-reduced)."""
-    ref_logp = torch.log_softmax(reference.double(), dim=-1)
+    classes]`` logits, as a function of the output; only the positions where ``keep`` is true
+    when given (:func:`real_positions`: padding excluded); over the union of the
+    ``torch.distributed`` ranks' positions when a group is active (sums all-reduced)."""
+    if keep is not None and keep.shape != reference.shape[:1]:
+        raise CalibrationError(f"a position mask of shape {tuple(keep.shape)} for logits of shape "
+                               f"{tuple(reference.shape)}")
+    shape = reference.shape
+    select = (lambda t: t[keep]) if keep is not None else (lambda t: t)  # noqa: E731
+    ref_logp = torch.log_softmax(select(reference).double(), dim=-1)
     ref_p = ref_logp.exp()
-    n_all, = distributed.all_reduce_scalars(reference.shape[0])
-    n_all = max(n_all, 1.0)
+    n_all, = distributed.all_reduce_scalars(ref_logp.shape[0])
+    if n_all < 1:
+        raise CalibrationError("output_metric='kl': every position of the sensitivity samples is padding "
+                               "(attention_mask 0)")
 
     def error(output: torch.Tensor) -> float:
-        if output.shape != reference.shape:
+        if output.shape != shape:
             raise CalibrationError(f"output logits of shape {tuple(output.shape)} against a reference of "
-                                   f"{tuple(reference.shape)}")
-        logp = torch.log_softmax(output.double(), dim=-1)
+                                   f"{tuple(shape)}")
+        logp = torch.log_softmax(select(output).double(), dim=-1)
         # A class the reference rules out (a -inf logit, p = 0) adds 0, not 0 * nan.
         terms = torch.where(ref_p > 0, ref_p * (ref_logp - logp), torch.zeros((), dtype=torch.float64))
         kl, = distributed.all_reduce_scalars(float(terms.sum()))
@@ -239,17 +261,19 @@ def kl_error_to(reference: torch.Tensor) -> Callable[[torch.Tensor], float]:
     return error
 
 
-def output_distortion(reference_output: Any, metric: str = "mse") -> Callable[[Any], float]:
-    """The distortion of a model output against ``reference_output``, as a function of the output:
-    ``"mse"``, the squared error of every floating output relative to the reference's energy
-    (:func:`relative_error_to`); ``"kl"``, the mean KL divergence of the first output's softmax
-    from the reference's (:func:`kl_error_to`: what perplexity and a classifier's top-1 feel,
-    where logit MSE weighs the improbable classes as much as the likely ones)."""
+def output_distortion(reference_output: Any, metric: str = "mse", batch: Any = None) -> Callable[[Any], float]:
+    """The distortion of a model output against ``reference_output`` (the model's output on
+    ``batch``), as a function of the output: ``"mse"``, the squared error of every floating output
+    relative to the reference's energy (:func:`relative_error_to`; every position); ``"kl"``, the
+    mean KL divergence of the first output's softmax from the reference's (:func:`kl_error_to`:
+    what perplexity and a classifier's top-1 feel, where logit MSE weighs the improbable classes
+    as much as the likely ones), over the positions :func:`real_positions` keeps (a language
+    model's padding excluded, as its perplexity excludes it)."""
     if metric == "mse":
         mse = relative_error_to(output_vector(reference_output))
         return lambda output: mse(output_vector(output))
     if metric == "kl":
-        kl = kl_error_to(output_logits(reference_output))
+        kl = kl_error_to(output_logits(reference_output), real_positions(batch, reference_output))
         return lambda output: kl(output_logits(output))
     raise CalibrationError(f"output metric must be one of {OUTPUT_METRICS}, got {metric!r}")
 

@@ -76,7 +76,7 @@ def joint_correction(gm: fx.GraphModule, sites, intents, curves, picks, budget: 
     cfg = ctx.config
     batch = ctx.sensitivity_batch()
     weights = [fetch_attr(gm, site.param).detach() for _, site in sites]
-    distortion = output_distortion(DownstreamRunner(gm, batch).output, cfg.sensitivity.output_metric)
+    distortion = output_distortion(DownstreamRunner(gm, batch).output, cfg.sensitivity.output_metric, batch)
 
     def decoded(chosen):
         return {node: candidate_weight(w.float(), site, intent, c.kind, c.step_s, c.threshold_e, c.channel_scaled,

@@ -259,7 +259,8 @@ class SensitivityAnalysis(L2fxPass):
             visit_readers(gm, batch, sites, lambda node, readings: curve(node, LocalError(readings)))
         else:
             runner = DownstreamRunner(gm, batch)
-            error_of = output_distortion(runner.output, cfg.sensitivity.output_metric)  # over every rank's samples
+            # over every rank's samples (kl: padding excluded)
+            error_of = output_distortion(runner.output, cfg.sensitivity.output_metric, batch)
             for node in sites:
                 def output_error(w_hat: torch.Tensor, node=node) -> float:
                     return error_of(runner.run_with(node, w_hat))

@@ -180,3 +180,27 @@ def test_tied_table_is_solved_in_the_lm_head_block_with_its_hessian():
     assert any("embed_tokens" in w for w in blocks[-1]["weights"])
     assert not any("embed_tokens" in w for b in blocks[:-1] for w in b["weights"])
     assert abs(compiled.report.compressed_cr / 8 - 1) <= 0.01
+
+
+def test_kl_sensitivity_counts_only_the_real_tokens(monkeypatch):
+    """output_metric='kl' on a language model: sensitivity_analysis and joint_rounds measure the
+    KL on the positions the sensitivity samples' attention_mask keeps (padding excluded)."""
+    import l2fx.data
+
+    seen = []
+    real = l2fx.data.real_positions
+
+    def spy(batch, output):
+        keep = real(batch, output)
+        seen.append(None if keep is None else (int(keep.numel()), int(keep.sum())))
+        return keep
+
+    monkeypatch.setattr(l2fx.data, "real_positions", spy)
+    calib = llama_calib()
+    cfg = fast().replace(sensitivity=SensitivityConfig(num_samples=4, num_steps=8, output_metric="kl", joint_rounds=1))
+    compiled = l2fx.compile(tiny_llama(), target_cr=8, calib=calib, method="gptq", config=cfg)
+    assert abs(compiled.report.compressed_cr / 8 - 1) <= 0.01
+    batch = l2fx.data.take_samples(calib, 4)
+    want = (int(batch["attention_mask"].numel()), int(batch["attention_mask"].sum()))
+    assert want[1] < want[0]  # the samples hold padding
+    assert seen == [want, want], seen  # sensitivity_analysis, then the joint round

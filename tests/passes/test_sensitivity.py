@@ -271,6 +271,37 @@ def test_kl_distortion_is_the_mean_kl_of_the_softmax_and_ignores_improbable_logi
         output_distortion(ref, "l1")
 
 
+def test_kl_distortion_leaves_out_a_language_models_padding():
+    """With a batch's attention_mask [batch, tokens] and logits [batch, tokens, vocab], the KL is
+    the mean over the real positions only (what perplexity counts): a change at a padded position
+    costs nothing; without a mask, or one that does not match the logits, every position counts."""
+    import pytest
+    import torch.nn.functional as F
+
+    from l2fx.data import CalibrationError, output_distortion, real_positions
+
+    torch.manual_seed(0)
+    ref = torch.randn(2, 6, 9) * 3
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "attention_mask": mask}
+    out = ref + 0.5 * torch.randn_like(ref)
+    kl = output_distortion({"logits": ref}, "kl", batch)
+    keep = mask.bool()
+    p = F.softmax(ref[keep].double(), -1)
+    expected = float((p * (p.log() - F.log_softmax(out[keep].double(), -1))).sum(-1).mean())
+    assert math.isclose(kl({"logits": out}), expected, rel_tol=1e-9)
+    padded = out.clone()
+    padded[~keep] += 10 * torch.randn_like(padded[~keep])
+    assert kl({"logits": padded}) == kl({"logits": out})
+    every = output_distortion(ref, "kl")(padded)
+    assert every > 2 * kl({"logits": padded})
+    assert real_positions(batch, torch.randn(2, 9)) is None  # a classifier's [batch, classes]
+    assert real_positions({"attention_mask": mask}, torch.randn(2, 5, 9)) is None  # tokens differ
+    assert real_positions(torch.zeros(2, 6), ref) is None
+    with pytest.raises(CalibrationError, match="padding"):
+        output_distortion(ref, "kl", {"attention_mask": torch.zeros(2, 6)})
+
+
 def test_kl_output_metric_gives_kl_curves_and_compiles_to_target():
     """End to end: with output_metric='kl' every measured distortion is the model output's KL
     (so the curves differ from the MSE ones on the same candidates) and a compile meets its CR."""
