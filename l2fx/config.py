@@ -131,8 +131,8 @@ class SensitivityConfig(_JsonConfig):
     ``joint_rounds``). ``"mse"`` (the default): squared error of every floating output relative
     to its energy, for any model. ``"kl"``: the mean KL divergence of the first output's softmax
     (over its last dimension: a classifier's or a language model's logits) from the uncompressed
-    model's, what perplexity, top-1 agreement and the benchmarks' KL measure; on a language
-    model's ``[batch, tokens, vocabulary]`` logits only the positions the samples'
+    model's, what perplexity, top-1 agreement and the benchmarks' KL measure. With either, on a
+    language model's ``[batch, tokens, vocabulary]`` logits only the positions the samples'
     ``attention_mask`` keeps count (padding excluded, as from perplexity). Logit MSE weighs a
     vocabulary's improbable tokens like the likely ones, so it undervalues layers that move the
     likely logits: SmolLM2's tied embedding/output table is one (docs/methods.md has the figures).

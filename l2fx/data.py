@@ -176,9 +176,14 @@ def _float_leaves(output: Any) -> list[torch.Tensor]:
     return leaves
 
 
-def output_vector(output: Any) -> torch.Tensor:
-    """All floating-point leaves of a model output, flattened per sample: [batch, features]."""
-    return torch.cat([t.reshape(t.shape[0], -1).float() for t in _float_leaves(output)], dim=1)
+def output_vector(output: Any, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """All floating-point leaves of a model output, flattened per sample: [batch, features];
+    with ``keep`` (:func:`real_positions`), the first leaf's padded positions are zeros."""
+    leaves = _float_leaves(output)
+    if keep is not None:
+        first = leaves[0]
+        leaves = [first * keep.reshape(*first.shape[:2], *(1,) * (first.dim() - 2)).to(first.dtype), *leaves[1:]]
+    return torch.cat([t.reshape(t.shape[0], -1).float() for t in leaves], dim=1)
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -264,16 +269,17 @@ def kl_error_to(reference: torch.Tensor, keep: torch.Tensor | None = None) -> Ca
 def output_distortion(reference_output: Any, metric: str = "mse", batch: Any = None) -> Callable[[Any], float]:
     """The distortion of a model output against ``reference_output`` (the model's output on
     ``batch``), as a function of the output: ``"mse"``, the squared error of every floating output
-    relative to the reference's energy (:func:`relative_error_to`; every position); ``"kl"``, the
-    mean KL divergence of the first output's softmax from the reference's (:func:`kl_error_to`:
-    what perplexity and a classifier's top-1 feel, where logit MSE weighs the improbable classes
-    as much as the likely ones), over the positions :func:`real_positions` keeps (a language
-    model's padding excluded, as its perplexity excludes it)."""
+    relative to the reference's energy (:func:`relative_error_to`); ``"kl"``, the mean KL
+    divergence of the first output's softmax from the reference's (:func:`kl_error_to`: what
+    perplexity and a classifier's top-1 feel, where logit MSE weighs the improbable classes as
+    much as the likely ones). Both leave out the first output's positions that
+    :func:`real_positions` marks as padding (a language model's, as its perplexity does)."""
+    keep = real_positions(batch, reference_output)
     if metric == "mse":
-        mse = relative_error_to(output_vector(reference_output))
-        return lambda output: mse(output_vector(output))
+        mse = relative_error_to(output_vector(reference_output, keep))
+        return lambda output: mse(output_vector(output, keep))
     if metric == "kl":
-        kl = kl_error_to(output_logits(reference_output), real_positions(batch, reference_output))
+        kl = kl_error_to(output_logits(reference_output), keep)
         return lambda output: kl(output_logits(output))
     raise CalibrationError(f"output metric must be one of {OUTPUT_METRICS}, got {metric!r}")
 

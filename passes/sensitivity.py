@@ -259,7 +259,7 @@ class SensitivityAnalysis(L2fxPass):
             visit_readers(gm, batch, sites, lambda node, readings: curve(node, LocalError(readings)))
         else:
             runner = DownstreamRunner(gm, batch)
-            # over every rank's samples (kl: padding excluded)
+            # over every rank's samples, padding excluded
             error_of = output_distortion(runner.output, cfg.sensitivity.output_metric, batch)
             for node in sites:
                 def output_error(w_hat: torch.Tensor, node=node) -> float:

@@ -182,9 +182,10 @@ def test_tied_table_is_solved_in_the_lm_head_block_with_its_hessian():
     assert abs(compiled.report.compressed_cr / 8 - 1) <= 0.01
 
 
-def test_kl_sensitivity_counts_only_the_real_tokens(monkeypatch):
-    """output_metric='kl' on a language model: sensitivity_analysis and joint_rounds measure the
-    KL on the positions the sensitivity samples' attention_mask keeps (padding excluded)."""
+@pytest.mark.parametrize("metric", ["mse", "kl"])
+def test_sensitivity_counts_only_the_real_tokens(monkeypatch, metric):
+    """On a language model sensitivity_analysis and joint_rounds measure the output distortion
+    on the positions the sensitivity samples' attention_mask keeps (padding excluded)."""
     import l2fx.data
 
     seen = []
@@ -197,7 +198,8 @@ def test_kl_sensitivity_counts_only_the_real_tokens(monkeypatch):
 
     monkeypatch.setattr(l2fx.data, "real_positions", spy)
     calib = llama_calib()
-    cfg = fast().replace(sensitivity=SensitivityConfig(num_samples=4, num_steps=8, output_metric="kl", joint_rounds=1))
+    cfg = fast().replace(sensitivity=SensitivityConfig(num_samples=4, num_steps=8, output_metric=metric,
+                                                          joint_rounds=1))
     compiled = l2fx.compile(tiny_llama(), target_cr=8, calib=calib, method="gptq", config=cfg)
     assert abs(compiled.report.compressed_cr / 8 - 1) <= 0.01
     batch = l2fx.data.take_samples(calib, 4)

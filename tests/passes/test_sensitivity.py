@@ -271,10 +271,11 @@ def test_kl_distortion_is_the_mean_kl_of_the_softmax_and_ignores_improbable_logi
         output_distortion(ref, "l1")
 
 
-def test_kl_distortion_leaves_out_a_language_models_padding():
+def test_output_distortion_leaves_out_a_language_models_padding():
     """With a batch's attention_mask [batch, tokens] and logits [batch, tokens, vocab], the KL is
-    the mean over the real positions only (what perplexity counts): a change at a padded position
-    costs nothing; without a mask, or one that does not match the logits, every position counts."""
+    the mean over the real positions only (what perplexity counts) and the MSE sees zeros at the
+    padded ones: a change at a padded position costs nothing; without a mask, or one that does
+    not match the logits, every position counts."""
     import pytest
     import torch.nn.functional as F
 
@@ -295,6 +296,9 @@ def test_kl_distortion_leaves_out_a_language_models_padding():
     assert kl({"logits": padded}) == kl({"logits": out})
     every = output_distortion(ref, "kl")(padded)
     assert every > 2 * kl({"logits": padded})
+    mse = output_distortion({"logits": ref}, "mse", batch)  # MSE, too: padding counts nothing
+    assert mse({"logits": padded}) == mse({"logits": out}) > 0
+    assert output_distortion(ref, "mse")(padded) > 2 * mse({"logits": padded})
     assert real_positions(batch, torch.randn(2, 9)) is None  # a classifier's [batch, classes]
     assert real_positions({"attention_mask": mask}, torch.randn(2, 5, 9)) is None  # tokens differ
     assert real_positions(torch.zeros(2, 6), ref) is None
