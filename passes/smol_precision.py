@@ -47,7 +47,7 @@ import torch
 import torch.fx as fx
 
 from l2fx.blocks import build_programs
-from l2fx.data import output_vector, relative_error_to
+from l2fx.data import output_distortion
 from l2fx.evaluate import DownstreamRunner
 from l2fx.ir import Block, get_meta, set_meta, weight_sites
 from l2fx.layerwise import stream_blocks
@@ -95,7 +95,7 @@ def downstream_weights(gm: fx.GraphModule, batch: Any, p0: float, P: int, gen: t
     programs = build_programs(gm)
     fp32 = {node: m.weight.detach() for prog in programs for node, m, _ in prog.weights}
     runner = DownstreamRunner(gm, batch, overrides=fp32)
-    error_of = relative_error_to(output_vector(runner.output))
+    error_of = output_distortion(runner.output, "mse", batch)  # a language model's padding left out
     sigma = 2.0 ** (1.0 - p0)  # sigmoid(s) at p0
     out: dict[str, dict[str, float]] = {}
     for prog in programs:
@@ -106,7 +106,7 @@ def downstream_weights(gm: fx.GraphModule, batch: Any, p0: float, P: int, gen: t
             w = fp32[node]
             eps = torch.rand(w.shape, generator=gen, device=gen.device).to(w.device) * 2.0 - 1.0
             final, seen = runner.run_observing(node, w + sigma * _noise_scale(m, P)[2] * eps, prog.outputs)
-            d_out, d_blk = error_of(output_vector(final)), float(relative_mse(seen, ref, energy))
+            d_out, d_blk = error_of(final), float(relative_mse(seen, ref, energy))
             gain = d_out / d_blk if d_blk > 0 else 0.0
             out[site.param] = {"d_out": d_out, "d_blk": d_blk, "gain": gain, "numel": float(w.numel()),
                                "factor": n_block / gain if gain > 0 and math.isfinite(gain) else math.inf}
