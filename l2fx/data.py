@@ -275,6 +275,11 @@ def output_distortion(reference_output: Any, metric: str = "mse", batch: Any = N
     much as the likely ones). Both leave out the first output's positions that
     :func:`real_positions` marks as padding (a language model's, as its perplexity does)."""
     keep = real_positions(batch, reference_output)
+    if keep is not None:
+        real, = distributed.all_reduce_scalars(float(keep.sum()))
+        if real < 1:
+            raise CalibrationError("every position of the sensitivity samples is padding (attention_mask 0): "
+                                   "there is no output to measure the distortion on")
     if metric == "mse":
         mse = relative_error_to(output_vector(reference_output, keep))
         return lambda output: mse(output_vector(output, keep))

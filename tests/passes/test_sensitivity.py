@@ -302,8 +302,9 @@ def test_output_distortion_leaves_out_a_language_models_padding():
     assert real_positions(batch, torch.randn(2, 9)) is None  # a classifier's [batch, classes]
     assert real_positions({"attention_mask": mask}, torch.randn(2, 5, 9)) is None  # tokens differ
     assert real_positions(torch.zeros(2, 6), ref) is None
-    with pytest.raises(CalibrationError, match="padding"):
-        output_distortion(ref, "kl", {"attention_mask": torch.zeros(2, 6)})
+    for metric in ("mse", "kl"):
+        with pytest.raises(CalibrationError, match="padding"):
+            output_distortion(ref, metric, {"attention_mask": torch.zeros(2, 6)})
 
 
 def test_kl_output_metric_gives_kl_curves_and_compiles_to_target():
