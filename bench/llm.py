@@ -100,7 +100,8 @@ def run_row(job: dict) -> dict:
             "load_into_vs_graph_max_abs": float((into_logits.float() - graph_logits.float()).abs().max()),
             "compile_s": compile_s, "load_into_s": load_into_s, "peak_rss_mib": peak_rss_mib(),
             "compile_peak_rss_mib": r.peak_rss_mib, "metrics": metrics, "text": text,
-            "fallbacks": r.records.get("oneshot_solve", {}).get("fallbacks", {}), "pass_seconds": r.pass_seconds}
+            "fallbacks": r.records.get("oneshot_solve", {}).get("fallbacks", {}), "pass_seconds": r.pass_seconds,
+            "joint": r.records.get("entropy_allocation", {}).get("joint")}
 
 
 def fp32_row(job: dict) -> dict:
@@ -186,6 +187,13 @@ def markdown(fp32: dict | None, rows: list[dict], loads: list[dict], header: str
                       f"lm_head and embed_tokens decode the same tensor: {r['tied_after_load_into']}. "
                       f"load_into vs the captured graph, max |logit difference| on a calibration batch: "
                       + ", ".join(f"{x['method']} {_target(x)}: {x['load_into_vs_graph_max_abs']:.2e}" for x in done)]
+        joint = [(f"{r['method']} {r['target']:g}", rd) for r in rows if r.get("joint") for rd in r["joint"]["rounds"]]
+        if joint:
+            lines += ["", "Interaction correction (`joint_rounds`), the joint output distortion on the sensitivity "
+                      "samples:", "", "| row | round | predicted (additive) | measured | re-allocated | kept | "
+                      "layers moved |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {k} | {rd['round']} | {rd['predicted']:.4g} | {rd['measured']:.4g} | "
+                      f"{rd['trial_measured']:.4g} | {rd['accepted']} | {rd['layers_moved']} |" for k, rd in joint]
         fallbacks = {f"{r['method']} {r['target']:g}": r["fallbacks"] for r in rows if r.get("fallbacks")}
         if fallbacks:
             lines += ["", "Layers a one-shot method did not solve as asked (each reason says what ran instead):", ""]

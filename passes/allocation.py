@@ -45,13 +45,26 @@ def lagrangian_pick(curves: list[tuple[Candidate, ...]], lam: float) -> list[Can
     return [min(c, key=lambda x: (x.distortion + lam * x.nbytes, x.nbytes)) for c in curves]
 
 
+def _slope_range(curves: list[tuple[Candidate, ...]]) -> tuple[float, float]:
+    """log10 of a lambda range holding every slope at which a pick can change (the distortion
+    per byte between two candidates of a curve), a decade wider each side. It follows the
+    distortions' scale, which depends on the metric and the samples, not a fixed range."""
+    slopes = [abs(a.distortion - b.distortion) / abs(a.nbytes - b.nbytes)
+              for curve in curves for i, a in enumerate(curve) for b in curve[i + 1:]
+              if a.nbytes != b.nbytes and a.distortion != b.distortion
+              and math.isfinite(a.distortion) and math.isfinite(b.distortion)]
+    if not slopes:
+        return -30.0, 10.0
+    return math.log10(min(slopes)) - 1.0, math.log10(max(slopes)) + 1.0
+
+
 def allocate(curves: list[tuple[Candidate, ...]], budget: float) -> list[Candidate]:
     """Equal-slope allocation: the least-distortion picks whose total bytes fit ``budget``."""
     total = lambda picks: sum(c.nbytes for c in picks)  # noqa: E731
     best = lagrangian_pick(curves, 0.0)
     if total(best) <= budget:
         return best
-    lo, hi = -30.0, 10.0  # log10 lambda, per byte of relative output error
+    lo, hi = _slope_range(curves)  # log10 lambda, per byte of output distortion
     for _ in range(80):
         mid = 0.5 * (lo + hi)
         if total(lagrangian_pick(curves, 10.0 ** mid)) <= budget:

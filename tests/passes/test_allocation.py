@@ -93,6 +93,21 @@ def test_picks_are_the_least_distortion_lagrangian_minimisers_that_fit(curves, w
         assert picks == lagrangian_pick(curves, 0.0)
 
 
+@given(curves_for(MLP_NUMELS), st.floats(0.0, 1.0), st.sampled_from([1e-40, 1e-12, 1e12, 1e35]))
+def test_the_picks_do_not_depend_on_the_distortions_scale(curves, where, scale):
+    """Distortions all scaled by one factor (another metric, or a relative error whose energy is
+    tiny) give the same picks: the lambda search follows the curves' slopes."""
+    from l2fx.passes.allocation import allocate
+
+    smallest = sum(min(c.nbytes for c in curve) for curve in curves)
+    largest = sum(max(c.nbytes for c in curve) for curve in curves)
+    budget = smallest + where * (largest - smallest)
+    scaled = [tuple(Candidate(c.kind, c.step_s, c.threshold_e, c.nbytes, c.distortion * scale) for c in curve)
+              for curve in curves]
+    picks = [curve.index(p) for curve, p in zip(curves, allocate(curves, budget))]
+    assert [curve.index(p) for curve, p in zip(scaled, allocate(scaled, budget))] == picks
+
+
 @given(curves_for(MLP_NUMELS), st.sampled_from(["above", "below"]))
 def test_a_target_out_of_reach_names_the_reachable_range(curves, side):
     gm = marked_mlp()
