@@ -19,14 +19,14 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
-from l2fx.data import Batch, batch_size, to_device
+from l2fx.data import Batch, batch_size, to_device, token_mask
 from l2fx.inplace import clone_written_inputs
 from l2fx.ir import Block, WeightSite, get_meta, require_meta, weight_sites
 from l2fx.modules import TransformedWeight
 
 __all__ = ["is_weight_node", "is_state", "block_key", "tensor_valued", "side_nodes", "node_blocks",
            "placeholder_values", "BlockProgram", "extract", "plain_parameters", "build_programs",
-           "build_network_programs", "calibration_inputs"]
+           "build_network_programs", "calibration_inputs", "calibration_masks"]
 
 def is_weight_node(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A compressed weight: a zero-input call_module of a TransformedWeight."""
@@ -279,9 +279,8 @@ def build_network_programs(gm: fx.GraphModule, programs: list[BlockProgram]
             len(final))
 
 
-def calibration_inputs(gm: fx.GraphModule, calib: Any, max_samples: int, device: torch.device) -> list[dict]:
-    """Per calibration batch (the first ones holding ``max_samples`` samples; 0 = all), the
-    values of ``gm``'s placeholders on ``device``, keyed by placeholder node."""
+def _calibration_batches(calib: Any, max_samples: int) -> list:
+    """The first calibration batches holding ``max_samples`` samples (0 = all)."""
     batches = list(calib)
     if max_samples:
         kept, have = [], 0
@@ -291,5 +290,20 @@ def calibration_inputs(gm: fx.GraphModule, calib: Any, max_samples: int, device:
             kept.append(b)
             have += batch_size(b)
         batches = kept
+    return batches
+
+
+def calibration_inputs(gm: fx.GraphModule, calib: Any, max_samples: int, device: torch.device) -> list[dict]:
+    """Per calibration batch (the first ones holding ``max_samples`` samples; 0 = all), the
+    values of ``gm``'s placeholders on ``device``, keyed by placeholder node."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return [dict(zip(phs, placeholder_values(gm, to_device(b, device)))) for b in batches]
+    return [dict(zip(phs, placeholder_values(gm, to_device(b, device))))
+            for b in _calibration_batches(calib, max_samples)]
+
+
+def calibration_masks(calib: Any, max_samples: int, device: torch.device) -> list[torch.Tensor | None]:
+    """Per batch of :func:`calibration_inputs`, its real tokens (``l2fx.data.token_mask``:
+    a language model batch's ``attention_mask`` ``[batch, tokens]`` as bool) on ``device``, or
+    None (no mask: every position is real)."""
+    masks = [token_mask(b) for b in _calibration_batches(calib, max_samples)]
+    return [None if m is None else m.to(device) for m in masks]

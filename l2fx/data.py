@@ -222,18 +222,37 @@ def output_logits(output: Any) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).float()
 
 
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """A language model batch's real tokens: where ``batch`` is a mapping with a 2-D
+    ``attention_mask`` ``[batch, tokens]``, that mask as bool (True = a real token, False =
+    padding); ``None`` otherwise (every position is real)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    return mask != 0
+
+
+def real_rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``x [batch, tokens, ...]`` at its real tokens only (``[n, ...]``, :func:`token_mask`)
+    when ``keep`` ``[batch, tokens]`` is its leading shape; ``x`` itself otherwise: what a
+    layer's statistics count of a padded language model batch."""
+    if keep is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(keep.shape):
+        return x
+    return x[keep.to(x.device)]
+
+
 def real_positions(batch: Any, output: Any) -> torch.Tensor | None:
     """The positions of a language model's logits that are not padding: where ``batch`` is a
     mapping with a 2-D ``attention_mask`` ``[batch, tokens]`` and the output's first floating
     tensor is ``[batch, tokens, vocabulary]``, the mask flattened to ``[batch * tokens]`` (bool);
     ``None`` otherwise (every position counts)."""
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+    mask = token_mask(batch)
+    if mask is None:
         return None
     leaves = _float_leaves(output)
     if not leaves or leaves[0].dim() != 3 or tuple(leaves[0].shape[:2]) != tuple(mask.shape):
         return None
-    return mask.reshape(-1).to(device=leaves[0].device) != 0
+    return mask.reshape(-1).to(device=leaves[0].device)
 
 
 def kl_error_to(reference: torch.Tensor, keep: torch.Tensor | None = None) -> Callable[[torch.Tensor], float]:

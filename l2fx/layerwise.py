@@ -14,6 +14,10 @@ the "sequential" setting of the references), and for each block
 2. hands them to the caller, who compresses the block's weights;
 3. runs the block again, now compressed, to make the next block's inputs.
 
+A language model's padding counts nothing: where a calibration batch carries a 2-D
+``attention_mask`` ``[batch, tokens]``, a linear layer's input ``[batch, tokens, ...]`` adds
+only its real tokens' rows (:func:`l2fx.data.real_rows`), in both settings below.
+
 Weights used by an op other than linear/conv (embeddings: their inputs are indices) get no
 Hessian: the caller decides (the one-shot pass rounds them to nearest, and records it).
 
@@ -33,8 +37,8 @@ import torch.fx as fx
 
 from l2fx import distributed, memory
 from l2fx.activations import ActQuantSpec, RangeHistogram
-from l2fx.blocks import BlockProgram, RawWeights, build_programs, calibration_inputs
-from l2fx.data import batch_size
+from l2fx.blocks import BlockProgram, RawWeights, build_programs, calibration_inputs, calibration_masks
+from l2fx.data import batch_size, real_rows
 from l2fx.ir import WeightSite, arg_of, weighted_op
 from l2fx.modules import TransformedWeight
 from l2fx.solvers import HessianAccumulator, layer_rows
@@ -79,6 +83,7 @@ class _Capture(RawWeights):
     def __init__(self, gm: fx.GraphModule, accumulators: dict[str, tuple]):
         super().__init__(gm)
         self.accumulators = accumulators  # weight module path -> (accumulator, family, shape, conv params)
+        self.keep: torch.Tensor | None = None  # the current batch's real tokens
 
     def run_node(self, n: fx.Node) -> Any:
         op = weighted_op(n)
@@ -88,6 +93,8 @@ class _Capture(RawWeights):
             if entry is not None:
                 acc, family, shape, conv = entry
                 x = self.env[n.args[0]]
+                if family == "linear":
+                    x = real_rows(x, self.keep)
                 rows = layer_rows(x.float(), family, shape, **conv)
                 if rows.dim() == 2:
                     rows = rows.unsqueeze(0)
@@ -97,9 +104,12 @@ class _Capture(RawWeights):
 
 
 @torch.no_grad()
-def block_hessians(prog: BlockProgram, inputs: list[list[Any]]) -> list[LayerStats]:
+def block_hessians(prog: BlockProgram, inputs: list[list[Any]],
+                   keep: Sequence[torch.Tensor | None] | None = None) -> list[LayerStats]:
     """The Hessians of the block's compressed weights over the calibration inputs (``inputs``:
-    per calibration batch, the block program's arguments), with the weights uncompressed."""
+    per calibration batch, the block program's arguments), with the weights uncompressed.
+    ``keep``: per batch, its real tokens (:func:`l2fx.blocks.calibration_masks`): a linear
+    layer's input ``[batch, tokens, ...]`` counts those rows only (padding adds nothing)."""
     accumulators, reasons = {}, {}
     for node, module, site in prog.weights:
         consumers = [u for u in prog.quant.graph.nodes if weighted_op(u) is not None
@@ -119,7 +129,8 @@ def block_hessians(prog: BlockProgram, inputs: list[list[Any]]) -> list[LayerSta
         cols = int(torch.tensor(shape[1:]).prod())
         accumulators[str(node.target)] = ([HessianAccumulator(cols) for _ in range(groups)], family, shape, conv)
     capture = _Capture(prog.quant, accumulators)
-    for args in inputs:
+    for i, args in enumerate(inputs):
+        capture.keep = keep[i] if keep is not None else None
         capture.run(*args)
     out = []
     for node, module, site in prog.weights:
@@ -133,8 +144,10 @@ def block_hessians(prog: BlockProgram, inputs: list[list[Any]]) -> list[LayerSta
 
 
 def stream_blocks(gm: fx.GraphModule, calib: Any, device: torch.device, max_samples: int = 0
-                  ) -> Iterator[tuple[BlockProgram, list[list[Any]], Callable[[], None]]]:
-    """Yields ``(block program, its inputs per calibration batch, advance)`` in block order.
+                  ) -> Iterator[tuple[BlockProgram, list[list[Any]], list[torch.Tensor | None], Callable[[], None]]]:
+    """Yields ``(block program, its inputs per calibration batch, each batch's real tokens,
+    advance)`` in block order (the real tokens: :func:`l2fx.blocks.calibration_masks`, for
+    :func:`block_hessians` and the block losses to leave a language model's padding out).
 
     ``inputs`` are the arguments of ``prog.quant`` / ``prog.fp32``: the model inputs the block
     reads, then the outputs of the (already compressed) earlier blocks. Call ``advance()`` once
@@ -143,6 +156,7 @@ def stream_blocks(gm: fx.GraphModule, calib: Any, device: torch.device, max_samp
     """
     programs = build_programs(gm)
     ph_vals = calibration_inputs(gm, calib, max_samples, device)
+    keep = calibration_masks(calib, max_samples, device)
     last_use = {n: p.block.index for p in programs for n in p.inputs}
     cache: dict[fx.Node, list[Any]] = {}
     for prog in programs:
@@ -159,7 +173,7 @@ def stream_blocks(gm: fx.GraphModule, calib: Any, device: torch.device, max_samp
                 del cache[n]
             memory.release()
 
-        yield prog, inputs, advance
+        yield prog, inputs, keep, advance
 
 
 @dataclasses.dataclass
@@ -191,6 +205,7 @@ class _DenseCapture(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, wanted: set[str], visit: Visit):
         super().__init__(gm)
         self.wanted, self.visit = wanted, visit
+        self.keep: torch.Tensor | None = None  # the current batch's real tokens
         self.macs: dict[str, float] = {}
         self.meta: dict[str, tuple[str, tuple[int, ...]]] = {}
 
@@ -206,8 +221,9 @@ class _DenseCapture(fx.Interpreter):
         family = "linear" if op.family == "linear" else ("conv1d" if len(shape) == 3 else "conv2d")
         self.meta[param] = (family, shape)
         if param in self.wanted:
-            self.visit(param, family, shape, _conv_params(n) if op.family == "conv" else {}, self.env[n.args[0]],
-                       weight)
+            x = self.env[n.args[0]]
+            self.visit(param, family, shape, _conv_params(n) if op.family == "conv" else {},
+                       real_rows(x, self.keep) if family == "linear" else x, weight)
         return out
 
 
@@ -219,8 +235,10 @@ def _dense_pass(gm: fx.GraphModule, calib: Any, device: torch.device, wanted: se
     number of samples."""
     cap = _DenseCapture(gm, wanted, visit)
     samples = 0
-    for pv in calibration_inputs(gm, calib, max_samples, device):
+    for pv, keep in zip(calibration_inputs(gm, calib, max_samples, device),
+                        calibration_masks(calib, max_samples, device)):
         args = list(pv.values())
+        cap.keep = keep
         cap.run(*args)
         samples += batch_size(args)
     return cap, samples

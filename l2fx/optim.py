@@ -1,6 +1,10 @@
 """What reconstruction trains with: Adam, a mini-batch sampler over cached block inputs, the
 bounded weight fine-tuning loop, and the relative MSE it minimises.
 
+On a language model's padded batches the losses count the real tokens only: where a batch
+carries an ``attention_mask`` ``[batch, tokens]`` (``l2fx.data.token_mask``), a leaf
+``[batch, tokens, ...]`` is compared at its real tokens (``l2fx.data.real_rows``).
+
 Shared by ``block_reconstruction`` (per block), ``network_distillation`` (all weights at once)
 and the methods that learn weights or rounding against a reconstruction loss.
 """
@@ -14,18 +18,31 @@ import torch.utils._pytree as pytree
 
 from l2fx import distributed
 from l2fx.config import LRSchedule, ReconstructionConfig
+from l2fx.data import real_rows
 from l2fx.modules import TransformedWeight
 
-__all__ = ["Adam", "Sampler", "finetune_weights", "float_leaves", "relative_mse", "nbytes_of"]
+__all__ = ["Adam", "Sampler", "finetune_weights", "float_leaves", "mean_square", "relative_mse", "nbytes_of"]
 
 
 def float_leaves(values: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(values) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def relative_mse(out: Any, target: Any, energy: float) -> torch.Tensor:
-    """Sum over the floating leaves of ``mean((out - target)^2)``, over ``energy`` (the target's mean square)."""
-    terms = [(o.float() - t.float()).pow(2).mean() for o, t in zip(float_leaves(out), float_leaves(target))]
+def _mean_sq(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    x = real_rows(x, keep)
+    return x.pow(2).sum() / max(x.numel(), 1)  # 0 (not NaN) for a batch that is all padding
+
+
+def mean_square(values: Any, keep: torch.Tensor | None = None) -> float:
+    """Sum over the floating leaves of ``mean(v^2)`` (at the real tokens ``keep`` when given)."""
+    return float(sum(_mean_sq(t.float(), keep) for t in float_leaves(values)))
+
+
+def relative_mse(out: Any, target: Any, energy: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over the floating leaves of ``mean((out - target)^2)``, over ``energy`` (the target's
+    mean square); ``keep``: the batch's real tokens (a leaf ``[batch, tokens, ...]`` is compared
+    at those only)."""
+    terms = [_mean_sq(o.float() - t.float(), keep) for o, t in zip(float_leaves(out), float_leaves(target))]
     return torch.stack(terms).sum() / energy
 
 
@@ -82,12 +99,16 @@ class Adam:
 
 
 class Sampler:
-    """Draws training mini-batches from the cached block inputs of the calibration set."""
+    """Draws training mini-batches from the cached block inputs of the calibration set:
+    :meth:`draw` returns ``(arguments, targets, real tokens)``, the last the drawn samples' rows
+    of ``keep`` (per calibration batch, ``l2fx.blocks.calibration_masks``), or None."""
 
     def __init__(self, phs: list[list[Any]], xq: list[list[Any]], xf: list[list[Any]], targets: list[tuple],
-                 batch: int, qdrop: float, generator: torch.Generator):
+                 batch: int, qdrop: float, generator: torch.Generator,
+                 keep: list[torch.Tensor | None] | None = None):
         self.phs, self.xq, self.xf, self.targets = phs, xq, xf, targets
         self.batch, self.qdrop, self.gen = batch, qdrop, generator
+        self.keep = keep if keep is not None else [None] * len(targets)
         self.sizes = [self._size(i) for i in range(len(targets))]
 
     def _size(self, i: int) -> int | None:
@@ -102,16 +123,17 @@ class Sampler:
                 return None
         return n
 
-    def draw(self) -> tuple[list[Any], tuple]:
+    def draw(self) -> tuple[list[Any], tuple, torch.Tensor | None]:
         weights = torch.tensor([float(s or 1) for s in self.sizes])
         i = int(torch.multinomial(weights, 1, generator=self.gen))
         n = self.sizes[i]
-        phs, xq, xf, tgt = self.phs[i], self.xq[i], self.xf[i], self.targets[i]
+        phs, xq, xf, tgt, keep = self.phs[i], self.xq[i], self.xf[i], self.targets[i], self.keep[i]
         if n is not None and n > self.batch:
             idx = torch.randperm(n, generator=self.gen)[: self.batch]
             take = lambda v: v[idx.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v  # noqa: E731
             phs, xq, xf = [take(v) for v in phs], [take(v) for v in xq], [take(v) for v in xf]
             tgt = tuple(take(v) for v in tgt)
+            keep = take(keep)
         if self.qdrop > 0 and n is not None:
             m = None
             mixed = []
@@ -123,7 +145,7 @@ class Sampler:
                 else:
                     mixed.append(q)
             xq = mixed
-        return phs + xq, tgt
+        return phs + xq, tgt, keep
 
 
 def finetune_weights(modules: list[TransformedWeight], centres: list[torch.Tensor], loss_fn, cfg: ReconstructionConfig,

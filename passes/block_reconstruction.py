@@ -52,13 +52,13 @@ from torch.func import functional_call
 
 from l2fx import distributed
 from l2fx.accounting import round_to_fp16
-from l2fx.blocks import BlockProgram, build_programs, calibration_inputs
+from l2fx.blocks import BlockProgram, build_programs, calibration_inputs, calibration_masks
 from l2fx.bytefit import block_nbytes, fit_block_nbytes
 from l2fx.config import PlainDtype, ReconstructionConfig
 from l2fx.counter import estimate_bits
 from l2fx.ir import Allocation, Block, Reference, get_meta
 from l2fx.modules import TransformedWeight
-from l2fx.optim import Adam, Sampler, finetune_weights, float_leaves, nbytes_of, relative_mse
+from l2fx.optim import Adam, Sampler, finetune_weights, mean_square, nbytes_of, relative_mse
 from l2fx.pipeline import L2fxPass, PassContext, PassResult, peak_rss_mib
 from l2fx.transform import TransformKind, forward_t, uses_threshold
 
@@ -168,13 +168,15 @@ class BlockRecord:
 @dataclasses.dataclass
 class _BlockData:
     """One block's calibration data: model inputs it reads, compressed and fp32 block inputs,
-    fp32 targets, and the targets' mean square (the scale of the loss)."""
+    fp32 targets, and the targets' mean square (the scale of the loss); ``keep``: per batch,
+    its real tokens (``l2fx.blocks.calibration_masks``: a language model's padding counts nothing)."""
 
     phs: list[list[Any]]
     xq: list[list[Any]]
     xf: list[list[Any]]
     targets: list[tuple]
     energy: float
+    keep: list[torch.Tensor | None]
 
     def loss(self, prog: BlockProgram) -> float:
         """The calibration loss: relative MSE of the compressed block over every sample (of every
@@ -184,7 +186,8 @@ class _BlockData:
     def outputs_and_loss(self, prog: BlockProgram) -> tuple[list[tuple], float]:
         with torch.no_grad():
             out = [tuple(prog.quant(*self.phs[i], *self.xq[i])) for i in range(len(self.targets))]
-            total = sum(float(relative_mse(out[i], self.targets[i], self.energy)) for i in range(len(self.targets)))
+            total = sum(float(relative_mse(out[i], self.targets[i], self.energy, self.keep[i]))
+                        for i in range(len(self.targets)))
             total, count = distributed.all_reduce_scalars(total, len(self.targets))
             return out, total / count
 
@@ -215,6 +218,7 @@ class BlockReconstruction(L2fxPass):
         dev_gen = torch.Generator(device=device).manual_seed(ctx.config.seed) if device.type != "cpu" else gen
         programs = build_programs(gm)
         ph_vals = calibration_inputs(gm, ctx.calib, cfg.max_samples, device)
+        keep = calibration_masks(ctx.calib, cfg.max_samples, device)
 
         # Streaming caches: node -> per-calibration-batch value, compressed and fp32 prefixes.
         cache_q: dict[fx.Node, list[Any]] = {}
@@ -234,8 +238,8 @@ class BlockReconstruction(L2fxPass):
                 p.requires_grad_(False)
             for prog_i, prog in enumerate(programs):
                 share = remaining[prog_i] / max(sum(remaining[prog_i:]), 1.0)
-                rec, out_q, out_f = self._run_block(prog, ph_vals, cache_q, cache_f, cfg, ctx, device, gen, dev_gen,
-                                                    carry * share)
+                rec, out_q, out_f = self._run_block(prog, ph_vals, keep, cache_q, cache_f, cfg, ctx, device, gen,
+                                                    dev_gen, carry * share)
                 carry += rec.nbytes_after - rec.budget_nbytes
                 for n, v_q, v_f in zip(prog.outputs, out_q, out_f):
                     if last_use.get(n, -1) > prog.block.index:  # keep only what a later block reads
@@ -257,7 +261,8 @@ class BlockReconstruction(L2fxPass):
             if p.is_floating_point() and not torch.isfinite(p).all():
                 self.fail(f"parameter {name} became non-finite")
 
-    def _block_data(self, prog: BlockProgram, ph_vals: list[dict], cache_q: dict, cache_f: dict) -> _BlockData:
+    def _block_data(self, prog: BlockProgram, ph_vals: list[dict], keep: list[torch.Tensor | None], cache_q: dict,
+                    cache_f: dict) -> _BlockData:
         nb = len(ph_vals)
         phs = [[pv[p] for p in prog.placeholders] for pv in ph_vals]
         xq = [[cache_q[n][i] for n in prog.inputs] for i in range(nb)]
@@ -272,24 +277,25 @@ class BlockReconstruction(L2fxPass):
                 targets = [tuple(functional_call(prog.fp32, refs, (*phs[i], *xf[i]), strict=False)) for i in range(nb)]
             else:
                 targets = [tuple(prog.fp32(*phs[i], *xf[i])) for i in range(nb)]
-            energy = sum(float(sum(t.float().pow(2).mean() for t in float_leaves(tg))) for tg in targets)
+            energy = sum(mean_square(tg, k) for tg, k in zip(targets, keep))
             energy, batches = distributed.all_reduce_scalars(energy, nb)  # every rank's batches
             energy /= batches
         # Scale-free: no absolute floor (block outputs at 1e-8 are legitimate).
-        return _BlockData(phs, xq, xf, targets, energy if energy > 0 else 1.0)
+        return _BlockData(phs, xq, xf, targets, energy if energy > 0 else 1.0, keep)
 
-    def _run_block(self, prog: BlockProgram, ph_vals: list[dict], cache_q: dict, cache_f: dict,
-                   cfg: ReconstructionConfig, ctx: PassContext, device: torch.device, gen: torch.Generator,
-                   dev_gen: torch.Generator, repay: float = 0.0) -> tuple[BlockRecord, list, list]:
+    def _run_block(self, prog: BlockProgram, ph_vals: list[dict], keep: list[torch.Tensor | None], cache_q: dict,
+                   cache_f: dict, cfg: ReconstructionConfig, ctx: PassContext, device: torch.device,
+                   gen: torch.Generator, dev_gen: torch.Generator, repay: float = 0.0
+                   ) -> tuple[BlockRecord, list, list]:
         t0 = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        data = self._block_data(prog, ph_vals, cache_q, cache_f)
+        data = self._block_data(prog, ph_vals, keep, cache_q, cache_f)
         rec = BlockRecord(prog.block.index, prog.block.name, [str(n.target) for n, _, _ in prog.weights],
                           len(prog.plain) if cfg.tune_plain else 0, [n.name for n in prog.inputs],
                           sorted(n.name for n in cache_q), nbytes_of(list(cache_q.values())) + nbytes_of(
                               list(cache_f.values())), math.sqrt(data.energy), data.loss(prog))
-        sampler = Sampler(data.phs, data.xq, data.xf, data.targets, cfg.batch_size, cfg.qdrop_prob, gen)
+        sampler = Sampler(data.phs, data.xq, data.xf, data.targets, cfg.batch_size, cfg.qdrop_prob, gen, data.keep)
         rate = self._stage_a(prog, data, sampler, cfg, ctx, dev_gen, rec, repay)
         out_q = self._stage_b(prog, data, sampler, cfg, ctx, rec)
         with torch.no_grad():
@@ -318,10 +324,10 @@ class BlockReconstruction(L2fxPass):
         if cfg.transform_iters and train_t and prog.weights and self.train_transform:
             opt = Adam(train_t, cfg.lr_transform, cfg.transform_iters, cfg.lr_schedule)
             for _ in range(cfg.transform_iters):
-                args, tgt = sampler.draw()
+                args, tgt, keep = sampler.draw()
                 out = functional_call(prog.quant, rate.overrides(), tuple(args), strict=False)
                 penalty, _ = rate.loss()
-                loss = relative_mse(out, tgt, data.energy) + cfg.entropy_lambda * penalty
+                loss = relative_mse(out, tgt, data.energy, keep) + cfg.entropy_lambda * penalty
                 if not loss.requires_grad:  # the block's output does not depend on its T parameters
                     break
                 loss.backward()
@@ -351,8 +357,8 @@ class BlockReconstruction(L2fxPass):
             saved += [t.detach().clone() for t in plain]
 
             def block_loss() -> torch.Tensor:
-                args, tgt = sampler.draw()
-                return relative_mse(prog.quant(*args), tgt, data.energy)
+                args, tgt, keep = sampler.draw()
+                return relative_mse(prog.quant(*args), tgt, data.energy, keep)
 
             # Rate checkpoints: fine-tuning moves weights out of the dead zone, so bytes drift
             # up with the number of steps (Fashion-MNIST ResNet, 400 steps: +6 % on one block,

@@ -29,10 +29,10 @@ import torch
 import torch.fx as fx
 from torch.func import functional_call
 
-from l2fx.blocks import build_network_programs, build_programs, calibration_inputs, plain_parameters
+from l2fx.blocks import build_network_programs, build_programs, calibration_inputs, calibration_masks, plain_parameters
 from l2fx.ir import Block, Reference, get_meta, set_meta, weight_sites
 from l2fx.modules import TransformedWeight
-from l2fx.optim import Sampler, finetune_weights, relative_mse
+from l2fx.optim import Sampler, finetune_weights, mean_square, relative_mse
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 
 __all__ = ["KeepReference", "NetworkDistillation"]
@@ -96,40 +96,42 @@ class NetworkDistillation(L2fxPass):
         quant, fp32, n_final = build_network_programs(gm, programs)
         weights = [(str(n.target), m) for p in programs for n, m, _ in p.weights]
         overrides = reference_overrides(gm)
-        phs = [list(pv.values()) for pv in calibration_inputs(gm, ctx.calib, cfg.max_samples, torch.device(ctx.device))]
+        device = torch.device(ctx.device)
+        phs = [list(pv.values()) for pv in calibration_inputs(gm, ctx.calib, cfg.max_samples, device)]
+        keep = calibration_masks(ctx.calib, cfg.max_samples, device)  # a language model's real tokens
         # Its own generator (seed + 1): the blocks' sampler drew from the seed's.
         gen = torch.Generator().manual_seed(ctx.config.seed + 1)
-        sampler = Sampler(phs, [[] for _ in phs], [[] for _ in phs], [() for _ in phs], cfg.batch_size, 0.0, gen)
+        sampler = Sampler(phs, [[] for _ in phs], [[] for _ in phs], [() for _ in phs], cfg.batch_size, 0.0, gen, keep)
 
         with torch.no_grad():
-            probe = phs[0]
+            probe, probe_keep = phs[0], keep[0]
             probe_target = functional_call(fp32, overrides, tuple(probe), strict=False)
             usable = [isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0 for t in probe_target]
-            energies = [(float(t.float().pow(2).mean()) or 1.0) if ok else 1.0
+            energies = [(mean_square(t, probe_keep) or 1.0) if ok else 1.0
                         for t, ok in zip(probe_target, usable)]
         n_inner = sum(usable[n_final:])
         scale = [0.0 if not usable[j] else cfg.distill_output_weight if j < n_final else 1.0 / n_inner
                  for j in range(len(energies))]
 
-        def loss_of(out: tuple, target: tuple) -> torch.Tensor:
-            terms = [k * relative_mse(o, t, e) for o, t, e, k in zip(out, target, energies, scale) if k > 0]
+        def loss_of(out: tuple, target: tuple, real: torch.Tensor | None) -> torch.Tensor:
+            terms = [k * relative_mse(o, t, e, real) for o, t, e, k in zip(out, target, energies, scale) if k > 0]
             return torch.stack(terms).sum()
 
         def output_error() -> float:  # the network output alone, on the first calibration batch
             with torch.no_grad():
                 out = quant(*probe)
-                return float(sum(relative_mse(o, t, e)
+                return float(sum(relative_mse(o, t, e, probe_keep)
                                  for o, t, e, ok in zip(out, probe_target, energies, usable[:n_final]) if ok))
 
         def network_loss() -> torch.Tensor:
-            args, _ = sampler.draw()
+            args, _, real = sampler.draw()
             with torch.no_grad():
                 target = functional_call(fp32, overrides, tuple(args), strict=False)
-            return loss_of(quant(*args), target)
+            return loss_of(quant(*args), target, real)
 
         def objective() -> float:  # the distillation loss itself, on the first calibration batch
             with torch.no_grad():
-                return float(loss_of(quant(*probe), probe_target))
+                return float(loss_of(quant(*probe), probe_target, probe_keep))
 
         for _, m in weights:
             m.snap()

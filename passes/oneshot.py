@@ -111,10 +111,10 @@ class OneShotSolve(L2fxPass):
         try:
             for p in gm.parameters():
                 p.requires_grad_(False)
-            for prog, inputs, advance in stream_blocks(gm, ctx.calib, torch.device(ctx.device),
-                                                       cfg.reconstruction.max_samples):
+            for prog, inputs, keep, advance in stream_blocks(gm, ctx.calib, torch.device(ctx.device),
+                                                             cfg.reconstruction.max_samples):
                 t0 = time.perf_counter()
-                stats = block_hessians(prog, inputs)
+                stats = block_hessians(prog, inputs, keep)
                 budget = budgets[prog.block.index]
                 later = order[order.index(prog.block.index):]
                 share = budget / max(sum(budgets[i] for i in later), 1.0)  # this block's share of the drift

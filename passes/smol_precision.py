@@ -47,12 +47,12 @@ import torch
 import torch.fx as fx
 
 from l2fx.blocks import build_programs
-from l2fx.data import output_distortion
+from l2fx.data import output_distortion, token_mask
 from l2fx.evaluate import DownstreamRunner
 from l2fx.ir import Block, get_meta, set_meta, weight_sites
 from l2fx.layerwise import stream_blocks
 from l2fx.modules import TransformedWeight
-from l2fx.optim import Adam, Sampler, float_leaves, relative_mse
+from l2fx.optim import Adam, Sampler, mean_square, relative_mse
 from l2fx.pipeline import L2fxPass, PassContext, PassResult
 from l2fx.precision import (LearnedPrecision, SmolOptions, check_learned_precisions, integer_precisions,
                             precision_of_s, quantize_at, s_of_precision)
@@ -96,17 +96,18 @@ def downstream_weights(gm: fx.GraphModule, batch: Any, p0: float, P: int, gen: t
     fp32 = {node: m.weight.detach() for prog in programs for node, m, _ in prog.weights}
     runner = DownstreamRunner(gm, batch, overrides=fp32)
     error_of = output_distortion(runner.output, "mse", batch)  # a language model's padding left out
+    keep = token_mask(batch)  # so in the block's error too
     sigma = 2.0 ** (1.0 - p0)  # sigmoid(s) at p0
     out: dict[str, dict[str, float]] = {}
     for prog in programs:
         ref = [runner.cache[n] for n in prog.outputs]
-        energy = float(sum(t.float().pow(2).mean() for t in float_leaves(ref))) or 1.0
+        energy = mean_square(ref, keep) or 1.0
         n_block = sum(m.weight.numel() for _, m, _ in prog.weights)
         for node, m, site in prog.weights:
             w = fp32[node]
             eps = torch.rand(w.shape, generator=gen, device=gen.device).to(w.device) * 2.0 - 1.0
             final, seen = runner.run_observing(node, w + sigma * _noise_scale(m, P)[2] * eps, prog.outputs)
-            d_out, d_blk = error_of(final), float(relative_mse(seen, ref, energy))
+            d_out, d_blk = error_of(final), float(relative_mse(seen, ref, energy, keep))
             gain = d_out / d_blk if d_blk > 0 else 0.0
             out[site.param] = {"d_out": d_out, "d_blk": d_blk, "gain": gain, "numel": float(w.numel()),
                                "factor": n_block / gain if gain > 0 and math.isfinite(gain) else math.inf}
@@ -147,10 +148,10 @@ class SmolPrecision(L2fxPass):
         try:
             for p in gm.parameters():
                 p.requires_grad_(False)
-            for prog, inputs, advance in stream_blocks(gm, ctx.calib, device, cfg.reconstruction.max_samples):
+            for prog, inputs, keep, advance in stream_blocks(gm, ctx.calib, device, cfg.reconstruction.max_samples):
                 t0 = time.perf_counter()
                 weights = [downstream[site.param]["weight"] if downstream else 1.0 for _, _, site in prog.weights]
-                rec = self._train_block(prog, inputs, opts, p0, weights, gen, noise_gen)
+                rec = self._train_block(prog, inputs, keep, opts, p0, weights, gen, noise_gen)
                 # Provisional rounding at offset 0 for the next blocks' inputs, then back.
                 kept = []
                 with torch.no_grad():
@@ -180,12 +181,13 @@ class SmolPrecision(L2fxPass):
                                   "blocks": blocks, "layers": layers}
         return PassResult(gm, True)
 
-    def _train_block(self, prog, inputs: list[list[Any]], opts: SmolOptions, p0: float, weights: list[float],
-                     gen: torch.Generator, noise_gen: torch.Generator) -> dict[str, Any]:
+    def _train_block(self, prog, inputs: list[list[Any]], keep: list[torch.Tensor | None], opts: SmolOptions,
+                     p0: float, weights: list[float], gen: torch.Generator, noise_gen: torch.Generator
+                     ) -> dict[str, Any]:
         P = opts.max_precision
         with torch.no_grad():
             targets = [tuple(prog.fp32(*args)) for args in inputs]
-            energy = sum(float(sum(t.float().pow(2).mean() for t in float_leaves(tg))) for tg in targets)
+            energy = sum(mean_square(tg, k) for tg, k in zip(targets, keep))
             energy = energy / max(len(targets), 1) or 1.0
         paths, ss, ws, amaxes, limits, amps = [], [], [], [], [], []
         for node, m, _ in prog.weights:
@@ -199,7 +201,7 @@ class SmolPrecision(L2fxPass):
             limits.append(limit)
             amps.append(amp)
         numel = sum(w.numel() for w in ws)
-        sampler = Sampler([[] for _ in inputs], inputs, inputs, targets, opts.batch_size, 0.0, gen)
+        sampler = Sampler([[] for _ in inputs], inputs, inputs, targets, opts.batch_size, 0.0, gen, keep)
         opt_s = Adam(ss, opts.lr_s, opts.iters, opts.schedule)
         # Adam moves a parameter by about its learning rate: lr_w is a fraction of the layer's max|w|.
         opt_w = Adam(ws, opts.lr_w, opts.iters, opts.schedule,
@@ -211,14 +213,14 @@ class SmolPrecision(L2fxPass):
 
         losses = []
         for _ in range(opts.iters):
-            args, tgt = sampler.draw()
+            args, tgt, real = sampler.draw()
             mse, runs = 0.0, 0
             for _k in range(opts.noise_samples):
                 eps = [torch.rand(w.shape, generator=noise_gen, device=w.device) * 2.0 - 1.0 for w in ws]
                 for sign in ((1.0, -1.0) if opts.antithetic else (1.0,)):
                     noisy = {path: w + torch.sigmoid(s) * (sign * amp) * e
                              for path, s, w, amp, e in zip(paths, ss, ws, amps, eps)}
-                    mse = mse + relative_mse(_Noisy(prog.quant, noisy).run(*args), tgt, energy)
+                    mse = mse + relative_mse(_Noisy(prog.quant, noisy).run(*args), tgt, energy, real)
                     runs += 1
             mse = mse / runs
             if not isinstance(mse, torch.Tensor) or not mse.requires_grad:

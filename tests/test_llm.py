@@ -206,3 +206,79 @@ def test_sensitivity_counts_only_the_real_tokens(monkeypatch, metric):
     want = (int(batch["attention_mask"].numel()), int(batch["attention_mask"].sum()))
     assert want[1] < want[0]  # the samples hold padding
     assert seen == [want, want], seen  # sensitivity_analysis, then the joint round
+
+
+def _repadded(calib: list[dict[str, torch.Tensor]], seed: int) -> list[dict[str, torch.Tensor]]:
+    """The same batches with other token ids at every padded position (attention_mask 0)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in calib:
+        ids = b["input_ids"].clone()
+        pad = b["attention_mask"] == 0
+        ids[pad] = torch.randint(0, 256, (int(pad.sum()),), generator=g)
+        out.append({"input_ids": ids, "attention_mask": b["attention_mask"]})
+    return out
+
+
+def test_the_hessians_count_only_the_real_tokens(monkeypatch):
+    """GPTQ's per-layer Hessians, streamed block by block (oneshot_solve) and over the whole
+    model (model_hessians, OBC's tables), add only the rows of real tokens: their count is the
+    calibration's attention_mask sum, and what the padded positions hold changes nothing."""
+    import l2fx.passes.oneshot as oneshot_module
+    from l2fx.layerwise import model_hessians
+    from l2fx.method import structural_pipeline
+    from l2fx.passes import MarkWeights
+    from l2fx.pipeline import PassContext, PassManager
+
+    calib = llama_calib()
+    real = sum(int(b["attention_mask"].sum()) for b in calib)
+    assert real < sum(int(b["attention_mask"].numel()) for b in calib)  # the calibration holds padding
+    block_hessians = oneshot_module.block_hessians
+    runs: list[dict[str, tuple[int, torch.Tensor]]] = []
+
+    def spy(prog, inputs, *keep):
+        stats = block_hessians(prog, inputs, *keep)
+        runs[-1].update({st.site.param: (st.nsamples, st.hessians) for st in stats if st.hessians is not None})
+        return stats
+
+    monkeypatch.setattr(oneshot_module, "block_hessians", spy)
+    for c in (calib, _repadded(calib, 1)):
+        runs.append({})
+        l2fx.compile(tiny_llama(), target_cr=8, calib=c, method="gptq", config=fast())
+    assert len(runs[0]) == 15 and runs[0].keys() == runs[1].keys()  # 7 linears a layer, lm_head
+    for param, (n, H) in runs[0].items():
+        assert n == real, (param, n, real)
+        torch.testing.assert_close(runs[1][param][1], H, rtol=1e-4, atol=1e-6)
+
+    gm, _ = capture(tiny_llama(), calib[0])
+    with PassContext(config=CompileConfig(min_numel=1), calib=calib, verify=True):
+        gm = PassManager([*structural_pipeline().passes, MarkWeights()])(gm).graph_module
+    wanted = set(runs[0])
+    dense = [model_hessians(gm, c, torch.device("cpu"), wanted) for c in (calib, _repadded(calib, 2))]
+    for param in wanted:
+        assert dense[0][param].nsamples == real
+        torch.testing.assert_close(dense[1][param].hessians, dense[0][param].hessians, rtol=1e-4, atol=1e-6)
+
+
+def test_reconstruction_losses_count_only_the_real_tokens():
+    """L2's block reconstruction compares block outputs at the real tokens only: what the padded
+    positions hold changes no loss it records, and its relative MSE is that of the real rows."""
+    from l2fx.optim import relative_mse
+
+    calib = llama_calib()
+    recs = []
+    for c in (calib, _repadded(calib, 4)):
+        compiled = l2fx.compile(tiny_llama(), target_cr=8, calib=c, config=fast())
+        recs.append(compiled.report.records["block_reconstruction"]["blocks"])
+    assert len(recs[0]) == len(recs[1]) >= 2
+    for a, b in zip(*recs):
+        for key in ("loss_before", "loss_after_transform", "loss_after"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), (a["name"], key)
+
+    g = torch.Generator().manual_seed(0)
+    out, target = torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
+    keep = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    want = (out - target)[keep].pow(2).mean() / 2.0
+    assert float(relative_mse(out, target, 2.0, keep)) == pytest.approx(float(want))
+    assert float(relative_mse(out, target, 2.0, torch.zeros(2, 5, dtype=torch.bool))) == 0.0  # all padding
+    assert float(relative_mse(out, target, 2.0)) == pytest.approx(float((out - target).pow(2).mean() / 2.0))
