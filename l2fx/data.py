@@ -187,8 +187,10 @@ def output_vector(output: Any, keep: torch.Tensor | None = None) -> torch.Tensor
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """||out - ref||^2 / ||ref - mean(ref)||^2 over the batch: scale-free output distortion."""
-    ref_energy = (reference - reference.mean(dim=0, keepdim=True)).pow(2).sum().clamp_min(1e-30)
+    """||out - ref||^2 / ||ref - mean(ref)||^2 over the batch: scale-free output distortion.
+    A batch of one sample has no spread about its mean: then the energy is ||ref||^2."""
+    centred = reference if reference.shape[0] == 1 else reference - reference.mean(dim=0, keepdim=True)
+    ref_energy = centred.pow(2).sum().clamp_min(1e-30)
     return float((output - reference).pow(2).sum() / ref_energy)
 
 
@@ -201,7 +203,7 @@ def relative_error_to(reference: torch.Tensor) -> Callable[[torch.Tensor], float
     ref = reference.double()
     n_all, = distributed.all_reduce_scalars(ref.shape[0])
     mean = distributed.all_reduce_sum(ref.sum(dim=0, keepdim=True)) / max(n_all, 1.0)
-    energy, = distributed.all_reduce_scalars(float((ref - mean).pow(2).sum()))
+    energy, = distributed.all_reduce_scalars(float((ref - (mean if n_all > 1 else 0.0)).pow(2).sum()))
     energy = max(energy, 1e-30)
 
     def error(output: torch.Tensor) -> float:

@@ -307,6 +307,21 @@ def test_output_distortion_leaves_out_a_language_models_padding():
             output_distortion(ref, metric, {"attention_mask": torch.zeros(2, 6)})
 
 
+def test_mse_distortion_of_one_sample_is_relative_to_its_energy():
+    """One sample has no spread about the batch mean: its MSE distortion is relative to the
+    sample's own energy (before: to a clamped 1e-30, distortions near 1e35); a larger batch is
+    relative to the spread about its mean, as before."""
+    from l2fx.data import output_distortion, relative_error
+
+    torch.manual_seed(0)
+    ref = torch.randn(1, 7, 5)
+    assert math.isclose(relative_error(1.1 * ref, ref), 0.01, rel_tol=1e-5)
+    assert math.isclose(output_distortion(ref, "mse")(1.1 * ref), 0.01, rel_tol=1e-5)
+    two = torch.randn(2, 4, dtype=torch.float64) + 100.0
+    centred = float((two - two.mean(0)).pow(2).sum())
+    assert math.isclose(relative_error(two + 0.1, two), float(0.01 * two.numel()) / centred, rel_tol=1e-5)
+
+
 def test_kl_output_metric_gives_kl_curves_and_compiles_to_target():
     """End to end: with output_metric='kl' every measured distortion is the model output's KL
     (so the curves differ from the MSE ones on the same candidates) and a compile meets its CR."""
